@@ -1,0 +1,369 @@
+"""One source of truth for every setting: a flat dataclass, presets, and the --key=value parser.
+
+Precedence: dataclass default < model preset < dataset recipe < method preset < explicit flag.
+Paper recipes follow SPEC.md section 5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
+"""
+import dataclasses
+import difflib
+import json
+import math
+import sys
+from dataclasses import dataclass, field, fields
+
+
+def _f(default, help):
+    """A dataclass field with a help string (shown by --help)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={'help': help})
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class Config:
+    # --- presets ---
+    dataset: str = _f('demo', 'dataset recipe: demo, cc3m, cc12m, yfcc15m, merged29m, csv, wds')
+    model: str = _f('tiny', 'model preset: ' + ', '.join(['tiny', 'resnet50', 'vit_s16', 'vit_s16_12h',
+                                                         'vit_s32', 'vit_b32', 'vit_b16', 'vit_l16', 'vit_l14']))
+    method: str = _f('rocket', 'objective: clip, rocket, slip, barlip, siamlip, byolip, swalip')
+
+    # --- model: image encoder ---
+    vision: str = _f('vit', 'image encoder family: vit or resnet50')
+    vision_width: int = _f(128, 'ViT width (ignored for resnet50, whose width is 2048)')
+    vision_layers: int = _f(4, 'ViT depth')
+    vision_heads: int = _f(4, 'ViT attention heads')
+    patch_size: int = _f(8, 'ViT patch size')
+    # --- model: text encoder ---
+    text_width: int = _f(128, 'text transformer width (512 in the paper)')
+    text_heads: int = _f(4, 'text transformer heads (8 in the paper)')
+    text_layers: int = _f(3, 'text transformer layers (12; 6 for CC3M)')
+    context_length: int = _f(77, 'text tokens per caption, SOT and EOT included')
+    vocab_size: int = _f(0, 'token vocabulary size; 0 = take it from the BPE file')
+    text_dropout: float = _f(0.0, 'residual-stream dropout of the local (augmented) captions only')
+    # --- model: heads ---
+    embed_dim: int = _f(64, 'joint embedding dimension (256 in the paper)')
+    mlp_hidden_dim: int = _f(512, 'hidden width of the local MLP projectors (4096 in the paper)')
+    barlip_hidden_dim: int = _f(3000, 'BarLIP projector hidden width')
+    barlip_proj_dim: int = _f(8192, 'BarLIP projector output width')
+    siamlip_hidden_dim: int = _f(2048, 'SiamLIP/BYOLIP projector and predictor hidden width')
+    siamlip_proj_dim: int = _f(128, 'SiamLIP/BYOLIP projector output width')
+    logit_scale_init: float = _f(math.log(1 / 0.07), 'initial log logit scale of the global CLIP loss')
+    l2l_logit_scale_init: float = _f(math.log(1 / 0.1), 'initial log logit scale of the local loss')
+    logit_scale_max: float = _f(100.0, 'logit scales are clamped to [1, this] after every step')
+
+    # --- objective ---
+    num_augs: int = _f(2, 'A: strong image/caption views per sample (0 = plain CLIP)')
+    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs')
+    loss_reduction: str = _f('avg', "'avg' or 'sum' of the two directions (sum doubles the contrastive part)")
+    gather_with_grad: bool = _f(True, 'full gradient through gathered embeddings (false = the paper: constants)')
+    slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
+    slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
+    barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
+    barlip_scale: float = _f(0.025, 'BarLIP loss scale')
+    momentum_tau: float = _f(0.99, 'EMA rate of the BYOLIP momentum model')
+    swalip_weight: float = _f(0.2, 'weight of the SwALIP swapped-prediction loss')
+    sk_epsilon: float = _f(0.05, 'Sinkhorn-Knopp entropy epsilon (SwALIP)')
+    sk_iters: int = _f(3, 'Sinkhorn-Knopp iterations (SwALIP)')
+
+    # --- image augmentation ---
+    image_size: int = _f(64, 'global (weak) crop and evaluation size (224 in the paper)')
+    local_crop_size: int = _f(64, 'strong (local) crop size (224; 192 for the 29M recipe)')
+    weak_min_scale: float = _f(0.5, 'RandomResizedCrop min scale of the weak view')
+    strong_min_scale: float = _f(0.08, 'RandomResizedCrop min scale of the strong views')
+    strong_max_scale: float = _f(1.0, 'RandomResizedCrop max scale of the strong views')
+    color_jitter_prob: float = _f(0.8, 'probability of colour jitter (0.4, 0.4, 0.4, 0.1) on strong views')
+    grayscale_prob: float = _f(0.2, 'probability of grayscale on strong views')
+    blur_prob: float = _f(0.5, 'probability of Gaussian blur (sigma in [0.1, 2]) on strong views')
+    solarize_prob: float = _f(0.0, 'probability of solarize on strong views')
+    byol_augment: bool = _f(False, 'asymmetric BYOL strong pipelines (needs num_augs=2)')
+    image_mean: list = _f([0.485, 0.456, 0.406], 'normalisation mean (ImageNet statistics)')
+    image_std: list = _f([0.229, 0.224, 0.225], 'normalisation std (ImageNet statistics)')
+    # --- text augmentation ---
+    remove_stopwords_prob: float = _f(0.8, 'probability of stopword removal (weak and strong captions)')
+    text_augment: bool = _f(True, 'apply one EDA operation to each strong caption')
+    synonym_prob: float = _f(0.4, 'EDA weight of synonym replacement')
+    swap_prob: float = _f(0.4, 'EDA weight of random swap')
+    deletion_prob: float = _f(0.2, 'EDA weight of random deletion')
+    identity_prob: float = _f(0.0, 'EDA weight of leaving the caption unchanged')
+    clean_before_augment: bool = _f(False, 'ftfy/html/whitespace/lowercase cleaning before augmentation')
+    wordnet_dir: str = _f('/usr/share/wordnet', 'WordNet 3.0 database (Debian wordnet-base)')
+
+    # --- data ---
+    root: str = _f('', 'image root directory (or three joined by --- for merged29m)')
+    metadata: str = _f('', 'metadata file: .npy (cc3m/cc12m), .pkl (yfcc15m), .csv/.tsv (csv), shard pattern (wds)')
+    bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); empty = the demo vocabulary')
+    caption_sampling: str = _f('single', "'single' (one caption for all views) or 'multi' (each view draws)")
+    csv_image_key: str = _f('filepath', 'CSV column of image paths')
+    csv_caption_key: str = _f('title', 'CSV column of captions')
+    demo_train_size: int = _f(20000, 'training samples of the built-in demo dataset')
+    demo_val_size: int = _f(2000, 'held-out samples of the built-in demo dataset')
+    workers: int = _f(2, 'data-loader worker processes per rank')
+    bad_sample_threshold: float = _f(0.01, 'stop when more than this fraction of samples is unreadable')
+
+    # --- optimisation ---
+    epochs: int = _f(32, 'training epochs')
+    max_steps: int = _f(0, 'stop after this many optimizer steps (0 = run all epochs)')
+    warmup_epochs: float = _f(1.0, 'linear warmup length in epochs')
+    batch_size: int = _f(128, 'per-process batch size')
+    lr: float = _f(3e-3, 'peak learning rate')
+    lr_start: float = _f(1e-6, 'learning rate at the start of warmup')
+    lr_end: float = _f(1e-5, 'learning rate at the end of the cosine')
+    weight_decay: float = _f(0.1, 'AdamW weight decay (biases, norms and logit scales excluded)')
+    beta1: float = _f(0.9, 'AdamW beta1')
+    beta2: float = _f(0.98, 'AdamW beta2')
+    eps: float = _f(1e-8, 'AdamW epsilon')
+    update_freq: int = _f(1, 'gradient accumulation micro-steps per optimizer step')
+    precision: str = _f('auto', 'auto (bf16 on supported GPUs, fp32 on CPU), fp32, bf16 or fp16')
+    grad_checkpointing: bool = _f(False, 'recompute activations in the backward pass to save memory')
+    channels_last: bool = _f(False, 'channels_last memory format for the ResNet')
+    compile: bool = _f(False, 'torch.compile the model')
+
+    # --- evaluation ---
+    eval_datasets: str = _f('', 'comma-separated zero-shot sets (empty = demo tasks for demo, else imagenet)')
+    data_root: str = _f('', 'root of the evaluation datasets')
+    eval_batch_size: int = _f(256, 'evaluation batch size')
+    eval_every: int = _f(1, 'zero-shot evaluation every N epochs (0 = never during training)')
+
+    # --- system ---
+    output_dir: str = _f('out', 'where logs and checkpoints go')
+    resume: str = _f('', "'auto' (latest in output_dir), a checkpoint path, or empty")
+    overwrite: bool = _f(False, 'reuse an output_dir that belongs to another config')
+    seed: int = _f(0, 'random seed (each rank adds its rank)')
+    device: str = _f('auto', 'auto, cpu, cuda')
+    log_every: int = _f(10, 'optimizer steps between log lines')
+    save_every: int = _f(0, 'optimizer steps between checkpoints (0 = epoch ends only)')
+    keep_last: int = _f(2, 'step checkpoints to keep')
+    max_nonfinite: int = _f(5, 'consecutive non-finite losses before training stops')
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild a config saved by to_dict; keys this version does not know are reported and ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            print(f"config: ignoring unknown saved keys {unknown}", file=sys.stderr)
+        return validate(cls(**{k: v for k, v in d.items() if k in known}))
+
+
+# --- presets ---
+NONCONTRASTIVE = ('barlip', 'siamlip', 'byolip', 'swalip')
+METHODS = ('clip', 'rocket', 'slip') + NONCONTRASTIVE
+
+_TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
+MODELS = {
+    # tiny trains on a laptop CPU in minutes on the demo data
+    'tiny': dict(vision='vit', vision_width=128, vision_layers=4, vision_heads=4, patch_size=8,
+                 text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512),
+    'resnet50': dict(vision='resnet50', **_TEXT_512),
+    'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_TEXT_512),
+    'vit_s16_12h': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
+    'vit_s32': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=32, **_TEXT_512),
+    'vit_b32': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=32, **_TEXT_512),
+    'vit_b16': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
+    'vit_l16': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=16, **_TEXT_512),
+    'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_TEXT_512),
+}
+
+# SPEC.md 5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
+_PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
+              num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
+RECIPES = {
+    'demo': dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_epochs=1.0, eval_batch_size=256),
+    'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
+                 clean_before_augment=False),
+    'cc12m': dict(_PAPER, text_dropout=0.05, loss_reduction='sum', clean_before_augment=False),
+    'yfcc15m': dict(_PAPER, text_dropout=0.0, loss_reduction='sum', clean_before_augment=True),
+    'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
+                      loss_reduction='sum', clean_before_augment=True),
+    'csv': dict(image_size=224, local_crop_size=224),
+    'wds': dict(image_size=224, local_crop_size=224),
+}
+DATASETS = tuple(RECIPES)
+
+
+def dataset_recipe(dataset, model, method):
+    """The paper's settings for a dataset; two depend on the model or the method (SPEC.md 5.1)."""
+    r = dict(RECIPES[dataset])
+    if dataset == 'cc12m' and method in NONCONTRASTIVE:
+        r['text_dropout'] = 0.1
+    if dataset == 'yfcc15m' and method == 'rocket' and model == 'resnet50':
+        r['remove_stopwords_prob'] = 0.9
+    return r
+
+
+def method_preset(method):
+    """Settings a method implies: plain CLIP has no augmented views; SwALIP asserts no smoothing."""
+    if method == 'clip':  # SPEC.md 8.1: a plain baseline must also switch off the weak stopword removal
+        return dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
+    if method == 'swalip':
+        return dict(label_smoothing=0.0)
+    return {}
+
+
+# --- parsing ---
+_FIELDS = {f.name: f for f in fields(Config)}
+_TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+
+
+class ConfigError(ValueError):
+    """A bad flag or value; the message is one line that names the problem and the fix."""
+
+
+def _convert(name, raw):
+    kind = type(_FIELDS[name].default) if _FIELDS[name].default is not dataclasses.MISSING else list
+    if kind is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"--{name}: expected true/false/1/0, got {raw!r}")
+    try:
+        if kind is list:
+            return [float(x) for x in raw.split(',')]
+        return kind(raw) if kind is not int else int(raw)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected {kind.__name__ if kind is not list else 'comma-separated numbers'}, "
+                          f"got {raw!r}") from None
+
+
+def _split_flags(argv):
+    """['--a=1', '--b', '2', '--c'] -> {'a': '1', 'b': '2', 'c': 'true'}; dashes in keys become underscores."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--') or arg == '--':
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
+        key, eq, value = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith('--'):
+                value, i = nxt, i + 1
+            elif key in _FIELDS and isinstance(_FIELDS[key].default, bool):
+                value = 'true'
+            else:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
+            raise ConfigError(f"unknown option --{key}{hint}")
+        out[key] = value
+        i += 1
+    return out
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg):
+    """Range and choice checks; raises ConfigError with one line naming the field."""
+    _check(cfg.dataset in DATASETS, f"--dataset={cfg.dataset}: choose one of {', '.join(DATASETS)}")
+    _check(cfg.model in MODELS, f"--model={cfg.model}: choose one of {', '.join(MODELS)}")
+    _check(cfg.method in METHODS, f"--method={cfg.method}: choose one of {', '.join(METHODS)}")
+    _check(cfg.vision in ('vit', 'resnet50'), f"--vision={cfg.vision}: choose vit or resnet50")
+    _check(cfg.loss_reduction in ('avg', 'sum'), f"--loss_reduction={cfg.loss_reduction}: choose avg or sum")
+    _check(cfg.caption_sampling in ('single', 'multi'),
+           f"--caption_sampling={cfg.caption_sampling}: choose single or multi")
+    _check(cfg.precision in ('auto', 'fp32', 'bf16', 'fp16'),
+           f"--precision={cfg.precision}: choose auto, fp32, bf16 or fp16")
+    _check(cfg.device in ('auto', 'cpu', 'cuda') or cfg.device.startswith('cuda:'),
+           f"--device={cfg.device}: choose auto, cpu or cuda")
+    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
+                 'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
+                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
+        _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+    for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
+                 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
+                 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
+                 'max_nonfinite', 'log_every'):
+        _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+    for name in ('num_augs', 'workers', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
+                 'demo_train_size', 'demo_val_size'):
+        _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+    _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
+    _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
+    for name in ('remove_stopwords_prob', 'color_jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob',
+                 'momentum_tau', 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
+        _check(0 <= getattr(cfg, name) <= 1, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
+    _check(cfg.strong_min_scale <= cfg.strong_max_scale,
+           f"--strong_min_scale={cfg.strong_min_scale} is above --strong_max_scale={cfg.strong_max_scale}")
+    _check(cfg.synonym_prob + cfg.swap_prob + cfg.deletion_prob + cfg.identity_prob > 0 or not cfg.text_augment,
+           "--text_augment needs one of synonym/swap/deletion/identity_prob > 0")
+    _check(cfg.sk_epsilon > 0, f"--sk_epsilon={cfg.sk_epsilon}: must be > 0")
+    _check(cfg.slip_temperature > 0, f"--slip_temperature={cfg.slip_temperature}: must be > 0")
+    _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
+    _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
+           "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
+    _check(cfg.method != 'swalip' or cfg.label_smoothing == 0,
+           "--method=swalip needs --label_smoothing=0 (SPEC.md 2.6)")
+    _check(cfg.method == 'clip' or cfg.num_augs >= 1 or cfg.method == 'rocket',
+           f"--method={cfg.method} needs --num_augs >= 1 (it uses the strong views)")
+    _check(cfg.method != 'slip' or cfg.num_augs >= 2, "--method=slip needs --num_augs >= 2 (two strong views)")
+    _check(not cfg.byol_augment or cfg.num_augs == 2, "--byol_augment needs --num_augs=2")
+    _check(cfg.vision != 'vit' or cfg.vision_width % cfg.vision_heads == 0,
+           f"--vision_width={cfg.vision_width} must be divisible by --vision_heads={cfg.vision_heads}")
+    _check(cfg.text_width % cfg.text_heads == 0,
+           f"--text_width={cfg.text_width} must be divisible by --text_heads={cfg.text_heads}")
+    _check(cfg.vision != 'vit' or (cfg.image_size % cfg.patch_size == 0 and cfg.local_crop_size % cfg.patch_size == 0),
+           f"--image_size={cfg.image_size} and --local_crop_size={cfg.local_crop_size} must be multiples of "
+           f"--patch_size={cfg.patch_size}")
+    return cfg
+
+
+def help_text():
+    lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '']
+    for f in fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name:<24} {f.metadata['help']} (default: {default})")
+    lines.append('')
+    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(DATASETS)}) < method < flag")
+    return '\n'.join(lines)
+
+
+def resolve(flags, verbose=True):
+    """Build a Config from explicit flags ({key: raw string}) with presets filled in underneath them."""
+    values = {k: _convert(k, v) for k, v in flags.items()}
+    base = Config()
+    dataset, method = values.get('dataset', base.dataset), values.get('method', base.method)
+    _check(dataset in DATASETS, f"--dataset={dataset}: choose one of {', '.join(DATASETS)}")
+    _check(method in METHODS, f"--method={method}: choose one of {', '.join(METHODS)}")
+    recipe = dataset_recipe(dataset, values.get('model', RECIPES[dataset].get('model', base.model)), method)
+    model = values.get('model', recipe.get('model', base.model))
+    _check(model in MODELS, f"--model={model}: choose one of {', '.join(MODELS)}")
+    layers = [(f'model preset {model}', MODELS[model]), (f'dataset recipe {dataset}', recipe),
+              (f'method {method}', method_preset(method))]
+    merged = {}
+    for source, preset in layers:
+        applied = {k: v for k, v in preset.items() if k not in values}
+        merged.update(applied)
+        if verbose and applied:
+            print(f"config: {source} sets " + ' '.join(f'{k}={v}' for k, v in applied.items()))
+    merged.update(values)
+    return validate(dataclasses.replace(base, **merged))
+
+
+def parse_args(argv=None):
+    """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print(help_text())
+        sys.exit(0)
+    try:
+        return resolve(_split_flags(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def save_json(cfg, path):
+    with open(path, 'w') as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+
+
+def load_json(path):
+    with open(path) as f:
+        return Config.from_dict(json.load(f))
