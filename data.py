@@ -1,0 +1,915 @@
+"""Data: CLIP's BPE tokenizer (SPEC.md 1.4), the datasets, the built-in demo dataset and the loaders (SPEC.md 4)."""
+import argparse
+import bisect
+import collections
+import csv
+import gzip
+import heapq
+import io
+import itertools
+import math
+import os
+import pickle
+import random
+import re
+import sys
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import regex
+import torch
+from PIL import Image, ImageDraw
+
+from augment import ImageViews, TextViews, clean_text, eval_transform
+
+
+# --- BPE tokenizer ---
+# CLIP's pre-tokenisation: special tokens, contractions, letter runs, single digits, runs of other symbols
+PATTERN = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+""",
+                        regex.IGNORECASE)
+SPECIAL_TOKENS = ('<|startoftext|>', '<|endoftext|>')
+MAX_MERGES = 49152 - 256 - 2  # CLIP uses the first 48894 lines of its 262k-merge file: vocabulary 49408
+# printable ASCII without '&' (plus \t \n \r): ftfy and HTML-unescaping leave such text unchanged
+_PLAIN = regex.compile(r'[\t\n\r\x20-\x25\x27-\x7e]*')
+
+
+def bytes_to_unicode():
+    """CLIP's byte -> character table: printable Latin-1 bytes map to themselves, the other 68 to chr(256 + k)."""
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
+
+
+BYTE_ENCODER = bytes_to_unicode()  # also a str.translate table over latin-1-decoded bytes
+BASE_SYMBOLS = [*BYTE_ENCODER.values(), *(c + '</w>' for c in BYTE_ENCODER.values())]
+
+
+def _clean(text):
+    """clean_text, skipping ftfy (the costliest step) where it is the identity; None is an empty text."""
+    if text is None:
+        return ''
+    if not isinstance(text, str):
+        raise TypeError(f"expected a caption of type str, got {type(text).__name__}; decode bytes / convert it first")
+    return ' '.join(text.split()).lower() if _PLAIN.fullmatch(text) else clean_text(text)
+
+
+def _symbols(word):
+    """A pre-token as byte symbols, the last one marked '</w>'; lone surrogates keep their bytes."""
+    symbols = list(word.encode('utf-8', 'surrogatepass').decode('latin-1').translate(BYTE_ENCODER))
+    symbols[-1] += '</w>'
+    return symbols
+
+
+def load_merges(path):
+    """The first MAX_MERGES merges of a CLIP-format file, plain or gzip: a header line, then one 'a b' per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"BPE merges file {path} not found; expected a CLIP merges file (.txt or .txt.gz) "
+                                f"such as bpe_simple_vocab_16e6.txt.gz")
+    try:
+        data = path.read_bytes()
+        lines = (gzip.decompress(data) if data[:2] == b'\x1f\x8b' else data).decode('utf-8').split('\n')
+    except (OSError, EOFError, zlib.error, UnicodeError) as e:
+        raise ValueError(f"cannot read BPE merges file {path} ({e}); expected UTF-8 text, optionally gzipped") from None
+    lines = lines[1:MAX_MERGES + 1]
+    if lines and not lines[-1]:
+        lines.pop()  # the final newline
+    merges, known = [], set(BASE_SYMBOLS)
+    for n, line in enumerate(lines, 2):
+        merge = tuple(line.split())
+        if len(merge) != 2 or not known.issuperset(merge):
+            raise ValueError(f"{path} line {n}: expected a merge 'a b' of known BPE symbols, got {line[:80]!r}")
+        merges.append(merge)
+        known.add(merge[0] + merge[1])
+    if not merges:
+        raise ValueError(f"BPE merges file {path} has no merges; expected a header line, then one 'a b' per line")
+    return merges
+
+
+class _WordCache(dict):
+    """word -> BPE ids; a miss runs bpe. Emptied when full, so that a hit is one C-level dict lookup."""
+
+    def __init__(self, bpe, max_size=1 << 18):
+        super().__init__()
+        self.bpe, self.max_size = bpe, max_size
+
+    def __missing__(self, word):
+        if len(self) >= self.max_size:
+            self.clear()
+        ids = self[word] = self.bpe(word)
+        return ids
+
+
+class Tokenizer:
+    """CLIP's BPE tokenizer: encode/decode one text; tokenizer(texts) -> (N, context_length) LongTensor."""
+
+    def __init__(self, bpe_path, context_length=77):
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} leaves no room for SOT and EOT; use >= 2 (CLIP: 77)")
+        self.merges = load_merges(bpe_path)
+        self.ranks = {merge: rank for rank, merge in enumerate(self.merges)}
+        vocab = BASE_SYMBOLS + [a + b for a, b in self.merges] + list(SPECIAL_TOKENS)
+        self.encoder = {symbol: i for i, symbol in enumerate(vocab)}  # a repeated symbol keeps its last id, as CLIP
+        self.vocab_size, self.context_length = len(vocab), context_length
+        self.sot_token, self.eot_token = self.encoder[SPECIAL_TOKENS[0]], self.encoder[SPECIAL_TOKENS[1]]
+        # bytes of each id; a word's last symbol (marked '</w>') and a special token are followed by a space
+        byte_decoder = {c: b for b, c in BYTE_ENCODER.items()}
+        self.decoder = {i: bytes(byte_decoder[c] for c in s.removesuffix('</w>')) + b' ' * s.endswith('</w>')
+                        for i, s in enumerate(vocab[:-2])}
+        self.decoder.update({self.encoder[s]: s.encode() + b' ' for s in SPECIAL_TOKENS})
+        self.cache = _WordCache(self.bpe)
+
+    def bpe(self, word):
+        """Ids of one pre-token by CLIP's rule (merge the lowest-ranked pair everywhere, left to right, repeat),
+        with a heap of (rank, position) and a linked list so that a 100k-character word is fast too."""
+        if word in SPECIAL_TOKENS:  # as CLIP, special-token text in a caption becomes that token
+            return (self.encoder[word],)
+        symbols = _symbols(word)
+        n = len(symbols)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap = [(self.ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, positions = heap[0][0], []
+            while heap and heap[0][0] == rank:  # all positions of this pair: CLIP merges them in one pass
+                positions.append(heapq.heappop(heap)[1])
+            for i in positions:
+                j = nxt[i]
+                if j == n or (symbols[i], symbols[j]) != self.merges[rank]:
+                    continue  # stale: a neighbour was merged since this entry was pushed
+                symbols[i], symbols[j] = symbols[i] + symbols[j], ''
+                nxt[i] = nxt[j]
+                if nxt[i] < n:
+                    prv[nxt[i]] = i
+                for left, right in ((prv[i], i), (i, nxt[i])):
+                    new_rank = self.ranks.get((symbols[left], symbols[right])) if left >= 0 and right < n else None
+                    if new_rank is not None:
+                        heapq.heappush(heap, (new_rank, left))
+        return tuple(self.encoder[s] for s in symbols if s)
+
+    def encode(self, text):
+        """BPE ids of one text, cleaned as CLIP does (no SOT/EOT; None is an empty text)."""
+        return list(itertools.chain.from_iterable(map(self.cache.__getitem__, PATTERN.findall(_clean(text)))))
+
+    def decode(self, ids):
+        """Text of token ids: the words of encode joined by single spaces (invalid UTF-8 becomes U+FFFD)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        try:
+            data = b''.join([self.decoder[i] for i in ids])
+        except (KeyError, TypeError):
+            raise ValueError(f"cannot decode {ids!r:.80}: expected a list of token ids in [0, {self.vocab_size})") \
+                from None
+        return data.decode('utf-8', 'replace').removesuffix(' ')
+
+    def __call__(self, texts):
+        """(N, context_length) LongTensor of [SOT, ids, EOT, 0...]; a long text keeps EOT in its last slot."""
+        if isinstance(texts, str) or texts is None:
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)):
+            raise TypeError(f"expected a str or a list of str, got {type(texts).__name__}")
+        keep = self.context_length - 2
+        tokens = np.zeros((len(texts), self.context_length), np.int64)  # (N, L), zero-padded; numpy fills rows fastest
+        for row, text in zip(tokens, texts):
+            ids = self.encode(text)[:keep]
+            row[:len(ids) + 2] = [self.sot_token, *ids, self.eot_token]
+        return torch.from_numpy(tokens)
+
+
+# --- Vocabulary learning ---
+def learn_bpe(texts, vocab_size):
+    """BPE merges learned from texts with CLIP's cleaning and pre-tokenisation; vocab_size = 512 + merges + 2.
+    Each merge updates the counts of only the words holding its pair (a pair -> words index, a lazy max-heap).
+    The most frequent pair wins, ties go to the smallest (a, b) in string order: the result is deterministic."""
+    if not 514 <= vocab_size <= 514 + MAX_MERGES:
+        raise ValueError(f"vocab_size={vocab_size} must be in [514, {514 + MAX_MERGES}] (512 byte symbols + merges + "
+                         f"SOT and EOT; CLIP: 49408)")
+    counts = collections.Counter(w for text in texts for w in PATTERN.findall(_clean(text)) if w not in SPECIAL_TOKENS)
+    words, freqs = [_symbols(w) for w in counts], list(counts.values())
+    pair_counts, where = collections.Counter(), collections.defaultdict(set)  # pair -> count, pair -> word indices
+    for k, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += freqs[k]
+            where[pair].add(k)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges, merged = [], set()
+    while heap and len(merges) < vocab_size - 514:
+        count, pair = heapq.heappop(heap)
+        if -count != pair_counts[pair] or pair in merged:
+            continue  # stale (every count change pushed the new count), or re-formed after its merge
+        merges.append(pair)
+        merged.add(pair)
+        a, b = pair
+        changed = set()
+        for k in where.pop(pair):
+            old, new, i = words[k], [], 0
+            while i < len(old):  # merge left to right, as the tokenizer does
+                if old[i] == a and i + 1 < len(old) and old[i + 1] == b:
+                    new.append(a + b)
+                    i += 2
+                else:
+                    new.append(old[i])
+                    i += 1
+            for p in zip(old, old[1:]):
+                pair_counts[p] -= freqs[k]
+            for p in zip(new, new[1:]):
+                pair_counts[p] += freqs[k]
+                where[p].add(k)
+            changed.update(zip(old, old[1:]), zip(new, new[1:]))
+            words[k] = new
+        for p in changed:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return merges
+
+
+def save_merges(merges, path):
+    """Write merges in CLIP's format (a header line, then 'a b' per line), gzipped when path ends with .gz."""
+    data = '\n'.join(['#version: 0.2', *(f'{a} {b}' for a, b in merges), '']).encode('utf-8')
+    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith('.gz') else data)
+
+DEMO_BPE_PATH = Path(__file__).resolve().parent / 'assets' / 'demo_bpe.txt.gz'
+
+
+# --- Datasets ---
+FORMATS = {
+    'cc3m': "a .npy object array of dicts {'image_id': image path under --root, 'captions': [str, ...]}",
+    'cc12m': "a .npy object array of dicts {'image_name': image path under --root, 'captions': [str, ...]}",
+    'yfcc15m': "a pickled list of (image_id: int, title: str, description: str), images in --root/images/XX/YYY.zip",
+    'csv': "a .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key columns",
+    'wds': "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding key.jpg + key.txt",
+}
+# everything a corrupt or missing image, archive or caption raises while being read
+BAD_SAMPLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError,
+              Image.DecompressionBombError)
+MAX_BAD_IN_A_ROW = 100
+MAX_OPEN_ZIPS = 64
+
+
+def sample_seed(*keys):
+    """A 64-bit seed mixed from integers (NumPy SeedSequence): per-sample randomness independent of workers."""
+    return int(np.random.SeedSequence([k & (2 ** 64 - 1) for k in keys]).generate_state(1, np.uint64)[0])
+
+
+def open_image(data):
+    """Fully decoded PIL image from encoded bytes (decoding here makes a truncated file fail now, not later).
+    Deviation from SPEC.md 4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def as_captions(value):
+    """Candidate captions as a non-empty tuple of str; anything else is a bad sample (ValueError)."""
+    captions = [value] if isinstance(value, str) else value
+    if not isinstance(captions, (list, tuple, np.ndarray)) or len(captions) == 0 or \
+            not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"captions {value!r} are not text")
+    return tuple(captions)
+
+
+class FileReader:
+    """Images stored as files: load(i) -> (image, captions) of root / paths[i]."""
+
+    def __init__(self, root, paths, captions):
+        self.root, self.paths, self.captions = Path(root), paths, captions
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        return open_image((self.root / self.paths[i]).read_bytes()), as_captions(self.captions[i])
+
+
+class YfccReader:
+    """YFCC15M (SPEC.md 4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; captions are the
+    non-empty ones of (title, description). Zip handles are opened lazily per process (never shared across fork)."""
+
+    def __init__(self, root, items):
+        self.root, self.items, self.pid, self.zips = Path(root), items, None, collections.OrderedDict()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getstate__(self):  # spawned workers open their own archives
+        return {**self.__dict__, 'pid': None, 'zips': collections.OrderedDict()}
+
+    def archive(self, path):
+        if self.pid != os.getpid():
+            self.pid, self.zips = os.getpid(), collections.OrderedDict()
+        zf = self.zips.pop(path, None) or zipfile.ZipFile(path)
+        self.zips[path] = zf  # most recently used last; 15k archives would exhaust file descriptors
+        if len(self.zips) > MAX_OPEN_ZIPS:
+            self.zips.popitem(last=False)[1].close()
+        return zf
+
+    def load(self, i):
+        image_id, title, description = self.items[i]
+        name = f'{int(image_id):08d}'
+        data = self.archive(self.root / 'images' / name[:2] / f'{name[2:5]}.zip').read(f'{name[5:]}.jpg')
+        captions = as_captions([title, description])
+        return open_image(data), tuple(c for c in captions if c) or ('',)
+
+
+class MergedReader:
+    """Concatenation of readers through a precomputed offset table (SPEC.md 8.21)."""
+
+    def __init__(self, readers):
+        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def load(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].load(i - self.starts[k])
+
+
+def _existing(path, flag, expected):
+    """Path(path), or one line naming the missing path and what was expected there."""
+    if not path:
+        raise ValueError(f"--{flag} is empty; give {expected}")
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"--{flag}={path} not found; expected {expected}")
+    return Path(path).expanduser()
+
+
+def _bad_format(path, dataset, problem):
+    return ValueError(f"--metadata={path} ({problem}): expected {FORMATS[dataset]}")
+
+
+def read_npy(metadata, root, dataset):
+    """CC3M ('image_id') or CC12M ('image_name') NumPy metadata."""
+    path, key = _existing(metadata, 'metadata', FORMATS[dataset]), 'image_id' if dataset == 'cc3m' else 'image_name'
+    try:
+        meta = np.load(path, allow_pickle=True)
+        paths, captions = [str(d[key]) for d in meta], [d['captions'] for d in meta]
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError, KeyError, IndexError) as e:
+        raise _bad_format(metadata, dataset, f'{type(e).__name__}: {e}') from None
+    return FileReader(_existing(root, 'root', 'the folder holding the images'), paths, captions)
+
+
+def read_yfcc(metadata, root):
+    """YFCC15M pickle of (image_id, title, description)."""
+    path = _existing(metadata, 'metadata', FORMATS['yfcc15m'])
+    try:
+        with open(path, 'rb') as f:
+            items = pickle.load(f)
+    except Exception as e:  # unpickling foreign data can raise almost any exception type
+        raise _bad_format(metadata, 'yfcc15m', f'{type(e).__name__}: {e}') from None
+    if not isinstance(items, (list, tuple, np.ndarray)) or not all(
+            isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
+        raise _bad_format(metadata, 'yfcc15m', 'entries are not (int, str, str) triples')
+    return YfccReader(_existing(root, 'root', 'the folder holding images/XX/YYY.zip'), items)
+
+
+def read_csv(cfg):
+    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
+    path = _existing(cfg.metadata, 'metadata', FORMATS['csv'])
+    keys = cfg.csv_image_key, cfg.csv_caption_key
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f, delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
+        missing = [k for k in keys if k not in (reader.fieldnames or [])]
+        if missing:
+            raise _bad_format(cfg.metadata, 'csv', f"no column {missing[0]!r} among {reader.fieldnames}")
+        rows = [(row[keys[0]], row[keys[1]]) for row in reader]
+    root = _existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else path.parent
+    return FileReader(root, [r[0] for r in rows], [r[1] for r in rows])
+
+
+def build_reader(cfg):
+    """The map-style reader of cfg.dataset; bad paths or metadata raise one line before any worker starts."""
+    if cfg.dataset == 'demo':
+        return DemoReader(cfg)
+    if cfg.dataset in ('cc3m', 'cc12m'):
+        reader = read_npy(cfg.metadata, cfg.root, cfg.dataset)
+    elif cfg.dataset == 'yfcc15m':
+        reader = read_yfcc(cfg.metadata, cfg.root)
+    elif cfg.dataset == 'csv':
+        reader = read_csv(cfg)
+    elif cfg.dataset == 'merged29m':
+        metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
+        if len(metadata) != 3 or len(roots) != 3:
+            raise ValueError("--dataset=merged29m needs three --metadata and three --root values joined by '---', "
+                             "in the order cc3m---cc12m---yfcc15m")
+        reader = MergedReader([read_npy(metadata[0], roots[0], 'cc3m'), read_npy(metadata[1], roots[1], 'cc12m'),
+                               read_yfcc(metadata[2], roots[2])])
+    else:
+        raise ValueError(f"--dataset={cfg.dataset} has no map-style reader")
+    if len(reader) == 0:
+        raise ValueError(f"--metadata={cfg.metadata} lists no samples")
+    first = min(len(reader), 16)
+    errors = []
+    for i in range(first):
+        try:
+            reader.load(i)
+            break
+        except BAD_SAMPLE as e:
+            errors.append(e)
+    if len(errors) == first:
+        raise ValueError(f"none of the first {first} samples of --metadata={cfg.metadata} is readable "
+                         f"({errors[-1]!r}); check --root={cfg.root}")
+    return reader
+
+
+class SampleMaker:
+    """(image, candidate captions) -> the CL2L training sample (SPEC.md 4.3). All randomness comes from
+    (cfg.seed, epoch, index), so a sample is the same whichever rank or worker makes it."""
+
+    def __init__(self, cfg, tokenizer):
+        self.image_views, self.text_views, self.tokenizer = ImageViews(cfg), TextViews(cfg), tokenizer
+        self.seed, self.single = cfg.seed, cfg.caption_sampling == 'single'
+
+    def __call__(self, image, captions, epoch, index, skipped):
+        seed = sample_seed(self.seed, epoch, index)
+        rng = random.Random(seed)
+        if self.single:  # SPEC.md 4.2: one caption for every text view
+            captions = (rng.choice(captions),)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator alone (workers=0)
+            torch.default_generator.manual_seed(seed)
+            weak, strong = self.image_views(image)
+        tokens = self.tokenizer(self.text_views(captions, rng))  # (1+A, 77)
+        return {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style samples keyed by (epoch, index); an unreadable item is replaced by the next index and counted."""
+
+    def __init__(self, reader, make_sample):
+        self.reader, self.make_sample = reader, make_sample
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for skipped in range(MAX_BAD_IN_A_ROW):
+            try:
+                image, captions = self.reader.load((index + skipped) % len(self.reader))
+            except BAD_SAMPLE as e:
+                error = e
+                continue
+            return self.make_sample(image, captions, epoch, index, skipped)
+        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index} ({error!r}); "
+                           f"check --root and --metadata")
+
+
+def expand_braces(pattern):
+    """'d/{000..002}.tar' -> ['d/000.tar', 'd/001.tar', 'd/002.tar'] (zero padding kept; several ranges allowed)."""
+    m = re.search(r'\{(\d+)\.\.(\d+)\}', pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.groups()
+    return [p for i in range(int(lo), int(hi) + 1)
+            for p in expand_braces(pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])]
+
+
+def member_key(name):
+    """WebDataset convention: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the extension starts at the first dot."""
+    folder, _, base = name.rpartition('/')
+    stem, _, ext = base.partition('.')
+    return f'{folder}/{stem}' if folder else stem, ext.lower()
+
+
+def read_shard(path):
+    """Yield (key, {ext: bytes}) per sample of a tar shard, streamed; a broken tail yields (None, {}) and stops."""
+    key, group = None, {}
+    try:
+        with tarfile.open(path, 'r|*') as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = member_key(member.name)
+                if k != key and key is not None:
+                    yield key, group
+                    group = {}
+                key, group[ext] = k, tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError):
+        yield None, {}
+        return
+    if key is not None:
+        yield key, group
+
+
+def count_samples(path):
+    """Number of sample keys in a shard (header scan, no data read); unreadable shards count what they hold."""
+    keys = set()
+    try:
+        with tarfile.open(path) as tar:
+            keys.update(member_key(m.name)[0] for m in tar if m.isfile())
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return len(keys)
+
+
+def decode_group(group):
+    """(image, captions) of one tar sample; a missing part, a bad image or non-UTF-8 text raises a BAD_SAMPLE."""
+    image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
+    if image is None or 'txt' not in group:
+        raise KeyError(f"sample has {sorted(group)}, needs jpg/png/webp + txt")
+    return open_image(image), (group['txt'].decode('utf-8'),)
+
+
+SHUFFLE_BUFFER = 1000
+
+
+class TarShards(torch.utils.data.IterableDataset):
+    """WebDataset-style shards streamed with tarfile. Each epoch the shards are shuffled (seed, epoch), split
+    across ranks then workers, and samples pass a shuffle buffer. Every worker yields a fixed number of full
+    batches (its shards are re-read if they run short, extra samples wait for the next epoch), so all ranks
+    run len(loader) batches; with equal shards that divide evenly, each sample is seen once per epoch.
+    set_epoch(epoch, start_batch) resumes at shard granularity: fully consumed shards are not read."""
+
+    def __init__(self, shards, counts, make_sample, cfg, rank, world_size):
+        self.shards, self.counts, self.make_sample = shards, counts, make_sample
+        self.starts = [0, *np.cumsum(counts).tolist()]  # global sample index = shard start + position
+        self.seed, self.batch_size, self.rank, self.world_size = cfg.seed, cfg.batch_size, rank, world_size
+        self.batches = sum(counts) // world_size // cfg.batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.batches * self.batch_size  # samples this rank yields per epoch
+
+    def groups(self, shards, skip):
+        """(index, group) forever, cycling over shards; the first pass starts after `skip` samples' worth of
+        whole shards."""
+        skip %= max(1, sum(self.counts[s] for s in shards))
+        while True:
+            read = 0
+            for s in shards:
+                if skip >= self.counts[s]:
+                    skip -= self.counts[s]
+                    continue
+                skip = 0
+                for position, (_, group) in enumerate(read_shard(self.shards[s])):
+                    read += 1
+                    yield self.starts[s] + position, group
+            if read == 0:
+                raise RuntimeError(f"shards {[self.shards[s] for s in shards][:3]} hold no readable samples")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = order.tolist()[self.rank::self.world_size][worker::workers]
+        # batch b of the epoch comes from worker b % workers (the DataLoader's round robin)
+        quota, done = len(range(worker, self.batches, workers)), len(range(worker, self.start_batch, workers))
+        rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, worker))
+        stream, buffer = self.groups(mine, done * self.batch_size), []
+        left, pending = (quota - done) * self.batch_size, 0
+        while left > 0:
+            while len(buffer) < min(SHUFFLE_BUFFER, left):  # never read more than this epoch still needs
+                buffer.append(next(stream))
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            index, group = buffer.pop()
+            try:
+                image, captions = decode_group(group)
+            except BAD_SAMPLE as e:
+                pending += 1
+                if pending == MAX_BAD_IN_A_ROW:
+                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({e!r}); check the shards") from None
+                continue
+            yield self.make_sample(image, captions, self.epoch, index, pending)
+            pending, left = 0, left - 1
+
+
+def read_shards(cfg, workers, world_size):
+    """Shard paths and sample counts of cfg.metadata, checked before any worker starts."""
+    pattern = cfg.metadata if not cfg.root else str(Path(cfg.root) / cfg.metadata)
+    if not cfg.metadata:
+        raise ValueError(f"--metadata is empty; give {FORMATS['wds']}")
+    shards = expand_braces(pattern)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--metadata={cfg.metadata}: {len(missing)} of {len(shards)} shards not found "
+                                f"(e.g. {missing[0]}); expected {FORMATS['wds']}")
+    counts = [count_samples(s) for s in shards]
+    if sum(counts) == 0:
+        raise _bad_format(cfg.metadata, 'wds', 'no readable tar members')
+    if len(shards) < world_size * workers:
+        raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
+                         f"lower --workers or write more shards")
+    return shards, counts
+
+
+def check_bad_fraction(skipped, seen, cfg):
+    """Raise when more than cfg.bad_sample_threshold of the samples read this epoch were unreadable."""
+    if seen and skipped / seen > cfg.bad_sample_threshold:
+        raise RuntimeError(f"{skipped} of {seen} samples read this epoch ({100 * skipped / seen:.2f}%) were unreadable "
+                           f"(missing, corrupt or non-text), above --bad_sample_threshold={cfg.bad_sample_threshold}; "
+                           f"fix the data or raise the threshold")
+
+
+# --- Demo dataset ---
+# Procedural scenes of one or two coloured shapes; some colour+shape combinations are held out of training
+# so that zero-shot evaluation can test composition.
+COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 90, 230), 'yellow': (240, 220, 40),
+           'purple': (150, 60, 200), 'orange': (250, 140, 20), 'white': (240, 240, 240)}
+SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'heart')
+COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
+HELD_OUT = frozenset({('red', 'star'), ('green', 'heart'), ('blue', 'triangle'), ('yellow', 'cross'),
+                      ('purple', 'circle'), ('orange', 'square'), ('white', 'star')})
+SIZES = {'small': 0.13, 'large': 0.2}  # radius as a fraction of the canvas
+POSITIONS = {'left': (0.23, 0.5), 'right': (0.77, 0.5), 'top': (0.5, 0.23), 'bottom': (0.5, 0.77),
+             'centre': (0.5, 0.5)}
+RELATIONS = {('left', 'right'): 'to the left of', ('right', 'left'): 'to the right of',
+             ('top', 'bottom'): 'above', ('bottom', 'top'): 'below'}
+# split: (id, objects per scene, allowed combinations)
+DEMO_SPLITS = {'train': (0, (1, 2), tuple(c for c in COMBOS if c not in HELD_OUT)), 'single': (1, (1,), COMBOS),
+               'unseen': (2, (1,), tuple(c for c in COMBOS if c in HELD_OUT)), 'retrieval': (3, (1, 2), COMBOS)}
+DEMO_CAPTIONS = 3  # candidate captions per image
+DEMO_VOCAB_SIZE = 1024
+
+
+def _unit_polygons():
+    """Vertices of each polygonal shape around (0, 0) with radius ~1 (y points down)."""
+    star = [(r * math.cos(a), r * math.sin(a)) for k in range(10)
+            for a, r in [(-math.pi / 2 + k * math.pi / 5, 1.0 if k % 2 == 0 else 0.45)]]
+    w = 0.32
+    cross = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    heart = [(16 * math.sin(t) ** 3 / 17, 0.15 - (13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                                  - math.cos(4 * t)) / 17)
+             for t in np.linspace(0, 2 * math.pi, 28, endpoint=False)]
+    triangle = [(1.1 * math.cos(a), 1.1 * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    return {'square': [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)], 'triangle': triangle,
+            'star': star, 'cross': cross, 'heart': heart}
+
+
+POLYGONS = _unit_polygons()
+Obj = collections.namedtuple('Obj', 'colour shape size position x y radius angle rgb')  # x, y, radius: canvas fractions
+Scene = collections.namedtuple('Scene', 'objects background')  # background: (kind, rgb1, rgb2, noise seed, vertical)
+
+
+def demo_scene(seed, split, index):
+    """The attribute record of demo image `index` of `split`: a pure function of (seed, split, index)."""
+    split_id, counts, combos = DEMO_SPLITS[split]
+    rng = random.Random(sample_seed(seed, split_id, index))
+    first = rng.choice(combos)
+    if rng.choice(counts) == 1:
+        picks, places = [first], [rng.choice(list(POSITIONS))]
+    else:
+        picks, places = [first, rng.choice([c for c in combos if c != first])], rng.choice(list(RELATIONS))
+    objects = []
+    for (colour, shape), place in zip(picks, places):
+        size = rng.choice(list(SIZES))
+        x, y = (v + rng.uniform(-0.03, 0.03) for v in POSITIONS[place])
+        rgb = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in COLOURS[colour])
+        objects.append(Obj(colour, shape, size, place, x, y, SIZES[size] * rng.uniform(0.9, 1.1),
+                           rng.uniform(-20, 20), rgb))
+    dark = [tuple(rng.randint(0, 100) for _ in range(3)) for _ in range(2)]
+    background = (rng.choice(('solid', 'gradient', 'noise')), *dark, rng.getrandbits(32), rng.random() < 0.5)
+    return Scene(tuple(objects), background)
+
+
+def draw_scene(scene, canvas):
+    """Render a scene record as a canvas x canvas RGB image (dark solid, gradient or noise background)."""
+    kind, rgb1, rgb2, noise_seed, vertical = scene.background
+    if kind == 'solid':
+        pixels = np.array(rgb1, dtype=np.float32)
+    elif kind == 'gradient':
+        t = np.linspace(0, 1, canvas, dtype=np.float32)[:, None, None] if vertical else \
+            np.linspace(0, 1, canvas, dtype=np.float32)[None, :, None]
+        pixels = np.array(rgb1) * (1 - t) + np.array(rgb2) * t  # (canvas, 1, 3) or (1, canvas, 3)
+    else:
+        pixels = np.array(rgb1) + np.random.default_rng(noise_seed).normal(0, 24, (canvas, canvas, 3))
+    pixels = np.broadcast_to(np.clip(pixels, 0, 255).astype(np.uint8), (canvas, canvas, 3))
+    img = Image.fromarray(np.ascontiguousarray(pixels), 'RGB')
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x, y, r = o.x * canvas, o.y * canvas, o.radius * canvas
+        if o.shape == 'circle':
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=o.rgb)
+        else:
+            c, s = math.cos(math.radians(o.angle)), math.sin(math.radians(o.angle))
+            draw.polygon([(x + r * (u * c - v * s), y + r * (u * s + v * c)) for u, v in POLYGONS[o.shape]], fill=o.rgb)
+    return img
+
+
+PLACE_WORDS = {'left': ('on the left', 'to the left', 'on the left side'),
+               'right': ('on the right', 'to the right', 'on the right side'),
+               'top': ('at the top', 'near the top', 'in the upper part'),
+               'bottom': ('at the bottom', 'near the bottom', 'in the lower part'),
+               'centre': ('in the centre', 'in the middle', 'at the center')}
+SINGLE_TEMPLATES = ('{np}', '{np} {pos}', 'a photo of {np}', 'a photo of {np} {pos}', 'there is {np} {pos}',
+                    '{pos} there is {np}', '{the} is {pos}', 'an image showing {np}')
+PAIR_TEMPLATES = ('{np} and {np2}', 'a photo of {np} and {np2}', '{np} {pos} and {np2} {pos2}',
+                  'there is {np} {rel} {np2}', '{the} is {rel} {the2}', '{np} {pos}, {np2} {pos2}',
+                  'two shapes: {np} and {np2}')
+
+
+def noun_phrase(obj, rng):
+    """Words naming an object in one of several orders: 'small red circle', 'circle in red', 'star coloured blue'."""
+    size = [obj.size] if rng.random() < 0.5 else []
+    return rng.choice([size + [obj.colour, obj.shape], size + [obj.shape, 'in', obj.colour],
+                       size + [obj.shape, 'coloured', obj.colour]])
+
+
+def describe(objects, rng):
+    """One caption of a scene: a random template, attributes in varied order and wording."""
+    objects = rng.sample(objects, len(objects))  # either object may be named first
+    fields = {}
+    for suffix, o in zip(('', '2'), objects):
+        words = noun_phrase(o, rng)
+        fields['np' + suffix] = ('an ' if words[0][0] in 'aeiou' else 'a ') + ' '.join(words)
+        fields['the' + suffix] = 'the ' + ' '.join(words)
+        fields['pos' + suffix] = rng.choice(PLACE_WORDS[o.position])
+    if len(objects) == 2:
+        fields['rel'] = RELATIONS[objects[0].position, objects[1].position]
+    return rng.choice(SINGLE_TEMPLATES if len(objects) == 1 else PAIR_TEMPLATES).format(**fields)
+
+
+def demo_captions(seed, split, index, n=DEMO_CAPTIONS):
+    """n captions of demo image `index` (their own random stream, so they need no drawing)."""
+    rng = random.Random(sample_seed(seed, DEMO_SPLITS[split][0], index, 1))
+    objects = demo_scene(seed, split, index).objects
+    return tuple(describe(objects, rng) for _ in range(n))
+
+
+def demo_canvas(cfg):
+    """Scenes are drawn at 1.25x the crop size and left to the crops and the eval resize."""
+    return round(1.25 * max(cfg.image_size, cfg.local_crop_size))
+
+
+class DemoReader:
+    """The demo training split as a reader: load(i) draws image i and its captions on the fly."""
+
+    def __init__(self, cfg):
+        self.seed, self.size, self.canvas = cfg.seed, cfg.demo_train_size, demo_canvas(cfg)
+
+    def __len__(self):
+        return self.size
+
+    def load(self, i):
+        return draw_scene(demo_scene(self.seed, 'train', i), self.canvas), demo_captions(self.seed, 'train', i)
+
+
+class DemoImages(torch.utils.data.Dataset):
+    """Held-out demo images through eval_transform, with label 'shape', 'colour', 'colour_shape' or 'index'."""
+
+    def __init__(self, cfg, split, label):
+        self.seed, self.split, self.label, self.size = cfg.seed, split, label, cfg.demo_val_size
+        self.canvas, self.transform = demo_canvas(cfg), eval_transform(cfg)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        scene = demo_scene(self.seed, self.split, i)
+        o = scene.objects[0]
+        label = {'shape': SHAPES.index(o.shape), 'colour': list(COLOURS).index(o.colour),
+                 'colour_shape': COMBOS.index((o.colour, o.shape)), 'index': i}[self.label]
+        return self.transform(draw_scene(scene, self.canvas)), label
+
+
+EvalTask = collections.namedtuple('EvalTask', 'name classnames templates dataset metric')
+
+
+def demo_eval_tasks(cfg):
+    """Zero-shot tasks on held-out single-object images: shape, colour, and colour+shape over all 42 names
+    with images of the combinations never seen in training."""
+    # a shape prompt is averaged over the colours and a colour prompt over the shapes: captions name both
+    return [EvalTask('shape', list(SHAPES), [f'the {c} {{}}' for c in COLOURS], DemoImages(cfg, 'single', 'shape'),
+                     'acc'),
+            EvalTask('colour', list(COLOURS), [f'the {{}} {s}' for s in SHAPES], DemoImages(cfg, 'single', 'colour'),
+                     'acc'),
+            EvalTask('colour_shape_unseen', [f'{c} {s}' for c, s in COMBOS], ['the {}', 'a photo of the {}', '{}'],
+                     DemoImages(cfg, 'unseen', 'colour_shape'), 'acc')]
+
+
+def demo_retrieval(cfg):
+    """(images: Dataset of (image, image_id), captions: list[str], caption_ids: list[int]) on held-out
+    scenes, DEMO_CAPTIONS captions per image."""
+    captions = [(c, i) for i in range(cfg.demo_val_size) for c in demo_captions(cfg.seed, 'retrieval', i)]
+    return DemoImages(cfg, 'retrieval', 'index'), [c for c, _ in captions], [i for _, i in captions]
+
+
+def build_demo_vocab(out=DEMO_BPE_PATH, vocab_size=DEMO_VOCAB_SIZE, samples=2000):
+    """Learn the demo BPE merges from the captions of the first demo training images (seed 0) and save them."""
+    texts = [c for i in range(samples) for c in demo_captions(0, 'train', i)]
+    save_merges(learn_bpe(texts, vocab_size), out)
+
+
+
+def build_tokenizer(cfg):
+    """Tokenizer of cfg.bpe_path, or the small demo vocabulary when it is empty."""
+    path = Path(cfg.bpe_path or DEMO_BPE_PATH).expanduser()
+    if not path.is_file() and cfg.bpe_path:
+        raise FileNotFoundError(f"--bpe_path={path} not found; give a CLIP BPE merges file (.txt or .txt.gz)")
+    if not path.is_file():
+        raise FileNotFoundError(f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
+    if not cfg.bpe_path and cfg.dataset != 'demo':
+        print(f"warning: captions of --dataset={cfg.dataset} use the small demo vocabulary; pass --bpe_path="
+              f"bpe_simple_vocab_16e6.txt.gz for CLIP's", file=sys.stderr)
+    return Tokenizer(str(path), cfg.context_length)
+
+
+# --- Loaders ---
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's (epoch, index) keys in torch's DistributedSampler order (randperm seeded by seed + epoch,
+    padded to a multiple of world_size). set_epoch(epoch, start_batch) starts at batch start_batch without
+    producing the keys of the skipped samples, so they are never read or decoded."""
+
+    def __init__(self, size, batch_size, seed, rank, world_size):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.num_samples = math.ceil(size / world_size)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]  # pad by wrapping around, as torch does
+        for index in order[self.rank::self.world_size][self.start_batch * self.batch_size:]:
+            yield self.epoch, index
+
+
+class ShardLoader:
+    """A DataLoader over TarShards with the map-style loader's interface (.sampler.set_epoch, len, iter)."""
+
+    def __init__(self, dataset, loader):
+        self.sampler, self.loader = dataset, loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
+    """Training batches of this rank (SPEC.md 4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
+    make_sample = SampleMaker(cfg, tokenizer)
+    pin = cfg.device != 'cpu' and torch.cuda.is_available()
+    if cfg.dataset == 'wds':
+        # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
+        dataset = TarShards(*read_shards(cfg, max(1, cfg.workers), world_size), make_sample, cfg, rank, world_size)
+        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
+                                             drop_last=True)
+        loader = ShardLoader(dataset, loader)
+    else:
+        dataset = TrainDataset(build_reader(cfg), make_sample)
+        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
+        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0)
+    if len(loader) == 0:
+        raise ValueError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
+                         f"--batch_size={cfg.batch_size}; lower the batch size or add data")
+    return loader
+
+
+def build_eval_loader(dataset, cfg, rank=0, world_size=1):
+    """Batches of this rank's contiguous slice of dataset: exact and unpadded, the ranks' union is the whole set."""
+    n = len(dataset)
+    part = range(rank * n // world_size, (rank + 1) * n // world_size)
+    return torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, sampler=part, num_workers=cfg.workers,
+                                       pin_memory=cfg.device != 'cpu' and torch.cuda.is_available())
+
+
+# --- Command line ---
+def build_vocab_main(argv):
+    """python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz]: one caption a line."""
+    parser = argparse.ArgumentParser(prog='python data.py build-vocab', description=build_vocab_main.__doc__)
+    parser.add_argument('captions', type=Path)
+    parser.add_argument('--vocab_size', type=int, default=49408, help='512 byte symbols + merges + SOT and EOT')
+    parser.add_argument('--out', default='vocab.txt.gz', help='merges file to write (gzipped when it ends with .gz)')
+    args = parser.parse_args(argv)
+    if not args.captions.is_file():
+        parser.error(f"captions file {args.captions} not found; give a text file with one caption a line")
+    texts = args.captions.read_text(encoding='utf-8', errors='replace').splitlines()
+    try:
+        merges = learn_bpe(texts, args.vocab_size)
+    except ValueError as e:
+        parser.error(str(e))
+    save_merges(merges, args.out)
+    print(f"learned {len(merges)} merges (vocab_size {len(merges) + 514}) from {len(texts)} captions: {args.out}")
+
+def build_demo_vocab_main(argv):
+    """python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]: regenerate the demo
+    vocabulary (learning stops early, at 128 merges, once every demo word is one token)."""
+    flags = dict(arg[2:].split('=', 1) for arg in argv if arg.startswith('--') and '=' in arg)
+    if len(flags) != len(argv) or not set(flags) <= {'vocab_size', 'out'} or not flags.get('vocab_size', '0').isdigit():
+        sys.exit(f"usage: python data.py build-demo-vocab [--vocab_size={DEMO_VOCAB_SIZE}] [--out={DEMO_BPE_PATH}] "
+                 f"(got {' '.join(argv)})")
+    out = flags.get('out', DEMO_BPE_PATH)
+    build_demo_vocab(out, int(flags.get('vocab_size', DEMO_VOCAB_SIZE)))
+    print(f"wrote {out}")
+
+
+if __name__ == '__main__':
+    commands = {'build-vocab': build_vocab_main, 'build-demo-vocab': build_demo_vocab_main}
+    if sys.argv[1:2] not in ([c] for c in commands):
+        sys.exit("usage: python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz]\n"
+                 "       python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
+    commands[sys.argv[1]](sys.argv[2:])

@@ -1,0 +1,389 @@
+"""data.py datasets and loaders: every format from small fixtures, rank/worker splits, bad samples, the demo set."""
+import collections
+import dataclasses
+import io
+import pickle
+import re
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import Config
+
+import data as D
+
+
+def cfg_for(**overrides):
+    """Tiny views, captions untouched by text augmentation (so token row 0 names the sample), one process."""
+    base = dict(image_size=16, local_crop_size=8, num_augs=2, remove_stopwords_prob=0.0, text_augment=False,
+                workers=0, batch_size=2, seed=3, demo_val_size=40, eval_batch_size=4)
+    return Config(**{**base, **overrides})
+
+
+def chars(texts):
+    """A tokenizer independent of data.py: code points, zero-padded to (N, 77)."""
+    out = torch.zeros(len(texts), 77, dtype=torch.long)
+    for i, t in enumerate(texts):
+        out[i, :len(t)] = torch.tensor([ord(c) for c in t], dtype=torch.long)
+    return out
+
+
+def text_of(row):
+    return ''.join(chr(c) for c in row.tolist() if c)
+
+
+def jpeg(i, size=(20, 14)):
+    """Distinct real JPEG bytes: a colour ramp whose hue depends on i."""
+    x = np.linspace(0, 255, size[0], dtype=np.float32)[None, :, None]
+    pixels = (x + np.array([40 * i, 255 - 30 * i, 90 * i]) + np.zeros((size[1], 1, 3))) % 256
+    buf = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buf, 'JPEG', quality=90)
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, 'w') as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+N = 6
+CAPTIONS = [f'caption number {i}' for i in range(N)]
+
+
+def write_formats(root):
+    """The same N images and captions as cc3m/cc12m .npy, a yfcc pickle + zips, CSV, TSV and tar shards."""
+    (root / 'img').mkdir()
+    for i in range(N):
+        (root / 'img' / f'{i}.jpg').write_bytes(jpeg(i))
+    np.save(root / 'cc3m.npy', np.array([{'image_id': f'img/{i}.jpg', 'captions': [CAPTIONS[i]]} for i in range(N)]))
+    np.save(root / 'cc12m.npy', np.array([{'image_name': f'img/{i}.jpg', 'image_id': i, 'captions': [CAPTIONS[i]]}
+                                          for i in range(N)]))
+    ids = [12345000 + i if i < 3 else 12346000 + i for i in range(N)]  # two archives: images/12/345.zip, 346.zip
+    for i, image_id in enumerate(ids):
+        name = f'{image_id:08d}'
+        (root / 'images' / name[:2]).mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(root / 'images' / name[:2] / f'{name[2:5]}.zip', 'a') as zf:
+            zf.writestr(f'{name[5:]}.jpg', jpeg(i))
+    with open(root / 'yfcc.pkl', 'wb') as f:
+        pickle.dump([(image_id, CAPTIONS[i], '') for i, image_id in enumerate(ids)], f)
+    (root / 'pairs.csv').write_text('filepath,title\n' + ''.join(f'img/{i}.jpg,{CAPTIONS[i]}\n' for i in range(N)))
+    (root / 'pairs.tsv').write_text('text\timage\n' + ''.join(f'{CAPTIONS[i]}\timg/{i}.jpg\n' for i in range(N)))
+    (root / 'shards').mkdir()
+    for s in range(2):
+        samples = [(f'{i:05d}.jpg', jpeg(i)) if k == 0 else (f'{i:05d}.txt', CAPTIONS[i].encode())
+                   for i in range(3 * s, 3 * s + 3) for k in (0, 1)]
+        write_tar(root / 'shards' / f'{s:02d}.tar', samples)
+    return {'cc3m': cfg_for(dataset='cc3m', metadata=str(root / 'cc3m.npy'), root=str(root)),
+            'cc12m': cfg_for(dataset='cc12m', metadata=str(root / 'cc12m.npy'), root=str(root)),
+            'yfcc15m': cfg_for(dataset='yfcc15m', metadata=str(root / 'yfcc.pkl'), root=str(root)),
+            'csv': cfg_for(dataset='csv', metadata=str(root / 'pairs.csv')),
+            'tsv': cfg_for(dataset='csv', metadata=str(root / 'pairs.tsv'), csv_image_key='image',
+                           csv_caption_key='text'),
+            'wds': cfg_for(dataset='wds', metadata=str(root / 'shards' / '{00..01}.tar'))}
+
+
+def assert_same_sample(a, b):
+    assert torch.equal(a['weak'], b['weak']) and torch.equal(a['tokens'], b['tokens'])
+    assert len(a['strong']) == len(b['strong']) and all(map(torch.equal, a['strong'], b['strong']))
+
+
+# --- Datasets ---
+def test_every_format_reads_the_same_images_captions_and_samples(tmp_path):
+    cfgs = write_formats(tmp_path)
+    pixels = [np.asarray(Image.open(tmp_path / 'img' / f'{i}.jpg').convert('RGB')) for i in range(N)]
+    reference = D.build_train_loader(cfgs['cc3m'], chars).dataset
+    for name in ('cc3m', 'cc12m', 'yfcc15m', 'csv', 'tsv'):
+        loader = D.build_train_loader(cfgs[name], chars)
+        for i in range(N):
+            image, captions = loader.dataset.reader.load(i)
+            assert np.array_equal(np.asarray(image.convert('RGB')), pixels[i]) and captions == (CAPTIONS[i],), name
+            sample = loader.dataset[(1, i)]
+            assert text_of(sample['tokens'][0]) == CAPTIONS[i] and sample['skipped'] == 0
+            assert_same_sample(sample, reference[(1, i)])
+    # tar shards: the global sample index keys the same randomness, so samples match the map-style ones
+    loader = D.build_train_loader(cfgs['wds'], chars)
+    assert len(loader) == N // 2
+    seen = []
+    for batch in loader:
+        for b in range(2):
+            i = CAPTIONS.index(text_of(batch['tokens'][b, 0]))
+            assert_same_sample({'weak': batch['weak'][b], 'tokens': batch['tokens'][b],
+                                'strong': [s[b] for s in batch['strong']]}, reference[(0, i)])
+            seen.append(i)
+    assert sorted(seen) == list(range(N))
+
+
+def test_merged29m_maps_global_indices_through_the_offsets(tmp_path):
+    cfgs = write_formats(tmp_path)
+    cfg = dataclasses.replace(cfgs['cc3m'], dataset='merged29m', root='---'.join([str(tmp_path)] * 3),
+                              metadata='---'.join(cfgs[k].metadata for k in ('cc3m', 'cc12m', 'yfcc15m')))
+    reader = D.build_reader(cfg)
+    assert len(reader) == 3 * N
+    parts = [D.build_reader(cfgs[k]) for k in ('cc3m', 'cc12m', 'yfcc15m')]
+    for i in range(3 * N):
+        image, captions = reader.load(i)
+        expected = parts[i // N].load(i % N)
+        assert captions == expected[1] and np.array_equal(np.asarray(image), np.asarray(expected[0]))
+
+
+def test_caption_sampling_single_and_multi(tmp_path):
+    cfgs = write_formats(tmp_path)
+    two = [[f'first {i}', f'second {i}'] for i in range(N)]
+    np.save(tmp_path / 'two.npy', np.array([{'image_id': f'img/{i}.jpg', 'captions': two[i]} for i in range(N)]))
+    rows = {}
+    for sampling in ('single', 'multi'):
+        cfg = dataclasses.replace(cfgs['cc3m'], metadata=str(tmp_path / 'two.npy'), caption_sampling=sampling)
+        dataset = D.build_train_loader(cfg, chars).dataset
+        rows[sampling] = [[text_of(r) for r in dataset[(e, i)]['tokens']] for e in range(4) for i in range(N)]
+    # single: one caption drawn per sample for all 1+A rows, both candidates drawn across samples
+    assert all(len(set(r)) == 1 for r in rows['single'])
+    assert {r[0].split()[0] for r in rows['single']} == {'first', 'second'}
+    # multi: each row draws its own caption
+    assert any(len(set(r)) == 2 for r in rows['multi'])
+    assert all(set(r) <= {f'first {i}', f'second {i}'} for e in range(4) for i, r in
+               enumerate(rows['multi'][e * N:(e + 1) * N]))
+
+
+def test_bad_samples_are_replaced_by_the_next_index_and_counted(tmp_path):
+    (tmp_path / 'img').mkdir()
+    good = jpeg(1)
+    files = {'0.jpg': good, '2.jpg': b'', '3.jpg': good[:len(good) // 2], '4.jpg': b'not an image', '5.jpg': jpeg(5),
+             '6.jpg': jpeg(6)}  # 1.jpg is missing
+    for name, payload in files.items():
+        (tmp_path / 'img' / name).write_bytes(payload)
+    (tmp_path / 'bad.csv').write_text('filepath,title\n' + ''.join(f'img/{i}.jpg,c{i}\n' for i in range(7)))
+    cfg = cfg_for(dataset='csv', metadata=str(tmp_path / 'bad.csv'), batch_size=1)
+    loader = D.build_train_loader(cfg, chars)
+    replaced = {1: (5, 4), 2: (5, 3), 3: (5, 2), 4: (5, 1), 0: (0, 0), 5: (5, 0), 6: (6, 0)}
+    for i, (source, skipped) in replaced.items():
+        sample = loader.dataset[(0, i)]
+        assert (text_of(sample['tokens'][0]), sample['skipped']) == (f'c{source}', skipped)
+    assert sum(int(b['skipped'].sum()) for b in loader) == 4 + 3 + 2 + 1  # each index of the epoch once
+    # captions that are not text
+    np.save(tmp_path / 'nontext.npy', np.array([{'image_id': 'img/0.jpg', 'captions': c} for c in
+                                                (None, [3], [], ['ok'])], dtype=object))
+    dataset = D.build_train_loader(dataclasses.replace(cfg, dataset='cc3m', metadata=str(tmp_path / 'nontext.npy'),
+                                                       root=str(tmp_path)), chars).dataset
+    assert [(text_of(dataset[(0, i)]['tokens'][0]), dataset[(0, i)]['skipped']) for i in range(4)] == \
+        [('ok', 3), ('ok', 2), ('ok', 1), ('ok', 0)]
+
+
+def test_bad_fraction_threshold():
+    cfg = cfg_for(bad_sample_threshold=0.01)
+    D.check_bad_fraction(0, 0, cfg)
+    D.check_bad_fraction(1, 100, cfg)  # exactly 1% is allowed
+    with pytest.raises(RuntimeError, match=r'2 of 100 samples .*--bad_sample_threshold=0.01'):
+        D.check_bad_fraction(2, 100, cfg)
+
+
+def test_corrupt_tar_members_are_skipped_and_counted(tmp_path):
+    members = [('00000.jpg', jpeg(0)), ('00000.txt', b'good zero'),
+               ('00001.jpg', b'garbage'), ('00001.txt', b'bad image'),
+               ('00002.jpg', jpeg(2)), ('00002.txt', b'\xff\xfe not utf-8'),
+               ('00003.jpg', jpeg(3)),  # no caption
+               ('00004.jpg', jpeg(4)), ('00004.txt', b'good four'),
+               ('00005.jpg', jpeg(5)), ('00005.txt', b'good five'), ('00006.jpg', jpeg(6) * 20)]
+    write_tar(tmp_path / 'a.tar', members)
+    with tarfile.open(tmp_path / 'a.tar') as tar:
+        last = tar.getmembers()[-1]
+    data = (tmp_path / 'a.tar').read_bytes()
+    (tmp_path / 'a.tar').write_bytes(data[:last.offset_data + last.size // 2])  # cut inside the last member
+    cfg = cfg_for(dataset='wds', metadata=str(tmp_path / 'a.tar'), batch_size=1)
+    loader = D.build_train_loader(cfg, chars)
+    assert len(loader) == 7  # sample keys found by the header scan
+    batches = list(loader)
+    assert len(batches) == 7
+    assert {text_of(b['tokens'][0, 0]) for b in batches} == {'good zero', 'good four', 'good five'}
+    # the whole first pass (4 bad samples + the broken tail) is buffered and popped before any re-read
+    assert sum(int(b['skipped'].sum()) for b in batches) >= 5
+
+
+def test_bad_paths_and_formats_raise_one_line_before_loading(tmp_path):
+    cfgs = write_formats(tmp_path)
+    np.save(tmp_path / 'ints.npy', np.arange(3))
+    with open(tmp_path / 'dict.pkl', 'wb') as f:
+        pickle.dump({'a': 1}, f)
+    r = dataclasses.replace
+    cases = [(r(cfgs['cc3m'], metadata=str(tmp_path / 'nope.npy')), FileNotFoundError, 'nope.npy not found'),
+             (r(cfgs['cc3m'], root=str(tmp_path / 'nowhere')), FileNotFoundError, 'nowhere not found'),
+             (r(cfgs['cc3m'], root=str(tmp_path / 'shards')), ValueError, 'none of the first 6 samples'),
+             (r(cfgs['cc12m'], metadata=str(tmp_path / 'ints.npy')), ValueError, "{'image_name'"),
+             (r(cfgs['cc12m'], metadata=str(tmp_path / 'cc3m.npy')), ValueError, "{'image_name'"),
+             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'dict.pkl')), ValueError, 'pickled list'),
+             (r(cfgs['csv'], csv_caption_key='caption'), ValueError, "no column 'caption'"),
+             (r(cfgs['wds'], metadata=str(tmp_path / 'shards' / '{00..02}.tar')), FileNotFoundError, '1 of 3 shards'),
+             (r(cfgs['wds'], workers=3), ValueError, '2 shards cannot feed'),
+             (r(cfgs['cc3m'], dataset='merged29m'), ValueError, "joined by '---'"),
+             (r(cfgs['cc3m'], batch_size=7), ValueError, 'less than one batch')]
+    for cfg, error, message in cases:
+        with pytest.raises(error) as info:
+            D.build_train_loader(cfg, chars)
+        assert message in str(info.value) and '\n' not in str(info.value), str(info.value)
+
+
+# --- Loaders ---
+@pytest.mark.parametrize('size,world_size', [(10, 1), (10, 2), (7, 3), (2, 3)])
+def test_sampler_is_torch_distributed_order_and_splits_the_epoch(size, world_size):
+    for epoch in (0, 3):
+        keys = []
+        for rank in range(world_size):
+            sampler = D.EpochSampler(size, 2, 5, rank, world_size)
+            sampler.set_epoch(epoch)
+            reference = torch.utils.data.DistributedSampler(range(size), world_size, rank, shuffle=True, seed=5)
+            reference.set_epoch(epoch)
+            assert [i for _, i in sampler] == list(reference) and len(sampler) == len(reference)
+            assert {e for e, _ in sampler} == {epoch}
+            keys += [i for _, i in sampler]
+        counts = collections.Counter(keys)
+        assert set(counts) == set(range(size)) and sum(counts.values()) == -(-size // world_size) * world_size
+
+
+def test_ranks_and_workers_cover_each_sample_once_and_agree(tmp_path):
+    cfg = dataclasses.replace(write_formats(tmp_path)['csv'], batch_size=1)
+    epochs = []
+    for epoch in (0, 1):
+        captions = []
+        for rank in range(2):
+            loader = D.build_train_loader(cfg, chars, rank, 2)
+            loader.sampler.set_epoch(epoch)
+            captions += [text_of(b['tokens'][0, 0]) for b in loader]
+        assert sorted(captions) == sorted(CAPTIONS)
+        epochs.append(captions)
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
+    # worker processes give bit-identical batches: randomness is keyed by (seed, epoch, index), not by worker
+    single, multi = (D.build_train_loader(dataclasses.replace(cfg, workers=w, batch_size=2), chars, 1, 2)
+                     for w in (0, 2))
+    for loader in (single, multi):
+        loader.sampler.set_epoch(1)
+    for a, b in zip(list(single), list(multi), strict=True):
+        assert_same_sample(a, b)
+
+
+def test_start_batch_equals_dropping_the_first_batches_without_reading_them(tmp_path):
+    cfg = dataclasses.replace(write_formats(tmp_path)['cc12m'], batch_size=2)
+    loader = D.build_train_loader(cfg, chars)
+    loader.sampler.set_epoch(4)
+    full = list(loader)
+    loads = []
+    reader = loader.dataset.reader
+    loader.dataset.reader = type('Counting', (), {'__len__': lambda s: len(reader),
+                                                  'load': lambda s, i: loads.append(i) or reader.load(i)})()
+    loader.sampler.set_epoch(4, start_batch=2)
+    resumed = list(loader)
+    assert len(full) == len(loader) == 3 and len(resumed) == 1 and len(loads) == 2
+    assert_same_sample(resumed[0], full[2])
+
+
+def test_tar_shards_split_over_ranks_and_workers_once_per_epoch_and_resume_by_shard(tmp_path):
+    for s in range(8):
+        write_tar(tmp_path / f'{s}.tar', [(f'{s}_{j}.{ext}', payload) for j in range(3) for ext, payload in
+                                          (('jpg', jpeg(j, (8, 8))), ('txt', f'shard {s} sample {j}'.encode()))])
+    cfg = cfg_for(dataset='wds', metadata=str(tmp_path / '{0..7}.tar'), batch_size=3, workers=2, num_augs=0)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(2):
+            loader = D.build_train_loader(cfg, chars, rank, 2)
+            loader.sampler.set_epoch(epoch)
+            batches = [[text_of(r[0]) for r in b['tokens']] for b in loader]
+            assert len(batches) == len(loader) == 4
+            seen += sum(batches, [])
+            if epoch == 1:  # resume after one batch: worker 0 skips its first shard, unread
+                loader.sampler.set_epoch(epoch, start_batch=1)
+                resumed = sum([[text_of(r[0]) for r in b['tokens']] for b in loader], [])
+                gone = set(sum(batches, [])) - set(resumed)
+                assert len(resumed) == 9 and len(gone) == 3 and len({t.split()[1] for t in gone}) == 1
+        assert sorted(seen) == sorted(f'shard {s} sample {j}' for s in range(8) for j in range(3))
+
+
+@pytest.mark.parametrize('n,world_size', [(0, 2), (1, 3), (10, 3), (12, 4)])
+def test_eval_loader_slices_are_exact_disjoint_and_contiguous(n, world_size):
+    dataset = torch.utils.data.TensorDataset(torch.arange(n))
+    parts = [torch.cat([b[0] for b in D.build_eval_loader(dataset, cfg_for(eval_batch_size=4), r, world_size)] or
+                       [torch.zeros(0, dtype=torch.long)]).tolist() for r in range(world_size)]
+    assert sum(parts, []) == list(range(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# --- Demo dataset ---
+def test_demo_is_deterministic_and_its_images_match_their_records():
+    canvas = 40
+    for i in range(30):
+        scene = D.demo_scene(0, 'single', i)
+        assert scene == D.demo_scene(0, 'single', i) and scene != D.demo_scene(1, 'single', i)
+        img = np.asarray(D.draw_scene(scene, canvas))
+        assert np.array_equal(img, np.asarray(D.draw_scene(scene, canvas)))
+        o = scene.objects[0]
+        assert tuple(img[int(o.y * canvas), int(o.x * canvas)]) == o.rgb  # the centre of every shape is filled
+        assert np.abs(np.array(o.rgb) - D.COLOURS[o.colour]).max() <= 12
+    assert D.demo_captions(0, 'train', 5) == D.demo_captions(0, 'train', 5) != D.demo_captions(0, 'train', 6)
+
+
+def test_held_out_combinations_never_appear_in_training():
+    counts, objects = collections.Counter(), collections.Counter()
+    mention = re.compile('|'.join(f'{c} {s}|{s} (in|coloured) {c}' for c, s in D.HELD_OUT))
+    for i in range(3000):
+        scene = D.demo_scene(0, 'train', i)
+        counts[len(scene.objects)] += 1
+        objects.update((o.colour, o.shape) for o in scene.objects)
+        assert len({o.position for o in scene.objects}) == len(scene.objects)
+        if i < 500:
+            assert not any(mention.search(c) for c in D.demo_captions(0, 'train', i))
+    assert not set(objects) & D.HELD_OUT and set(objects) == set(D.COMBOS) - D.HELD_OUT
+    assert 1300 < counts[1] < 1700 and counts[1] + counts[2] == 3000
+    unseen = {(o.colour, o.shape) for i in range(300) for o in D.demo_scene(0, 'unseen', i).objects}
+    assert unseen == D.HELD_OUT
+
+
+def test_demo_eval_tasks_and_retrieval_follow_the_records():
+    cfg = cfg_for(demo_val_size=12)
+    tasks = {t.name: t for t in D.demo_eval_tasks(cfg)}
+    assert set(tasks) == {'shape', 'colour', 'colour_shape_unseen'}
+    for i in range(12):
+        image, label = tasks['shape'].dataset[i]
+        o = D.demo_scene(cfg.seed, 'single', i).objects[0]
+        assert image.shape == (3, 16, 16) and tasks['shape'].classnames[label] == o.shape
+        assert tasks['colour'].classnames[tasks['colour'].dataset[i][1]] == o.colour
+        u = D.demo_scene(cfg.seed, 'unseen', i).objects[0]
+        unseen = tasks['colour_shape_unseen']
+        assert unseen.classnames[unseen.dataset[i][1]] == f'{u.colour} {u.shape}'
+    assert all(len(t.dataset) == 12 and t.metric == 'acc' and t.templates[0].format('x') for t in tasks.values())
+    images, captions, ids = D.demo_retrieval(cfg)
+    assert len(images) == 12 and ids == [i for i in range(12) for _ in range(D.DEMO_CAPTIONS)]
+    assert images[7][1] == 7 and captions[21:24] == list(D.demo_captions(cfg.seed, 'retrieval', 7))
+
+
+def test_demo_training_samples_and_loader():
+    cfg = cfg_for(dataset='demo', demo_train_size=8, batch_size=4, num_augs=1)
+    loader = D.build_train_loader(cfg, chars)
+    batch = next(iter(loader))
+    assert len(loader) == 2 and batch['weak'].shape == (4, 3, 16, 16) and batch['tokens'].shape == (4, 2, 77)
+    assert [s.shape for s in batch['strong']] == [(4, 3, 8, 8)] and batch['skipped'].sum() == 0
+    order = [i for _, i in loader.sampler][:4]
+    assert [text_of(t[0]) for t in batch['tokens']] == [text_of(loader.dataset[(0, i)]['tokens'][0]) for i in order]
+    assert all(text_of(t[0]) in D.demo_captions(cfg.seed, 'train', i) for t, i in zip(batch['tokens'], order))
+
+
+# --- Tokenizer ---
+def test_demo_vocabulary_encodes_every_caption_word_as_one_token():
+    tokenizer = D.build_tokenizer(Config())
+    words = {w for i in range(300) for c in D.demo_captions(0, 'train', i) for w in re.findall('[a-z]+', c)}
+    words |= {w for t in D.demo_eval_tasks(cfg_for(demo_val_size=1)) for x in t.templates + t.classnames
+              for w in re.findall('[a-z]+', x)}
+    assert all(len(tokenizer.encode(w)) == 1 for w in words), [w for w in words if len(tokenizer.encode(w)) > 1]
+    caption = D.demo_captions(0, 'retrieval', 3)[0]
+    assert tokenizer.decode(tokenizer.encode(caption)).strip() == caption
+    assert tokenizer.vocab_size < 2000
+    with pytest.raises(FileNotFoundError, match='--bpe_path=.*missing.txt.gz not found'):
+        D.build_tokenizer(Config(bpe_path='missing.txt.gz'))
+
+
+def test_demo_vocabulary_file_regenerates_byte_for_byte(tmp_path):
+    D.build_demo_vocab_main([f'--out={tmp_path / "demo.txt.gz"}'])
+    assert (tmp_path / 'demo.txt.gz').read_bytes() == D.DEMO_BPE_PATH.read_bytes()
