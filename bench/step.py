@@ -1,0 +1,188 @@
+"""Training-step speed of model.py against established implementations, and of the full CLIP 🚀 step.
+
+    python -m bench.step                          # CPU: batch 8 at 224 px, 2 threads
+    python -m bench.step --device cuda --batch 128
+
+Encoder rows: forward + backward + AdamW step of ours and of the reference (torchvision ResNet-50, timm ViT-B/16
+and B/32, open_clip's text tower; rows whose package is missing are skipped), fp32 and bf16 autocast, steps of
+the two interleaved, median ms, ratio ours/theirs (< 1 = ours faster). Rocket rows: the full step (weak + A=2
+strong views + 1+A caption rows, loss, backward, AdamW) in a fresh process each, samples/s and peak memory,
+plain / grad checkpointing / channels_last.
+"""
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn as nn
+
+import config
+import model as model_lib
+
+VOCAB, CONTEXT = 49408, 77
+
+
+# --- Encoder rows ---
+def build_pair(name):
+    """(ours, reference or None, what the reference is) for one encoder row."""
+    if name == 'resnet50':
+        import torchvision
+        theirs = torchvision.models.resnet50()
+        theirs.fc = nn.Identity()
+        ours = model_lib.ResNet50()
+        theirs.load_state_dict(ours.state_dict())  # same names; same weights, e.g. the zero-initialised bn3
+        return ours, theirs, 'torchvision'
+    if name in ('vit_b16', 'vit_b32'):
+        patch = int(name[-2:])
+        ours = model_lib.VisionTransformer(224, patch, 768, 12, 12)
+        try:
+            import timm
+        except ImportError:
+            return ours, None, 'timm (not installed)'
+        return ours, timm.create_model(f'vit_base_patch{patch}_224', num_classes=0), 'timm'
+    # the text tower with a bias-free 512 -> 512 projection on both sides, as open_clip builds it
+    ours = nn.Sequential(model_lib.TextTransformer(VOCAB, CONTEXT, 512, 12, 8), model_lib.linear_projection(512, 512))
+    try:
+        from open_clip.transformer import TextTransformer, QuickGELU
+    except ImportError:
+        return ours, None, 'open_clip (not installed)'
+    return ours, TextTransformer(CONTEXT, VOCAB, 512, 8, 12, output_dim=512, act_layer=QuickGELU), 'open_clip'
+
+
+def random_tokens(batch, device):
+    """Captions of random length: SOT, ids, EOT (the largest id) at a random position, zero padding."""
+    tokens = torch.randint(1, VOCAB - 1, (batch, CONTEXT))
+    eot = torch.randint(5, CONTEXT, (batch,))
+    tokens[torch.arange(batch), eot] = VOCAB - 1
+    tokens[torch.arange(CONTEXT) > eot[:, None]] = 0
+    return tokens.to(device)
+
+
+def make_step(module, inputs, device, bf16):
+    """A closure running one forward + backward + AdamW step of `module` on fixed inputs."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=device.type == 'cuda')
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss = module(inputs).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(step, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def encoder_row(name, bf16, args, device):
+    torch.manual_seed(0)
+    ours, theirs, source = build_pair(name)
+    inputs = random_tokens(args.batch, device) if name == 'text' else torch.randn(args.batch, 3, 224, 224, device=device)
+    label = f"{name:9s} {'bf16' if bf16 else 'fp32'}"
+    if theirs is None:
+        print(f"{label}  skipped: {source}")
+        return
+    steps = [make_step(m.to(device).train(), inputs, device, bf16) for m in (ours, theirs)]
+    for _ in range(args.warmup):
+        for step in steps:
+            step()
+    times = ([], [])
+    for i in range(args.steps):  # interleaved, first one then the other first: load changes hit both alike
+        for j in ((0, 1), (1, 0))[i % 2]:
+            times[j].append(timed(steps[j], device))
+    mine, ref = (1000 * statistics.median(t) for t in times)
+    print(f"{label}  ours {mine:8.1f} ms  {source:11s} {ref:8.1f} ms  ratio {mine / ref:.3f}", flush=True)
+
+
+# --- Rocket rows ---
+def stand_in_loss(out):
+    """Until model.compute_loss exists: a scalar that reaches every embedding (no contrastive structure)."""
+    return sum(t.float().square().mean() for v in out.values() for t in (v if isinstance(v, list) else [v]))
+
+
+def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing, channels_last):
+    """Samples/s and peak memory (MiB) of the full training step, measured in its own process."""
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    cfg = config.resolve({'model': model_name, 'method': 'rocket', 'image_size': '224', 'local_crop_size': '224'},
+                         verbose=False)
+    compute_loss = getattr(model_lib, 'compute_loss', None)
+    loss_fn = (lambda out: compute_loss(out, cfg)['loss']) if compute_loss else stand_in_loss
+    torch.manual_seed(0)
+    model = model_lib.CLIPModel(cfg, VOCAB).to(device).train()
+    model.set_grad_checkpointing(checkpointing)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == 'cuda')
+    weak, *strong = [torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=memory_format)
+                     for _ in range(1 + cfg.num_augs)]
+    tokens = random_tokens(batch * (1 + cfg.num_augs), device).view(batch, 1 + cfg.num_augs, CONTEXT)
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == 'cuda'):
+            loss = loss_fn(model(weak, tokens, strong))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = statistics.median(timed(step, device) for _ in range(steps))
+    if device.type == 'cuda':
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:  # the process's peak resident set (model, optimizer state and activations); Linux reports KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+    return batch / seconds, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--batch', type=int, default=8, help='encoder rows batch')
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per implementation (median)')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument('--rocket_batch', type=int, default=0, help='full-step batch (0: 4 on CPU, --batch on GPU)')
+    parser.add_argument('--rocket_model', default='resnet50', choices=list(config.MODELS))
+    parser.add_argument('--rows', default='resnet50,vit_b16,vit_b32,text,rocket', help='comma-separated subset')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    rows = args.rows.split(',')
+    print(f"bench.step: {device}, torch {torch.__version__}, {args.threads} threads, batch {args.batch} at 224 px, "
+          f"median of {args.steps} after {args.warmup} warm-up steps")
+    for name in ('resnet50', 'vit_b16', 'vit_b32', 'text'):
+        if name in rows:
+            for bf16 in (False, True):
+                encoder_row(name, bf16, args, device)
+    if 'rocket' not in rows:
+        return
+    batch = args.rocket_batch or (args.batch if device.type == 'cuda' else 4)
+    loss = 'compute_loss' if hasattr(model_lib, 'compute_loss') else 'stand-in loss'
+    print(f"rocket step: {args.rocket_model}, batch {batch}, weak + 2 strong views at 224 px, 3 caption rows, "
+          f"{loss}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    cases = [('plain', False, False), ('grad checkpointing', True, False)]
+    if args.rocket_model == 'resnet50':
+        cases += [('channels_last', False, True), ('checkpointing + channels_last', True, True)]
+    for label, checkpointing, channels_last in cases:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:  # fresh peak memory
+            rate, peak = pool.submit(rocket_case, args.rocket_model, batch, max(args.steps // 2, 2), 1, args.threads,
+                                     args.device, checkpointing, channels_last).result()
+        print(f"  {label:30s} {rate:8.2f} samples/s  peak {'allocated' if device.type == 'cuda' else 'RSS'} "
+              f"{peak:8.0f} MiB", flush=True)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

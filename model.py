@@ -1,0 +1,634 @@
+"""CLIP 🚀 model (SPEC.md 1): ResNet-50 and ViT image encoders, the CLIP text transformer, the linear and MLP
+projectors of every method, and the model whose training forward returns every embedding the losses need.
+
+build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text.
+"""
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# --- Gradient checkpointing ---
+@contextmanager
+def _restore_buffers(module):
+    """Put the module's buffers (BN running statistics) back as they were once the block exits: the recomputation
+    in the backward pass must not count the same batch twice."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:  # the recomputation may stop early with an exception, once it has what the backward needs
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def maybe_checkpoint(module, enabled, *args):
+    """module(*args); with `enabled` (and autograd recording) its activations are recomputed in the backward pass
+    instead of stored. Outputs, gradients, RNG draws (dropout) and BN running statistics are unchanged."""
+    if not (enabled and torch.is_grad_enabled()):
+        return module(*args)
+    if next(module.buffers(), None) is None or torch.compiler.is_compiling():
+        # nothing to restore; torch.compile takes no context_fn (its recomputation updates BN statistics again)
+        return checkpoint(module, *args, use_reentrant=False)
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), _restore_buffers(module)))
+
+
+# --- ResNet-50 ---
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck: 1x1 -> 3x3 (stride here) -> 1x1 (x4 channels), projection shortcut on shape change."""
+
+    def __init__(self, in_channels, width, stride):
+        super().__init__()
+        out_channels = 4 * width
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet50(nn.Module):
+    """Standard (torchvision/timm) ResNet-50 v1.5 trunk, no fc: (B, 3, H, W) -> (B, 2048) (SPEC.md 1.2)."""
+    width = 2048
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, in_channels = [], 64
+        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            stages.append(nn.Sequential(*[Bottleneck(in_channels if i == 0 else 4 * width, width, stride if i == 0 else 1)
+                                          for i in range(blocks)]))
+            in_channels = 4 * width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.grad_checkpointing = False  # per stage, as timm's checkpoint_seq
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, Bottleneck):  # zero-init the last BN: every residual block starts as the identity
+                nn.init.zeros_(m.bn3.weight)
+
+    def forward(self, x):  # (B, 3, H, W)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = maybe_checkpoint(stage, self.grad_checkpointing, x)
+        return x.mean((2, 3))  # global average pool of (B, 2048, H/32, W/32) -> (B, 2048)
+
+
+# --- Transformer ---
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype (safe under autocast)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation of OpenAI CLIP's text transformer."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a packed, biased qkv projection, through scaled_dot_product_attention
+    (flash / memory-efficient kernels on GPU; scale 1/sqrt(head_dim))."""
+
+    def __init__(self, width, heads, causal):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, index=None):  # (B, L, D) -> (B, L, D); with index (B,): (B, 1, D), those queries only
+        B, L, D = x.shape
+        q, k, v = self.in_proj(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        mask = None
+        if index is not None:
+            q = q[torch.arange(B, device=x.device), :, index].unsqueeze(2)  # (B, H, 1, Dh)
+            if self.causal:  # is_causal aligns a single query with the first key; mask keys after the query
+                mask = (torch.arange(L, device=x.device) <= index[:, None])[:, None, None]  # (B, 1, 1, L)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and index is None)
+        return self.out_proj(x.transpose(1, 2).reshape(B, -1, D))  # (B, H, L', Dh) -> (B, L', D)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), MLP ratio 4."""
+
+    def __init__(self, width, heads, act, eps, causal):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), act=act(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, index=None):  # (B, L, D) -> (B, L, D); with index (B,): (B, 1, D) at those positions
+        skip = x if index is None else x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
+        x = skip + self.attn(self.ln_1(x), index)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks, checkpointed per block when grad_checkpointing is on."""
+
+    def __init__(self, width, layers, heads, act, eps, causal):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, act, eps, causal) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, x, dropout=0.0, index=None):
+        """(B, L, D) -> (B, L, D); with index (B,) -> (B, 1, D), the features at those positions: the encoders
+        pool one token, so the last block runs its query, out-projection and MLP on that token alone."""
+        for i, block in enumerate(self.resblocks):
+            # SPEC.md 1.3 'local' mode: the residual stream itself is dropped at the start of every block
+            x = F.dropout(x, dropout, self.training)
+            x = maybe_checkpoint(block, self.grad_checkpointing, x, index if i == len(self.resblocks) - 1 else None)
+        return x
+
+
+# --- ViT ---
+class VisionTransformer(nn.Module):
+    """timm-style ViT trunk (SPEC.md 1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
+    (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads):
+        super().__init__()
+        self.width, self.patch_size, self.grid = width, patch_size, image_size // patch_size
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size)  # with bias; PyTorch's default init (as timm)
+        self.class_embedding = nn.Parameter(torch.empty(1, 1, width))
+        self.positional_embedding = nn.Parameter(torch.empty(1, 1 + self.grid ** 2, width))
+        self.transformer = Transformer(width, layers, heads, nn.GELU, eps=1e-6, causal=False)
+        self.ln_post = LayerNorm(width, eps=1e-6)
+        nn.init.normal_(self.class_embedding, std=1e-6)
+        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
+        for m in self.transformer.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, h, w):
+        """Position embeddings (1, 1+h*w, D) for an h x w patch grid: the trained grid resampled bicubically;
+        the parameter itself at the native grid."""
+        if (h, w) == (self.grid, self.grid):
+            return self.positional_embedding
+        cls, patches = self.positional_embedding[:, :1], self.positional_embedding[:, 1:]
+        patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        patches = F.interpolate(patches, size=(h, w), mode='bicubic', align_corners=False)  # (1, D, h, w)
+        return torch.cat([cls, patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):  # (B, 3, H, W)
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the ViT patch size {self.patch_size}; "
+                             f"resize or crop the images to a multiple of it")
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H/p * W/p
+        x = torch.cat([self.class_embedding.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+        cls = torch.zeros(B, dtype=torch.long, device=x.device)
+        return self.ln_post(self.transformer(x, index=cls)[:, 0])  # (B, D); LN is per token
+
+
+# --- Text transformer ---
+class TextTransformer(nn.Module):
+    """OpenAI CLIP's text encoder (SPEC.md 1.3): causal pre-norm transformer with QuickGELU and fp32 LN, final
+    LN, pooled at the EOT token (the largest id): (B, L) token ids -> (B, width). No projection inside."""
+
+    def __init__(self, vocab_size, context_length, width, layers, heads):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, QuickGELU, eps=1e-5, causal=True)
+        self.ln_final = LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.transformer.resblocks:  # the MLP biases keep PyTorch's default init
+            nn.init.normal_(block.attn.in_proj.weight, std=width ** -0.5)
+            nn.init.zeros_(block.attn.in_proj.bias)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, tokens, dropout=0.0):  # (B, L)
+        """Features at the EOT token; `dropout` > 0 is the 'local' mode, active only in training (SPEC.md 1.3)."""
+        L = tokens.shape[1]
+        if L > self.context_length:
+            raise ValueError(f"tokens have {L} positions but the text transformer takes at most "
+                             f"{self.context_length}; tokenize with context_length={self.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, D)
+        # the causal mask makes the EOT feature independent of the padding after it; LN is per token
+        return self.ln_final(self.transformer(x, dropout, index=tokens.argmax(dim=-1))[:, 0])  # (B, D)
+
+
+# --- Projectors and heads ---
+def linear_projection(in_dim, out_dim):
+    """Bias-free linear head of the global CLIP loss, N(0, 1/in_dim) init (SPEC.md 1.5)."""
+    proj = nn.Linear(in_dim, out_dim, bias=False)
+    nn.init.normal_(proj.weight, std=in_dim ** -0.5)
+    return proj
+
+
+def mlp(dims, hidden_bias=True, last_bias=True, last_bn=None):
+    """[Linear -> BN -> ReLU] for every hidden width of dims, then a Linear; last_bn=True/False appends a BN with
+    / without affine parameters. PyTorch's default init. The h, BarLIP, SiamLIP and SLIP heads (SPEC.md 1.5)."""
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=hidden_bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
+    if last_bn is not None:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=last_bn))
+    return nn.Sequential(*layers)
+
+
+# --- CLIP 🚀 model ---
+class CLIPModel(nn.Module):
+    """Image and text encoders with the heads of cfg.method: the global linear heads z always; the local MLP
+    heads h and l2l_logit_scale for every method but clip when num_augs > 0; the method's extra heads."""
+
+    def __init__(self, cfg, vocab_size):
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size}: pass the tokenizer's vocab_size (> 0)")
+        self.method, self.text_dropout = cfg.method, cfg.text_dropout
+        if cfg.vision == 'resnet50':
+            self.visual = ResNet50()
+        else:
+            self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                            cfg.vision_heads)
+        self.text = TextTransformer(vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads)
+        v, t, d, hidden = self.visual.width, cfg.text_width, cfg.embed_dim, cfg.mlp_hidden_dim
+        self.image_heads = nn.ModuleDict({'z': linear_projection(v, d)})
+        self.text_heads = nn.ModuleDict({'z': linear_projection(t, d)})
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        if cfg.method != 'clip' and cfg.num_augs > 0:
+            self.image_heads['h'] = mlp([v, hidden, hidden, d])
+            self.text_heads['h'] = mlp([t, hidden, hidden, d])
+            self.l2l_logit_scale = nn.Parameter(torch.tensor(float(cfg.l2l_logit_scale_init)))
+        if cfg.method == 'barlip':
+            dims = [cfg.barlip_hidden_dim, cfg.barlip_hidden_dim, cfg.barlip_proj_dim]
+            self.barlip_image, self.barlip_text = mlp([v, *dims], last_bn=True), mlp([t, *dims], last_bn=True)
+        if cfg.method in ('siamlip', 'byolip'):
+            hs, ps = cfg.siamlip_hidden_dim, cfg.siamlip_proj_dim
+            self.siam_proj_image = mlp([v, hs, ps], hidden_bias=False, last_bias=False, last_bn=False)
+            self.siam_proj_text = mlp([t, hs, ps], hidden_bias=False, last_bias=False, last_bn=False)
+            self.siam_pred_image = mlp([ps, hs, ps], hidden_bias=False)  # the official image_text_predictor
+            self.siam_pred_text = mlp([ps, hs, ps], hidden_bias=False)   # text_image_predictor
+        if cfg.method == 'slip':
+            self.slip_image = mlp([v, hidden, hidden, 256])  # SLIP's SimCLR image MLP (SPEC.md 2.8)
+
+    @property
+    def heads(self):
+        """The heads encode_image / encode_text offer: ('z',) or ('z', 'h')."""
+        return tuple(self.image_heads)
+
+    def _head(self, heads, head):
+        if head not in heads:
+            raise ValueError(f"head {head!r} is not in this model's heads {self.heads}; the local head 'h' exists "
+                             f"for methods other than clip with num_augs > 0")
+        return heads[head]
+
+    def encode_image(self, images, head='z'):
+        """(B, 3, H, W) -> (B, embed_dim) through head 'z' or 'h'; not normalised."""
+        return self._head(self.image_heads, head)(self.visual(images))
+
+    def encode_text(self, tokens, head='z'):
+        """(B, L) token ids -> (B, embed_dim) through head 'z' or 'h' (global mode: no dropout); not normalised."""
+        return self._head(self.text_heads, head)(self.text(tokens))
+
+    def _strong_features(self, strong):
+        """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (SPEC.md 1.7,
+        8.9); the ViT has no BN, so one call on the concatenated views gives the same features with larger
+        matmuls."""
+        if isinstance(self.visual, ResNet50):
+            return [self.visual(view) for view in strong]
+        return list(self.visual(torch.cat(strong)).chunk(len(strong))) if strong else []
+
+    def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
+        """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
+        A = tokens.shape[1]
+        if A == 0:
+            return []
+        return list(self.text(tokens.transpose(0, 1).flatten(0, 1), self.text_dropout).chunk(A))  # (A*B, W) by view
+
+    def forward(self, weak, tokens, strong):
+        """Training forward (SPEC.md 1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
+        dict of raw embeddings named as in the contract; A = 0 is the same path."""
+        if tokens.dim() != 3 or tokens.shape[1] != 1 + len(strong):
+            raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
+                             f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
+        local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
+        f_image = [self.visual(weak)] + (self._strong_features(strong) if local else [])  # 1+A x (B, W_image)
+        f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
+        out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
+               'logit_scale': self.logit_scale.exp()}
+        if local:  # one head call per view: each view is its own BN batch in the MLP heads
+            out['h_image'] = [self.image_heads['h'](f) for f in f_image[1:]]
+            out['h_text'] = [self.text_heads['h'](f) for f in f_text[1:]]
+            out['l2l_logit_scale'] = self.l2l_logit_scale.exp()
+        if self.method == 'barlip':
+            out['barlip_image'] = [self.barlip_image(f) for f in f_image]
+            out['barlip_text'] = [self.barlip_text(f) for f in f_text]
+        if self.method in ('siamlip', 'byolip'):
+            out['siam_proj_image'] = [self.siam_proj_image(f) for f in f_image]
+            out['siam_proj_text'] = [self.siam_proj_text(f) for f in f_text]
+            out['siam_pred_image'] = [self.siam_pred_image(p) for p in out['siam_proj_image']]
+            out['siam_pred_text'] = [self.siam_pred_text(p) for p in out['siam_proj_text']]
+        if self.method == 'slip':
+            out['slip_image'] = [self.slip_image(f) for f in f_image[1:]]
+        return out
+
+    def set_grad_checkpointing(self, flag=True):
+        """Recompute activations in the backward pass: per block for transformers, per stage for the ResNet."""
+        for m in self.modules():
+            if hasattr(m, 'grad_checkpointing'):
+                m.grad_checkpointing = flag
+
+
+def build_model(cfg, vocab_size):
+    """The model of cfg (SPEC.md 1) for a vocabulary of vocab_size tokens; prints each part's parameter count."""
+    model = CLIPModel(cfg, vocab_size)
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.named_children()}
+    counts['logit scales'] = sum(p.numel() for name, p in model.named_parameters(recurse=False))
+    print(f"model: {cfg.method} with {cfg.vision} image encoder, parameters: "
+          + ', '.join(f'{name} {n:,}' for name, n in counts.items()) + f"; total {sum(counts.values()):,}")
+    return model
+
+
+# --- Distributed gather ---
+def _world():
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(x):
+    parts = [torch.empty_like(x) for _ in range(_world()[1])]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward is its exact adjoint: sum every rank's gradient, keep this rank's slice.
+    Each rank's loss is a mean over its B rows and DDP divides the summed gradients by W, so the result is
+    the gradient of the mean over all W*B rows: no extra factor of W."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # (W*B, ...)
+        rank, world = _world()
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad.chunk(world)[rank]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the gradient over ranks too (exact when every rank uses the result)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def gather(x, with_grad):
+    """Concatenate x (B, ...) of every rank in rank order -> (W*B, ...) (SPEC.md 2.1); identity when W = 1.
+
+    with_grad=True: the full gradient; with DDP averaging, W ranks x B match 1 rank x W*B exactly.
+    with_grad=False: the paper's; at W > 1 the result is a constant, so a rank's embeddings get gradient
+    only where the loss also uses them directly (as anchors); at W = 1 it is the identity, hence the full
+    gradient, exactly as in the official code (single- and multi-GPU objectives differ, SPEC.md 8.5).
+    """
+    if _world()[1] == 1:
+        return x
+    if with_grad:
+        return _AllGather.apply(x)
+    with torch.no_grad():
+        return _all_gather(x)
+
+
+def all_reduce_mean(x, with_grad):
+    """Mean of x over ranks. with_grad=True: exact (2 ranks x B == 1 rank x 2B). False: the paper's, other
+    ranks' terms are constants so the gradient reaching x is scaled by 1/W (SPEC.md 2.4, 8.6)."""
+    world = _world()[1]
+    if world == 1:
+        return x
+    if with_grad:
+        return _AllReduceSum.apply(x) / world
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return (x + (total - x.detach())) / world
+
+
+def _gather_views(x, with_grad):
+    """(V, B, D) -> (V, N, D), N = W*B: every view gathered in one collective."""
+    return gather(x.transpose(0, 1), with_grad).transpose(0, 1)
+
+
+def _positives(batch_size, device):
+    """Column of each local row's positive in the gathered matrix: rank*B + r."""
+    return _world()[0] * batch_size + torch.arange(batch_size, device=device)
+
+
+# --- Losses ---
+def _similarities(anchors, candidates):
+    """Every local anchor view against every gathered candidate view in one matmul:
+    (V, B, D), (U, N, D) -> (V, U, B, N), fp32 (the matmul itself may run in bf16 under autocast)."""
+    return torch.einsum('vbd,und->vubn', anchors, candidates).float()
+
+
+def _info_nce(anchors, candidates, scale, label_smoothing):
+    """Mean over the V x U view pairs and the B rows of CE_eps(scale * cosines, rank*B + r); top-1 acc in %."""
+    logits = scale * _similarities(anchors, candidates)               # (V, U, B, N)
+    labels = _positives(anchors.shape[1], anchors.device).expand(logits.shape[:-1])  # (V, U, B)
+    loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), label_smoothing=label_smoothing)
+    acc = 100 * (logits.argmax(-1) == labels).float().mean()
+    return loss, acc
+
+
+def clip_loss(image, text, logit_scale, label_smoothing=0.0, reduction='avg', with_grad=True):
+    """Symmetric InfoNCE over the global batch, ½(L_I + L_T) for 'avg', L_I + L_T for 'sum' (SPEC.md 2.2).
+
+    image, text: (B, D), or (V, B, D) for V views, then averaged over all V x V image/text view pairs
+    (the local term of SPEC.md 2.3). logit_scale: 0-dim, already exponentiated.
+    """
+    image = F.normalize(image.float(), dim=-1).reshape(-1, *image.shape[-2:])   # (V, B, D)
+    text = F.normalize(text.float(), dim=-1).reshape(-1, *text.shape[-2:])
+    image_loss, image_acc = _info_nce(image, _gather_views(text, with_grad), logit_scale, label_smoothing)
+    text_loss, text_acc = _info_nce(text, _gather_views(image, with_grad), logit_scale, label_smoothing)
+    factor = {'avg': 0.5, 'sum': 1.0}[reduction]
+    return {'loss': factor * (image_loss + text_loss), 'image_loss': image_loss, 'text_loss': text_loss,
+            'image_acc': image_acc, 'text_acc': text_acc}
+
+
+def rocket_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_scale, label_smoothing=0.1,
+                reduction='avg', with_grad=True):
+    """CL2L (SPEC.md 2.3): (G + A*Lc) / (1+A) per direction, G the global z pair without label smoothing,
+    Lc the mean over the A x A strong h pairs with smoothing and l2l_logit_scale. A = 0 is clip_loss."""
+    g = clip_loss(z_image, z_text, logit_scale, 0.0, reduction, with_grad)
+    A = len(h_image)
+    losses = {'loss': g['loss'], 'global_loss': g['loss'], 'global_acc': g['image_acc']}
+    if A > 0:
+        local = clip_loss(torch.stack(h_image), torch.stack(h_text), l2l_logit_scale, label_smoothing, reduction,
+                          with_grad)
+        # linear in the directions, so combining the symmetric averages equals ½(C_I + C_T)
+        losses.update(loss=(g['loss'] + A * local['loss']) / (1 + A), local_loss=local['loss'],
+                      local_acc=local['image_acc'])
+    return losses
+
+
+def slip_loss(image1, image2, temperature=0.1):
+    """SimCLR NT-Xent between two strong image views as in SLIP (SPEC.md 2.8): row r of each view against
+    the other view's N gathered rows (positive: the same sample) and its own view's N - 1 others."""
+    q = F.normalize(torch.stack([image1, image2]).float(), dim=-1)   # (2, B, D)
+    k = _gather_views(q, with_grad=True)                             # (2, N, D); SLIP gathers with gradient
+    B, N = q.shape[1], k.shape[1]
+    labels = _positives(B, q.device)
+    logits = _similarities(q, k) / temperature                       # (2, 2, B, N): view v rows, view u columns
+    same_row = labels[:, None] == torch.arange(N, device=q.device)    # (B, N)
+    own = torch.eye(2, dtype=torch.bool, device=q.device)[:, :, None, None] & same_row  # (2, 2, B, N)
+    logits = logits.masked_fill(own, float('-inf')).transpose(1, 2).reshape(2 * B, 2 * N)  # rows (v, r), cols (u, n)
+    target = torch.cat([labels + N, labels])                        # view 0's positive sits in view 1's columns
+    loss = F.cross_entropy(logits, target)
+    return {'loss': loss, 'slip_acc': 100 * (logits.argmax(-1) == target).float().mean()}
+
+
+def _view_pairs(A):
+    """The global pair (0, 0) and the A x A local pairs of 1+A views (no global-local cross pairs)."""
+    return [(0, 0)] + [(a, b) for a in range(1, A + 1) for b in range(1, A + 1)]
+
+
+def barlow_twins(x, y, lambd, with_grad=True):
+    """Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij² with C = x^T y / B the global-batch cross-correlation (SPEC.md 2.4)."""
+    with torch.autocast(x.device.type, enabled=False):  # SPEC.md 8.6: the correlation in fp32
+        c = x.float().t() @ y.float() / x.shape[0]         # (Db, Db) on this rank
+        # equal B on every rank: the global-batch correlation. with_grad=True deviates from the paper, whose
+        # BarLIP gradient is scaled by 1/W after DDP averaging (SPEC.md 2.4); here W x B == 1 x W*B exactly.
+        c = all_reduce_mean(c, with_grad)
+        diag = c.diagonal()
+        return (1 - diag).pow(2).sum() + lambd * (c.pow(2).sum() - diag.pow(2).sum())
+
+
+def barlip_loss(image, text, lambd=5e-3, scale=0.025, with_grad=True):
+    """BarLIP (SPEC.md 2.4): scale * mean of barlow_twins over the global pair and the A x A local pairs.
+    image, text: lists of 1+A (B, Db), index 0 = global view."""
+    pairs = _view_pairs(len(image) - 1)
+    return {'loss': scale * sum(barlow_twins(image[a], text[b], lambd, with_grad) for a, b in pairs) / len(pairs)}
+
+
+def _neg_cosine(p, v):
+    """D(p, v) = 2 - 2 mean_r cos(p_r, sg(v_r))."""
+    return 2 - 2 * (F.normalize(p.float(), dim=-1) * F.normalize(v.detach().float(), dim=-1)).sum(-1).mean()
+
+
+def siamlip_loss(pred_image, pred_text, proj_image, proj_text):
+    """SiamLIP / BYOLIP (SPEC.md 2.5): cross-modal D(p, v) over the global and A x A local pairs, both
+    directions, / (2 + 2A²). Lists of 1+A (B, Ds); proj_* from the momentum model for BYOLIP. Per-rank mean:
+    DDP's gradient averaging makes it the global-batch mean."""
+    pairs = _view_pairs(len(pred_image) - 1)
+    total = sum(_neg_cosine(pred_image[a], proj_text[b]) + _neg_cosine(pred_text[a], proj_image[b]) for a, b in pairs)
+    return {'loss': total / (2 * len(pairs))}
+
+
+@torch.no_grad()
+def sinkhorn(scores, epsilon=0.05, iters=3):
+    """Sinkhorn-Knopp assignments (SPEC.md 2.6) in fp32 log domain: scores (..., B, K) cosines of this rank's
+    samples with K prototypes -> (..., B, K), rows sum to 1, each prototype ~B*W/K over all ranks.
+
+    Equal to the official steps: every division by a constant (the total sum, K, B*W, the final *B*W) is
+    a shift that the next row normalisation cancels, so only the column and row normalisations remain.
+    """
+    log_q = scores.float() / epsilon
+    for _ in range(iters):
+        col = torch.logsumexp(log_q, dim=-2, keepdim=True)           # (..., 1, K) over this rank's samples
+        log_q = log_q - torch.logsumexp(gather(col[None], False), dim=0)  # over every rank's samples
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    return log_q.exp()
+
+
+def swalip_loss(h_image, h_text, l2l_logit_scale, epsilon=0.05, iters=3, with_grad=True):
+    """SwALIP (SPEC.md 2.6): prototypes = the other modality's gathered h; the prediction of pair (a, b) is
+    trained toward the Sinkhorn assignment of pair (a+1 mod A, b+1 mod A) — the 'other' pair for A = 2
+    (as in the paper), a derangement of the pairs for any A > 1, the pair itself for A = 1."""
+    A = len(h_image)
+    image = F.normalize(torch.stack(h_image).float(), dim=-1)    # (A, B, D)
+    text = F.normalize(torch.stack(h_text).float(), dim=-1)
+    loss = 0
+    for anchors, prototypes in ((image, text), (text, image)):  # ½ H(Q_I, p_I) + ½ H(Q_T, p_T)
+        s = _similarities(anchors, _gather_views(prototypes, with_grad))  # (A, A, B, N) S^(ab)
+        q = sinkhorn(s, epsilon, iters).roll((-1, -1), dims=(0, 1))       # q[a, b] = Q^(ā b̄)
+        loss = loss - 0.5 * (q * F.log_softmax(l2l_logit_scale * s, dim=-1)).sum(-1).mean()
+    return {'loss': loss}
+
+
+OBJECTIVES = ('clip', 'rocket', 'slip', 'barlip', 'siamlip', 'byolip', 'swalip')
+
+
+def compute_loss(out, cfg, target=None):
+    """The objective of cfg.method on the model's output dict (SPEC.md 2): CLIP, or CLIP 🚀 plus the method's
+    extra term. target: the momentum model's output dict (byolip). Returns {'loss', components, accuracies}."""
+    if cfg.method not in OBJECTIVES:
+        raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(OBJECTIVES)}")
+    if cfg.method == 'byolip' and target is None:
+        raise ValueError("method byolip needs target=<the momentum model's output dict>")
+    with_grad = cfg.gather_with_grad
+    if cfg.method == 'clip':
+        losses = clip_loss(out['z_image'], out['z_text'], out['logit_scale'], cfg.label_smoothing,
+                           cfg.loss_reduction, with_grad)
+    else:
+        losses = rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
+                             out['logit_scale'], out.get('l2l_logit_scale'), cfg.label_smoothing,
+                             cfg.loss_reduction, with_grad)
+    extra, weight = None, 1.0
+    if cfg.method == 'slip':
+        extra, weight = slip_loss(out['slip_image'][0], out['slip_image'][1], cfg.slip_temperature), cfg.slip_scale
+    elif cfg.method == 'barlip':
+        extra = barlip_loss(out['barlip_image'], out['barlip_text'], cfg.barlip_lambda, cfg.barlip_scale, with_grad)
+    elif cfg.method in ('siamlip', 'byolip'):
+        v = target if cfg.method == 'byolip' else out
+        extra = siamlip_loss(out['siam_pred_image'], out['siam_pred_text'], v['siam_proj_image'], v['siam_proj_text'])
+    elif cfg.method == 'swalip':
+        extra = swalip_loss(out['h_image'], out['h_text'], out['l2l_logit_scale'], cfg.sk_epsilon, cfg.sk_iters,
+                            with_grad)
+        weight = cfg.swalip_weight
+    if extra is not None:
+        total = losses['loss'] + weight * extra['loss']
+        losses = {**losses, **extra, f'{cfg.method}_loss': extra['loss'], 'loss': total}
+    losses.update({k: out[k] for k in ('logit_scale', 'l2l_logit_scale') if k in out})
+    # everything but the loss is for logging: detached, so that keeping it does not keep the graph alive
+    return {k: v if k == 'loss' else v.detach() for k, v in losses.items()}
