@@ -1,0 +1,353 @@
+"""Zero-shot evaluation and retrieval: metrics against hand computations, stand-in models with known
+answers, the catalogue files against SPEC.md 6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+
+evaluate = pytest.importorskip('evaluate', exc_type=ImportError)  # needs model.py / data.py / augment.py
+from config import Config  # noqa: E402
+from evaluate import (CATALOGUE, ENSEMBLE_WEIGHTS, build_dataset, class_counts, class_embeddings,  # noqa: E402
+                      accuracy_metrics, main, read_checkpoint, recall_at_k, retrieval, roc_auc, similarities,
+                      zero_shot)
+
+ROOT = Path(__file__).resolve().parents[1]
+# SPEC.md 6.2: classes and templates per dataset
+SPEC_COUNTS = {
+    'imagenet': (1000, 80), 'mnist': (10, 1), 'food101': (101, 1), 'cifar10': (10, 18), 'cifar100': (100, 18),
+    'cub200': (200, 1), 'cars': (196, 8), 'aircraft': (100, 2), 'dtd': (47, 8), 'pets': (37, 1),
+    'caltech101': (102, 34), 'flowers': (102, 1), 'stl10': (10, 2), 'eurosat': (10, 3), 'resisc45': (45, 18),
+    'gtsrb': (43, 3), 'kitti_distance': (4, 1), 'country211': (211, 5), 'patch_camelyon': (2, 1),
+    'ucf101_frames': (101, 48), 'clevr_counts': (8, 1), 'hateful_memes': (2, 1), 'rendered_sst2': (2, 1),
+}
+
+
+# --- Stand-ins: a model whose image and text embeddings agree by construction ---
+class Agree(nn.Module):
+    """Images carry their class id in pixel [0, 0, 0], prompts in token 0; both map to 3 * one-hot(id).
+    The h head is a fixed rotation of z, so both heads and every ensemble classify perfectly."""
+
+    def __init__(self, dim=16, heads=('z', 'h')):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.probe = nn.Parameter(torch.zeros(()))  # gives evaluate a device
+        rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0)))[0]
+        self.register_buffer('rotation', rotation)
+
+    def embed(self, ids, head):
+        e = 3 * F.one_hot(ids, self.dim).float()  # not unit norm: evaluation must normalise
+        return e if head == 'z' else e @ self.rotation
+
+    def encode_image(self, images, head='z'):
+        return self.embed(images[:, 0, 0, 0].round().long(), head)
+
+    def encode_text(self, tokens, head='z'):
+        return self.embed(tokens[:, 0], head)
+
+
+def tokenize(texts):
+    """Stand-in tokenizer: token 0 = the number in the class name 'cN', token 1 = prompt length."""
+    return torch.tensor([[int(re.search(r'c(\d+)', t).group(1)), len(t)] for t in texts])
+
+
+def coded_images(ids):
+    return torch.as_tensor(ids, dtype=torch.float)[:, None, None, None].expand(-1, 3, 2, 2).contiguous()
+
+
+CLASSES = [f'c{i}' for i in range(10)]
+TEMPLATES = ['a photo of {}.', 'art of the {}.']
+
+
+def cfg_for_tests(**kw):
+    return Config(**{'eval_batch_size': 64, 'workers': 0, **kw})
+
+
+# --- Catalogue files ---
+def test_labels_and_templates_match_spec_counts():
+    labels = json.loads((ROOT / 'assets' / 'labels.json').read_text())
+    templates = json.loads((ROOT / 'assets' / 'templates.json').read_text())
+    assert list(labels) == list(templates) == list(CATALOGUE) == list(SPEC_COUNTS)
+    for name, (classes, prompts) in SPEC_COUNTS.items():
+        assert (len(labels[name]), len(templates[name])) == (classes, prompts), name
+        assert all(t.count('{}') == 1 for t in templates[name]), name
+    assert len(set(templates['imagenet'])) == 80
+    # spot checks of the standard class-index order (torchvision / ImageFolder / SPEC.md clevr order)
+    assert labels['imagenet'][0] == 'tench' and labels['imagenet'][999] == 'toilet paper'
+    assert labels['cifar10'] == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                                 'truck']
+    assert labels['clevr_counts'] == ['10', '3', '4', '5', '6', '7', '8', '9']
+    assert labels['dtd'] == sorted(labels['dtd']) and labels['caltech101'][0] == 'background'
+
+
+# --- Metrics ---
+def test_roc_auc_hand_computed_with_ties():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # pairs (pos, neg): (.5,.5) tie = 1/2, (.5,.2), (.9,.5), (.9,.2) = 1 each -> 3.5 / 4
+    assert roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
+    assert np.isnan(roc_auc([0.3, 0.7], [1, 1]))
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 200).astype(float), rng.integers(0, 2, 200)  # many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert roc_auc(scores, labels) == pytest.approx(pairwise)
+
+
+def test_accuracy_and_mean_per_class_hand_computed():
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 0, 1, 0, 2])
+    counts = class_counts(F.one_hot(predicted, 3).float(), labels, 3)
+    assert counts.tolist() == [[2, 1, 1], [3, 1, 2], [3, 1, 2]]  # top-1 hits, top-5 hits (C = 3), samples
+    m = accuracy_metrics(counts, 'z', per_class=True)
+    assert m['acc1_z'] == pytest.approx(100 * 4 / 6)
+    assert m['mean_per_class_z'] == pytest.approx(100 * (2 / 3 + 1 + 1 / 2) / 3)
+    assert m['acc5_z'] == 100
+
+
+def test_top5_counts_by_rank():
+    sim = torch.tensor([[7., 6, 5, 4, 3, 2, 1], [1., 2, 3, 4, 5, 6, 7], [1., 2, 3, 4, 5, 6, 7]])
+    # labels ranked 1st, 6th and 5th
+    counts = class_counts(sim, torch.tensor([0, 1, 2]), 7)
+    assert counts[0].sum() == 1 and counts[1].sum() == 2 and counts[2].sum() == 3
+
+
+# --- Zero-shot classification ---
+def test_template_ensemble_matches_direct_computation():
+    torch.manual_seed(0)
+    model = nn.Module()
+    table = torch.randn(200, 8)
+    model.encode_text = lambda tokens, head='z': table[tokens].sum(1) * (2 if head == 'z' else -1)
+    classnames = ['c1', ['c2', 'c3'], 'c4']  # a synonym list: every template x every synonym
+    got = class_embeddings(model, tokenize, classnames, TEMPLATES, 'z', 'cpu')
+    for row, name in zip(got, classnames):
+        prompts = [t.format(s) for s in (name if isinstance(name, list) else [name]) for t in TEMPLATES]
+        direct = sum(F.normalize(table[tokenize([p])[0]].sum(0) * 2, dim=0) for p in prompts)
+        assert torch.allclose(row, direct / direct.norm(), atol=1e-6)
+    sims = similarities(Agree(), coded_images([1, 2]), {'z': torch.randn(3, 16), 'h': torch.randn(3, 16)})
+    assert list(sims) == ['z', 'h'] + [f'ens{w}' for w in ENSEMBLE_WEIGHTS]
+    assert torch.allclose(sims['ens0.3'], 0.3 * sims['z'] + 0.7 * sims['h'])
+
+
+def test_agreeing_model_is_perfect_and_shuffled_is_chance():
+    ids = torch.arange(1000) % 10
+    data = TensorDataset(coded_images(ids), ids)
+    out = zero_shot(Agree(), tokenize, cfg_for_tests(), data, CLASSES, TEMPLATES, 'mean_per_class')
+    keys = ['z', 'h'] + [f'ens{w}' for w in ENSEMBLE_WEIGHTS]
+    assert {out[f'{m}_{k}'] for m in ('acc1', 'acc5', 'mean_per_class') for k in keys} == {100.0}
+    shuffled = TensorDataset(coded_images(ids), ids[torch.randperm(1000, generator=torch.Generator().manual_seed(0))])
+    out = zero_shot(Agree(heads=('z',)), tokenize, cfg_for_tests(), shuffled, CLASSES, TEMPLATES, 'acc')
+    assert set(out) == {'acc1_z', 'acc5_z'}
+    # P(hit) = 1/10 and 5/10; 1000 samples: sd 0.95 and 1.6 points, bounds at > 5 sd
+    assert 5 < out['acc1_z'] < 15 and 42 < out['acc5_z'] < 58
+
+
+def test_roc_auc_metric_of_binary_set():
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    out = zero_shot(Agree(), tokenize, cfg_for_tests(), TensorDataset(coded_images(ids), ids), ['c0', 'c1'],
+                    ['{}'], 'roc_auc')
+    assert out['roc_auc_z'] == out['roc_auc_ens0.5'] == 100 and out['acc1_h'] == 100
+    flipped = TensorDataset(coded_images(ids), 1 - ids)
+    assert zero_shot(Agree(), tokenize, cfg_for_tests(), flipped, ['c0', 'c1'], ['{}'], 'roc_auc')['roc_auc_z'] == 0
+
+
+def _distributed_worker(rank, world_size, tmp):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=rank, world_size=world_size)
+    ids = torch.arange(13) % 3  # 13 samples: not a multiple of the world size, so padding would show
+    labels = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0, 1, 0, 2, 1, 1])
+    out = zero_shot(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), TensorDataset(coded_images(ids), labels),
+                    CLASSES[:3], TEMPLATES, 'mean_per_class', rank, world_size)
+    images = TensorDataset(coded_images(torch.arange(5)), torch.arange(5))
+    out.update(retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), images, [f'c{i % 5}' for i in range(7)],
+                         [i % 5 for i in range(7)], rank, world_size))
+    Path(tmp, f'rank{rank}.json').write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_counts_are_exact(tmp_path):
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2)
+    ids = torch.arange(13) % 3
+    labels = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0, 1, 0, 2, 1, 1])
+    single = zero_shot(Agree(), tokenize, cfg_for_tests(), TensorDataset(coded_images(ids), labels), CLASSES[:3],
+                       TEMPLATES, 'mean_per_class')  # the same computation in one process
+    hits = (ids == labels)
+    assert single['acc1_z'] == pytest.approx(100 * hits.float().mean().item())
+    for rank in range(2):
+        got = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert {k: got[k] for k in single} == pytest.approx(single)
+        assert got['i2t_r1_z'] == got['t2i_r1_z'] == 100
+
+
+# --- Retrieval ---
+def test_recall_hand_computed_with_several_captions():
+    # 2 images; captions 0, 1 describe image 0, caption 2 describes image 1
+    sim = torch.tensor([[0.1, 0.9, 0.5],
+                        [0.8, 0.2, 0.3]])
+    out = recall_at_k(sim, torch.tensor([0, 1]), torch.tensor([0, 0, 1]), ks=(1, 2))
+    # image 0: its best caption (0.9) is first; image 1: caption 2 (0.3) is behind caption 0 (0.8)
+    assert out['i2t_r1'] == 50 and out['i2t_r2'] == 100
+    # caption 0: image 0 (0.1) is behind image 1 (0.8); caption 1: first; caption 2: image 1 (0.3) behind 0.5
+    assert out['t2i_r1'] == pytest.approx(100 / 3) and out['t2i_r2'] == 100
+
+
+def test_retrieval_perfect_for_agreeing_model_and_chance_for_random():
+    images = TensorDataset(coded_images(torch.arange(12)), torch.arange(12))
+    captions = [f'c{i % 12} again' if i >= 12 else f'c{i}' for i in range(30)]
+    out = retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=5), images, captions,
+                    [i % 12 for i in range(30)])
+    assert set(out.values()) == {100.0} and len(out) == 12  # 2 heads x 2 directions x k in 1, 5, 10
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    sim = torch.randn(n, 16, generator=g) @ torch.randn(n, 16, generator=g).T
+    out = recall_at_k(sim, torch.arange(n), torch.arange(n))
+    # P(hit@k) = k / 400: R@10 has mean 2.5 points and sd 0.8
+    assert out['i2t_r1'] < 2 and out['t2i_r1'] < 2 and out['i2t_r10'] < 7 and out['t2i_r10'] < 7
+
+
+# --- Datasets and bad input ---
+def save_images(folder, count, size=8):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new('RGB', (size, size), (40 * i % 255, 80, 120)).save(folder / f'{i}.png')
+
+
+def test_dataset_layout_errors(tmp_path):
+    with pytest.raises(ValueError, match=r'dtd: expected .*/test/ with one sub-folder'):
+        build_dataset('dtd', tmp_path, None, ['a', 'b'])
+    save_images(tmp_path / 'test' / 'a', 1)
+    save_images(tmp_path / 'test' / 'b', 1)
+    with pytest.raises(ValueError, match='the data has 2 classes but the labels file lists 3'):
+        build_dataset('dtd', tmp_path, None, ['a', 'b', 'c'])
+    assert build_dataset('dtd', tmp_path, None, ['a', 'b']).classes == ['a', 'b']
+    with pytest.raises(ValueError, match="cifar10: .* does not hold torchvision's CIFAR10 test set"):
+        build_dataset('cifar10', tmp_path, None, list(range(10)))
+
+
+def test_torchvision_reader_mnist(tmp_path):
+    raw = tmp_path / 'MNIST' / 'raw'  # what torchvision.datasets.MNIST(root, download=True) writes
+    raw.mkdir(parents=True)
+    for split, labels in (('t10k', [7, 2, 1]), ('train', [5])):
+        images = np.stack([np.full((28, 28), 50 * i, np.uint8) for i in range(len(labels))])
+        (raw / f'{split}-images-idx3-ubyte').write_bytes(struct.pack('>IIII', 2051, len(labels), 28, 28) +
+                                                         images.tobytes())
+        (raw / f'{split}-labels-idx1-ubyte').write_bytes(struct.pack('>II', 2049, len(labels)) + bytes(labels))
+    data = build_dataset('mnist', tmp_path, evaluate.eval_transform(Config(image_size=16)), [str(i) for i in range(10)])
+    (image, label), std = data[2], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert len(data) == 3 and label == 1 and image.shape == (3, 16, 16)  # the test split, grey -> RGB
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    assert torch.allclose(image * std + mean, torch.full((3, 16, 16), 100 / 255), atol=1e-5)
+
+
+def test_clevr_counts_file_list(tmp_path):
+    save_images(tmp_path / 'img', 3)
+    np.save(tmp_path / 'val_images.npy', np.array(['img/0.png', 'img/1.png', str(tmp_path / 'img/2.png')]))
+    np.save(tmp_path / 'val_labels.npy', np.array(['count_3', 'count_10', 'count_9']))
+    names = ['10', '3', '4', '5', '6', '7', '8', '9']
+    data = build_dataset('clevr_counts', tmp_path, lambda img: img.size, names)
+    assert [data[i] for i in range(3)] == [((8, 8), 1), ((8, 8), 0), ((8, 8), 7)]
+    np.save(tmp_path / 'val_labels.npy', np.array(['count_3', 'count_11', 'count_9']))
+    with pytest.raises(ValueError, match=r"labels \['count_11'\] are not among"):
+        build_dataset('clevr_counts', tmp_path, None, names)
+
+
+def test_read_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='not found'):
+        read_checkpoint(tmp_path / 'nope.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a zip at all')
+    with pytest.raises(ValueError, match='corrupt or unreadable'):
+        read_checkpoint(tmp_path / 'junk.pt')
+    torch.save({'visual.proj': torch.zeros(2)}, tmp_path / 'raw.pt')
+    with pytest.raises(ValueError, match=r"raw state_dict of 1 tensors \(e.g. 'visual.proj'\)"):
+        read_checkpoint(tmp_path / 'raw.pt')
+    torch.save({'epoch': 3, 'name': 'RN50', 'state_dict': {}}, tmp_path / 'openclip.pt')
+    with pytest.raises(ValueError, match=r"keys \['epoch', 'name', 'state_dict'\]"):
+        read_checkpoint(tmp_path / 'openclip.pt')
+    torch.save({'format': 'rocket-clip/0'}, tmp_path / 'old.pt')
+    with pytest.raises(ValueError, match="found format='rocket-clip/0'"):
+        read_checkpoint(tmp_path / 'old.pt')
+
+
+def run_main(argv, capsys):
+    """(exit status, stderr) of the CLI."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    torch.save({'state_dict': {}}, tmp_path / 'foreign.pt')
+    cases = [([tmp_path / 'missing.pt'], 1, 'not found'), ([tmp_path / 'foreign.pt'], 1, 'not a rocket-clip'),
+             ([tmp_path / 'x.pt', '--dataset=cifar10'], 2, 'did you mean --datasets'),
+             ([tmp_path / 'x.pt', '--datasets=cifar11'], 2, 'did you mean cifar10'),
+             ([tmp_path / 'x.pt', '--batch_size=0'], 2, 'positive integer'), (['--out=x.json'], 2, 'usage')]
+    for argv, status, message in cases:
+        code, err = run_main(argv, capsys)
+        assert code == status and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+# --- End to end: a real tiny model, checkpoint and ImageFolder ---
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint in train.py's format of an untrained tiny rocket model (demo vocabulary, 16 px)."""
+    if not (ROOT / 'assets' / 'demo_bpe.txt.gz').exists():
+        pytest.skip('the demo vocabulary assets/demo_bpe.txt.gz is not built yet')
+    cfg = Config(vision_width=32, vision_layers=1, vision_heads=2, patch_size=8, text_width=32, text_heads=2,
+                 text_layers=1, embed_dim=16, mlp_hidden_dim=32, image_size=16, local_crop_size=16,
+                 eval_batch_size=4, workers=0, demo_val_size=12)
+    model = evaluate.build_model(cfg, evaluate.build_tokenizer(cfg).vocab_size)
+    path = tmp_path_factory.mktemp('ckpt') / 'ckpt.pt'
+    torch.save({'format': 'rocket-clip/1', 'config': cfg.to_dict(), 'model': model.state_dict(), 'optimizer': {},
+                'scaler': {}, 'momentum_model': None, 'epoch': 2, 'step': 10, 'rng': [], 'data': {}, 'metrics': {}},
+               path)
+    return path
+
+
+HEADS = ['z', 'h'] + [f'ens{w}' for w in ENSEMBLE_WEIGHTS]
+RECALLS = {f'{d}_r{k}_{h}' for d in ('i2t', 't2i') for k in (1, 5, 10) for h in ('z', 'h')}
+
+
+def test_end_to_end_image_folder_and_csv(tiny_checkpoint, tmp_path, capsys):
+    for c, n in (('banded', 3), ('dotted', 2), ('woven', 2)):
+        save_images(tmp_path / 'data' / 'dtd' / 'test' / c, n, size=20)
+    (tmp_path / 'labels.json').write_text(json.dumps({'dtd': ['banded', 'dotted', 'woven']}))
+    (tmp_path / 'templates.json').write_text(json.dumps({'dtd': ['a photo of a {} texture.', 'a {} thing.']}))
+    (tmp_path / 'pairs.csv').write_text('image,caption\ndata/dtd/test/woven/0.png,a woven thing\n'
+                                        'data/dtd/test/woven/0.png,woven cloth\ndata/dtd/test/banded/1.png,stripes\n')
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    argv = [ckpt, f'--data_root={tmp_path / "data"}', f'--labels={tmp_path / "labels.json"}',
+            f'--templates={tmp_path / "templates.json"}', '--datasets=dtd,cifar10', '--batch_size=3',
+            f'--retrieval={tmp_path / "pairs.csv"}', '--device=cpu']
+    records = main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    assert f"skip cifar10: no data at {tmp_path / 'data' / 'cifar10'}" in out and 'dtd' in out.splitlines()[-2]
+    saved = json.loads((tmp_path / 'ckpt_eval.json').read_text())
+    assert saved == json.loads(json.dumps(records[0]))
+    assert (saved['epoch'], saved['step'], sorted(saved['results'])) == (2, 10, ['dtd', 'retrieval'])
+    assert set(saved['results']['dtd']) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS}
+    assert set(saved['results']['retrieval']) == RECALLS
+    assert saved['results']['dtd']['acc5_z'] == 100  # 3 classes: every label is in the top 5
+    assert saved['results']['retrieval']['i2t_r5_z'] == 100  # 2 images
+    main([str(a) for a in argv + [ckpt, f'--out={tmp_path / "both.json"}']])
+    both = json.loads((tmp_path / 'both.json').read_text())
+    assert len(both) == 2 and both[0]['results'] == both[1]['results'] == saved['results']
+    assert capsys.readouterr().out.splitlines()[-3].startswith('ckpt.pt')  # a row per checkpoint, then 'wrote'
+
+
+def test_end_to_end_demo_tasks(tiny_checkpoint, tmp_path, capsys):
+    results = main([str(tiny_checkpoint), '--datasets=demo', f'--out={tmp_path / "demo.json"}'])[0]['results']
+    assert json.loads((tmp_path / 'demo.json').read_text())[0]['results'] == results
+    tasks = {f'demo_{t.name}': t for t in evaluate.demo_eval_tasks(Config(demo_val_size=12))}
+    assert set(results) == set(tasks) | {'demo_retrieval'} and set(results['demo_retrieval']) == RECALLS
+    for name, task in tasks.items():
+        assert set(results[name]) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS}
+        assert all(0 <= v <= 100 for v in results[name].values())
+        if len(task.classnames) <= 5:
+            assert results[name]['acc5_z'] == 100
