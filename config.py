@@ -170,7 +170,9 @@ MODELS = {
 _PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
               num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
 RECIPES = {
-    'demo': dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.1, warmup_epochs=1.0, eval_batch_size=256),
+    # sized so that `python train.py` (tiny model, 561 steps) ends in about 8 minutes on a 2-core CPU
+    'demo': dict(epochs=3, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
+                 demo_train_size=12000, demo_val_size=1000),
     'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
                  clean_before_augment=False),
     'cc12m': dict(_PAPER, text_dropout=0.05, loss_reduction='sum', clean_before_augment=False),

@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import signal
 import sys
 import tarfile
 import zipfile
@@ -848,6 +849,12 @@ class ShardLoader:
         return iter(self.loader)
 
 
+def ignore_stop_signals(worker_id):
+    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before exiting (SLURM)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     """Training batches of this rank (SPEC.md 4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
     make_sample = SampleMaker(cfg, tokenizer)
@@ -856,13 +863,14 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
         dataset = TarShards(*read_shards(cfg, max(1, cfg.workers), world_size), make_sample, cfg, rank, world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                             drop_last=True)
+                                             drop_last=True, worker_init_fn=ignore_stop_signals)
         loader = ShardLoader(dataset, loader)
     else:
         dataset = TrainDataset(build_reader(cfg), make_sample)
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0)
+                                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
+                                             worker_init_fn=ignore_stop_signals)
     if len(loader) == 0:
         raise ValueError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")

@@ -29,10 +29,8 @@ from tqdm import tqdm
 
 import config
 from data import build_tokenizer, build_train_loader, check_bad_fraction
-from evaluate import evaluate, print_table, read_checkpoint
+from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
 from model import build_model, compute_loss
-
-CHECKPOINT_FORMAT = 'rocket-clip/1'
 
 
 # --- Distributed set-up ---

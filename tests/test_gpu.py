@@ -1,0 +1,61 @@
+"""CUDA paths (SDPA kernels, bf16 autocast, NCCL-free single-GPU training with torch.compile); run by
+bench/gpu_check.sh on a GPU machine. Skipped without CUDA."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import config
+from model import build_model, compute_loss
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--vision_layers=2', '--text_layers=2', '--demo_train_size=512', '--batch_size=32', '--workers=2']
+
+
+def tiny_cfg(*flags):
+    return config.resolve(config._split_flags(list(flags)), verbose=False)
+
+
+def test_bf16_cuda_forward_matches_fp32_cpu():
+    cfg = tiny_cfg('--method=rocket')
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=1000).eval()
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    tokens = torch.randint(1, 998, (4, cfg.context_length))
+    tokens[:, 10] = 999  # EOT = the largest id
+    ref_i, ref_t = model.encode_image(images), model.encode_text(tokens)
+    model.cuda()
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out_i, out_t = model.encode_image(images.cuda()), model.encode_text(tokens.cuda())
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(out_i.float().cpu(), ref_i).min() > 0.99
+    assert cos(out_t.float().cpu(), ref_t).min() > 0.99
+
+
+def test_bf16_loss_and_grads_are_finite_on_cuda():
+    cfg = tiny_cfg('--method=swalip')
+    model = build_model(cfg, vocab_size=1000).cuda().train()
+    B, A, S = 8, cfg.num_augs, cfg.image_size
+    tokens = torch.randint(1, 998, (B, 1 + A, cfg.context_length), device='cuda')
+    tokens[..., 12] = 999
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out = model(torch.randn(B, 3, S, S, device='cuda'), tokens,
+                    [torch.randn(B, 3, S, S, device='cuda') for _ in range(A)])
+        loss = compute_loss(out, cfg)['loss']
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_tiny_training_with_compile_lowers_the_loss(tmp_path):
+    r = subprocess.run([sys.executable, 'train.py', *TINY, '--compile', '--device=cuda', '--max_steps=40',
+                        '--eval_every=0', '--log_every=10', f'--output_dir={tmp_path}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [json.loads(l)['loss'] for l in (tmp_path / 'log.jsonl').read_text().splitlines()
+              if json.loads(l)['type'] == 'train']
+    assert losses[-1] < losses[0]
