@@ -25,7 +25,7 @@ from PIL import Image
 
 from augment import eval_transform
 from config import Config, ConfigError
-from model import build_model
+from model import autocast_dtype, build_model
 from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
@@ -155,9 +155,9 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
 
 
 def _autocast(cfg, device):
-    enabled = device.type == 'cuda' and cfg.precision != 'fp32'
-    return torch.autocast(device.type, dtype=torch.float16 if cfg.precision == 'fp16' else torch.bfloat16,
-                          enabled=enabled)
+    """The training run's precision (model.autocast_dtype), so evaluate.py reproduces its table."""
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 # --- Metrics ---

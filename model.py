@@ -379,6 +379,14 @@ def build_model(cfg, vocab_size):
     return model
 
 
+# --- Mixed precision ---
+def autocast_dtype(cfg, device):
+    """'auto' = bf16 autocast on GPUs that support it (no GradScaler needed), fp32 on CPU."""
+    if cfg.precision == 'auto':
+        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
+    return {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
+
+
 # --- Distributed gather ---
 def _world():
     """(rank, world size); (0, 1) when not distributed."""

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import config
 from data import build_tokenizer, build_train_loader, check_bad_fraction
 from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
-from model import build_model, compute_loss
+from model import autocast_dtype, build_model, compute_loss
 
 
 # --- Distributed set-up ---
@@ -53,13 +53,6 @@ def setup_distributed(cfg):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 device_id=device if device.type == 'cuda' else None)
     return rank, world_size, device
-
-
-def autocast_dtype(cfg, device):
-    """'auto' = bf16 autocast on GPUs that support it (no GradScaler needed), fp32 on CPU."""
-    if cfg.precision == 'auto':
-        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
-    return {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
 
 
 def all_reduce(x, op=dist.ReduceOp.SUM):
