@@ -6,8 +6,13 @@
 Encoder rows: forward + backward + AdamW step of ours and of the reference (torchvision ResNet-50, timm ViT-B/16
 and B/32, open_clip's text tower; rows whose package is missing are skipped), fp32 and bf16 autocast, steps of
 the two interleaved, median ms, ratio ours/theirs (< 1 = ours faster). Rocket rows: the full step (weak + A=2
-strong views + 1+A caption rows, loss, backward, AdamW) in a fresh process each, samples/s and peak memory,
-plain / grad checkpointing / channels_last.
+strong views + 1+A caption rows, loss, backward, AdamW) in a fresh process each: samples/s, images/s, peak
+memory and model FLOPs utilisation (MFU), plain / grad checkpointing / channels_last.
+
+MFU = FLOPs of one step as counted by torch's FlopCounterMode (matmuls, convolutions and attention, forward and
+backward; attention through the math kernel so that it is counted on every device; recomputation under
+checkpointing is not model FLOPs and is left out) / step time / the device's peak dense bf16 FLOP/s (a table of
+datasheet values for CUDA devices, or --peak_tflops).
 """
 import argparse
 import multiprocessing
@@ -19,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import config
 import model as model_lib
@@ -88,7 +95,8 @@ def timed(step, device):
 def encoder_row(name, bf16, args, device):
     torch.manual_seed(0)
     ours, theirs, source = build_pair(name)
-    inputs = random_tokens(args.batch, device) if name == 'text' else torch.randn(args.batch, 3, 224, 224, device=device)
+    inputs = (random_tokens(args.batch, device) if name == 'text'
+              else torch.randn(args.batch, 3, 224, 224, device=device))
     label = f"{name:9s} {'bf16' if bf16 else 'fp32'}"
     if theirs is None:
         print(f"{label}  skipped: {source}")
@@ -106,19 +114,31 @@ def encoder_row(name, bf16, args, device):
 
 
 # --- Rocket rows ---
-def stand_in_loss(out):
-    """Until model.compute_loss exists: a scalar that reaches every embedding (no contrastive structure)."""
-    return sum(t.float().square().mean() for v in out.values() for t in (v if isinstance(v, list) else [v]))
+# datasheet peak dense bf16 tensor FLOP/s (no sparsity), matched against torch.cuda.get_device_name
+PEAK_BF16_TFLOPS = {'H200': 989.4, 'H100 PCIe': 756.0, 'H100': 989.4, 'A100': 312.0, 'L40S': 362.1, 'L4': 121.0}
+
+
+def peak_tflops(device, override):
+    """The peak bf16 TFLOP/s used for MFU: --peak_tflops, else the table entry of the CUDA device, else None."""
+    if override or device.type != 'cuda':
+        return override or None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def count_flops(step):
+    """FLOPs of one call of step(), attention included (the math kernel decomposes it into counted matmuls)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing, channels_last):
-    """Samples/s and peak memory (MiB) of the full training step, measured in its own process."""
+    """(samples/s, peak memory in MiB, FLOPs per step) of the full training step, measured in its own process."""
     torch.set_num_threads(threads)
     device = torch.device(device)
     cfg = config.resolve({'model': model_name, 'method': 'rocket', 'image_size': '224', 'local_crop_size': '224'},
                          verbose=False)
-    compute_loss = getattr(model_lib, 'compute_loss', None)
-    loss_fn = (lambda out: compute_loss(out, cfg)['loss']) if compute_loss else stand_in_loss
     torch.manual_seed(0)
     model = model_lib.CLIPModel(cfg, VOCAB).to(device).train()
     model.set_grad_checkpointing(checkpointing)
@@ -131,12 +151,15 @@ def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing
 
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == 'cuda'):
-            loss = loss_fn(model(weak, tokens, strong))
+            loss = model_lib.compute_loss(model(weak, tokens, strong), cfg)['loss']
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     for _ in range(warmup):
         step()
+    model.set_grad_checkpointing(False)  # model FLOPs: recomputation is overhead, not work
+    flops = count_flops(step)
+    model.set_grad_checkpointing(checkpointing)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     seconds = statistics.median(timed(step, device) for _ in range(steps))
@@ -144,7 +167,7 @@ def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:  # the process's peak resident set (model, optimizer state and activations); Linux reports KiB
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
-    return batch / seconds, peak
+    return batch / seconds, peak, flops / seconds
 
 
 def main(argv=None):
@@ -156,6 +179,7 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     parser.add_argument('--rocket_batch', type=int, default=0, help='full-step batch (0: 4 on CPU, --batch on GPU)')
     parser.add_argument('--rocket_model', default='resnet50', choices=list(config.MODELS))
+    parser.add_argument('--peak_tflops', type=float, default=0, help='peak bf16 TFLOP/s for MFU (0: CUDA table)')
     parser.add_argument('--rows', default='resnet50,vit_b16,vit_b32,text,rocket', help='comma-separated subset')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -170,18 +194,20 @@ def main(argv=None):
     if 'rocket' not in rows:
         return
     batch = args.rocket_batch or (args.batch if device.type == 'cuda' else 4)
-    loss = 'compute_loss' if hasattr(model_lib, 'compute_loss') else 'stand-in loss'
     print(f"rocket step: {args.rocket_model}, batch {batch}, weak + 2 strong views at 224 px, 3 caption rows, "
-          f"{loss}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+    peak_flops = peak_tflops(device, args.peak_tflops)
     cases = [('plain', False, False), ('grad checkpointing', True, False)]
     if args.rocket_model == 'resnet50':
         cases += [('channels_last', False, True), ('checkpointing + channels_last', True, True)]
     for label, checkpointing, channels_last in cases:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:  # fresh peak memory
-            rate, peak = pool.submit(rocket_case, args.rocket_model, batch, max(args.steps // 2, 2), 1, args.threads,
-                                     args.device, checkpointing, channels_last).result()
-        print(f"  {label:30s} {rate:8.2f} samples/s  peak {'allocated' if device.type == 'cuda' else 'RSS'} "
-              f"{peak:8.0f} MiB", flush=True)
+            rate, peak, flop_rate = pool.submit(rocket_case, args.rocket_model, batch, max(args.steps // 2, 2), 1,
+                                                args.threads, args.device, checkpointing, channels_last).result()
+        mfu = f"MFU {100 * flop_rate / 1e12 / peak_flops:5.1f}%" if peak_flops else 'MFU n/a (give --peak_tflops)'
+        print(f"  {label:30s} {rate:8.2f} samples/s {rate * (1 + 2):8.1f} images/s  peak "
+              f"{'allocated' if device.type == 'cuda' else 'RSS'} {peak:8.0f} MiB  {flop_rate / 1e12:7.2f} TFLOP/s  "
+              f"{mfu}", flush=True)
 
 
 if __name__ == '__main__':

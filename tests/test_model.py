@@ -162,6 +162,24 @@ def test_vit_output_is_the_cls_token_after_the_final_ln():
     torch.testing.assert_close(vit(x), vit.ln_post(vit.transformer(tokens))[:, 0])
 
 
+def test_vit_forward_flops_match_the_closed_form():
+    """FlopCounterMode over the math attention kernel (how bench.step counts MFU's numerator) == the closed form:
+    patch conv, full blocks 24*B*T*D^2 + 4*B*T^2*D, and a last block whose CLS-only query, attention,
+    out-projection and MLP cost what one token's do."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    B, S, p, D, layers = 3, 32, 8, 32, 3
+    N = (S // p) ** 2
+    T = 1 + N
+    vit = VisionTransformer(S, p, D, layers, 4)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vit(torch.randn(B, 3, S, S))
+    conv = 2 * B * N * 3 * p * p * D
+    full = 24 * B * T * D ** 2 + 4 * B * T ** 2 * D
+    last = 2 * B * T * D * 3 * D + 4 * B * T * D + 2 * B * D ** 2 + 16 * B * D ** 2
+    assert counter.get_total_flops() == conv + (layers - 1) * full + last
+
+
 def test_vit_init():
     """Linear weights truncated normal std 0.02 with zero biases, position embedding std 0.02, CLS std 1e-6."""
     torch.manual_seed(0)
