@@ -31,7 +31,7 @@ class Config:
     vision_width: int = _f(128, 'ViT width (ignored for resnet50, whose width is 2048)')
     vision_layers: int = _f(4, 'ViT depth')
     vision_heads: int = _f(4, 'ViT attention heads')
-    patch_size: int = _f(8, 'ViT patch size')
+    patch_size: int = _f(16, 'ViT patch size')
     # --- model: text encoder ---
     text_width: int = _f(128, 'text transformer width (512 in the paper)')
     text_heads: int = _f(4, 'text transformer heads (8 in the paper)')
@@ -153,8 +153,9 @@ METHODS = ('clip', 'rocket', 'slip') + NONCONTRASTIVE
 
 _TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
 MODELS = {
-    # tiny trains on a laptop CPU in minutes on the demo data
-    'tiny': dict(vision='vit', vision_width=128, vision_layers=4, vision_heads=4, patch_size=8,
+    # tiny trains on a laptop CPU in minutes on the demo data; 16-pixel patches (a 4x4 grid at 64 px) learn its
+    # shapes far faster than 8-pixel ones (a supervised probe: 93% against 24% after 200 steps)
+    'tiny': dict(vision='vit', vision_width=128, vision_layers=4, vision_heads=4, patch_size=16,
                  text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512),
     'resnet50': dict(vision='resnet50', **_TEXT_512),
     'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_TEXT_512),
@@ -170,9 +171,11 @@ MODELS = {
 _PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
               num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
 RECIPES = {
-    # sized so that `python train.py` (tiny model, 561 steps) ends in about 8 minutes on a 2-core CPU
-    'demo': dict(epochs=3, batch_size=64, lr=2e-3, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
-                 demo_train_size=12000, demo_val_size=1000),
+    # sized so that `python train.py` (tiny model, 935 steps) ends in about 6 minutes on a 2-core CPU. Demo
+    # captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster (2.5e-4: 36% after 3 epochs,
+    # 2e-3: 23%), and strong crops of at least a quarter of the scene still show an object
+    'demo': dict(epochs=5, batch_size=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
+                 demo_train_size=12000, demo_val_size=1000, context_length=32, strong_min_scale=0.25),
     'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
                  clean_before_augment=False),
     'cc12m': dict(_PAPER, text_dropout=0.05, loss_reduction='sum', clean_before_augment=False),
