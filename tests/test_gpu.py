@@ -1,5 +1,5 @@
-"""CUDA paths (SDPA kernels, bf16 autocast, NCCL-free single-GPU training with torch.compile); run by
-bench/gpu_check.sh on a GPU machine. Skipped without CUDA."""
+"""CUDA paths (SDPA kernels, bf16 autocast, single-GPU training with torch.compile, and on two GPUs NCCL with
+SyncBatchNorm and fused AdamW); run by bench/gpu_check.sh on a GPU machine. Skipped without CUDA."""
 import json
 import subprocess
 import sys
@@ -51,11 +51,24 @@ def test_bf16_loss_and_grads_are_finite_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_tiny_training_with_compile_lowers_the_loss(tmp_path):
-    r = subprocess.run([sys.executable, 'train.py', *TINY, '--compile', '--device=cuda', '--max_steps=40',
-                        '--eval_every=0', '--log_every=10', f'--output_dir={tmp_path}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+def train_losses(command, out):
+    """Run a training command; its logged training losses, in order."""
+    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    losses = [json.loads(l)['loss'] for l in (tmp_path / 'log.jsonl').read_text().splitlines()
-              if json.loads(l)['type'] == 'train']
+    return [json.loads(l)['loss'] for l in (out / 'log.jsonl').read_text().splitlines()
+            if json.loads(l)['type'] == 'train']
+
+
+def test_tiny_training_with_compile_lowers_the_loss(tmp_path):
+    losses = train_losses([sys.executable, 'train.py', *TINY, '--compile', '--device=cuda', '--max_steps=40',
+                           '--eval_every=0', '--log_every=10', f'--output_dir={tmp_path}'], tmp_path)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='NCCL needs two GPUs (one rank per device)')
+def test_two_gpu_nccl_training_with_sync_batchnorm(tmp_path):
+    """torchrun on two GPUs: NCCL gathers and all-reduces, SyncBatchNorm in the rocket MLP heads, fused AdamW."""
+    losses = train_losses([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'train.py', *TINY, '--device=cuda', '--max_steps=40', '--eval_every=0', '--log_every=10',
+                           f'--output_dir={tmp_path}'], tmp_path)
     assert losses[-1] < losses[0]

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,19 @@ def test_demo_steps_lower_the_loss(tmp_path):
     with pytest.raises(ValueError, match='already holds checkpoint.pt; pass --resume=auto'):
         train.main([*TINY, f'--output_dir={tmp_path}', '--lr=2e-3', '--warmup_epochs=0.25', '--max_steps=16',
                     '--save_every=8'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')), reason='inductor on CPU needs a C++ compiler')
+def test_compiled_training_matches_eager_on_cpu(tmp_path):
+    """--compile (inductor; the CUDA path differs only in its kernels) logs the eager run's losses, and its
+    checkpoint has the eager parameter names, so resume and evaluate.py read it."""
+    run_train(tmp_path / 'eager', '--max_steps=6')
+    run_train(tmp_path / 'compiled', '--max_steps=6', '--compile')
+    eager, compiled = ([r['loss'] for r in log_records(tmp_path / d)] for d in ('eager', 'compiled'))
+    assert len(eager) == 6 and compiled == pytest.approx(eager, rel=1e-4)
+    weights = [load(tmp_path / d / 'checkpoint.pt')['model'] for d in ('eager', 'compiled')]
+    assert weights[1].keys() == weights[0].keys()
 
 
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
