@@ -137,8 +137,8 @@ def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing
     """(samples/s, peak memory in MiB, FLOPs per step) of the full training step, measured in its own process."""
     torch.set_num_threads(threads)
     device = torch.device(device)
-    cfg = config.resolve({'model': model_name, 'method': 'rocket', 'image_size': '224', 'local_crop_size': '224'},
-                         verbose=False)
+    cfg = config.resolve({'model': model_name, 'method': 'rocket', 'image_size': '224', 'local_crop_size': '224',
+                          'context_length': str(CONTEXT)}, verbose=False)  # not the demo recipe's 32 tokens
     torch.manual_seed(0)
     model = model_lib.CLIPModel(cfg, VOCAB).to(device).train()
     model.set_grad_checkpointing(checkpointing)
