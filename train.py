@@ -128,12 +128,13 @@ def atomic_save(obj, path):
         os.close(fd)
 
 
-def rng_state():
-    """This process's RNG states as tensors and plain Python data (loadable with weights_only=True)."""
+def rng_state(device):
+    """This process's RNG states as tensors and plain Python data (loadable with weights_only=True); the CUDA
+    state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {'python': random.getstate(), 'numpy': [name, keys.tolist(), pos, has_gauss, gauss],
             'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
 def set_rng_state(state):
@@ -152,11 +153,12 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
         if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
             raise FloatingPointError(f"step {step}: the weights hold NaN/inf; not overwriting the last good "
                                      f"checkpoint in {cfg.output_dir}; resume from it with a lower --lr")
+    device = next(model.parameters()).device
     rngs = [None] * world_size if rank == 0 else None
     if world_size > 1:
-        dist.gather_object(rng_state(), rngs, dst=0)
+        dist.gather_object(rng_state(device), rngs, dst=0)
     else:
-        rngs = [rng_state()]
+        rngs = [rng_state(device)]
     if rank != 0:
         return
     ckpt = {'format': CHECKPOINT_FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
@@ -186,7 +188,8 @@ def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_
         raise ValueError(f"--resume={path}: its weights do not fit this config's model "
                          f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
     optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['scaler']:  # empty when saved by a disabled scaler (a bf16, fp32 or CPU run)
+        scaler.load_state_dict(ckpt['scaler'])
     position, rng = ckpt['data'], ckpt['rng']
     if (position.get('world_size'), position.get('batch_size')) != (world_size, batch_size):
         # the sampler's batches are laid out for the old world and batch size: restart the unfinished epoch

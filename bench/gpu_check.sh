@@ -8,7 +8,6 @@ date -u '+%Y-%m-%d %H:%M UTC'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'
 timeout 180 python -m pytest -q -m gpu tests/test_gpu.py
-timeout 150 python -m bench.step --device cuda --batch 128 --steps 10 --warmup 3 --rows resnet50,vit_b16,rocket \
-    --rocket_model resnet50
+timeout 150 python -m bench.step --device cuda --batch 128 --steps 10 --warmup 3 --rows rocket --rocket_model resnet50
 timeout 90 python -m bench.step --device cuda --batch 128 --steps 10 --warmup 3 --rows rocket --rocket_model vit_b16
 echo "gpu_check: done in ${SECONDS}s"

@@ -114,8 +114,10 @@ def encoder_row(name, bf16, args, device):
 
 
 # --- Rocket rows ---
-# datasheet peak dense bf16 tensor FLOP/s (no sparsity), matched against torch.cuda.get_device_name
-PEAK_BF16_TFLOPS = {'H200': 989.4, 'H100 PCIe': 756.0, 'H100': 989.4, 'A100': 312.0, 'L40S': 362.1, 'L4': 121.0}
+# datasheet peak dense bf16 tensor TFLOP/s (no sparsity); the first key found in torch.cuda.get_device_name
+# wins, so longer names come before their prefixes ('H100 NVL' before 'H100', 'L40' before 'L4')
+PEAK_BF16_TFLOPS = {'H200 NVL': 835.0, 'H200': 989.4, 'H100 NVL': 835.0, 'H100 PCIe': 756.0, 'H100': 989.4,
+                    'A100': 312.0, 'L40S': 362.1, 'L40': 181.0, 'L4': 121.0}
 
 
 def peak_tflops(device, override):

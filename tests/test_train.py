@@ -201,6 +201,16 @@ def test_resume_is_bit_identical(tmp_path):
         [r['loss'] for r in log_records(tmp_path / 'resumed')]
 
 
+def test_resume_across_precisions(tmp_path):
+    """An fp32 checkpoint (its GradScaler disabled, its state empty) resumes under fp16's enabled scaler, and
+    the fp16 checkpoint back under fp32."""
+    run_train(tmp_path, '--max_steps=2')
+    run_train(tmp_path, '--max_steps=4', '--resume=auto', '--precision=fp16', '--overwrite')
+    assert load(tmp_path / 'checkpoint.pt')['scaler']  # the enabled scaler saved its scale
+    run_train(tmp_path, '--max_steps=6', '--resume=auto', '--precision=fp32', '--overwrite')
+    assert load(tmp_path / 'checkpoint.pt')['step'] == 6
+
+
 def wait_for(predicate, proc, timeout=90):
     end = time.time() + timeout
     while not predicate():
