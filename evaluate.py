@@ -119,8 +119,8 @@ def score_keys(heads):
 
 def similarities(model, images, classifiers):
     """Cosine similarity (no logit scale) per head, plus the z/h ensembles: {key: (B, C)}."""
-    sims = {head: F.normalize(model.encode_image(images, head=head).float(), dim=-1) @ classes.T
-            for head, classes in classifiers.items()}
+    embeddings = model.encode_image_heads(images)
+    sims = {head: F.normalize(embeddings[head].float(), dim=-1) @ classes.T for head, classes in classifiers.items()}
     if 'h' in sims:
         sims.update({f'ens{w}': w * sims['z'] + (1 - w) * sims['h'] for w in ENSEMBLE_WEIGHTS})
     return sims
@@ -224,13 +224,13 @@ def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, worl
     mine = list(range(rank, len(captions), world_size))  # this rank's captions; the gathers bring back all
     with _autocast(cfg, device):
         for x, ids in build_eval_loader(images, cfg, rank, world_size):
-            for h in heads:
-                image_emb[h].append(F.normalize(model.encode_image(x.to(device), head=h).float(), dim=-1).cpu())
+            for h, emb in model.encode_image_heads(x.to(device)).items():
+                image_emb[h].append(F.normalize(emb.float(), dim=-1).cpu())
             image_ids.append(torch.as_tensor(ids))
         for i in range(0, len(mine), cfg.eval_batch_size):
             tokens = tokenizer([captions[j] for j in mine[i:i + cfg.eval_batch_size]]).to(device)
-            for h in heads:
-                text_emb[h].append(F.normalize(model.encode_text(tokens, head=h).float(), dim=-1).cpu())
+            for h, emb in model.encode_text_heads(tokens).items():
+                text_emb[h].append(F.normalize(emb.float(), dim=-1).cpu())
     empty = torch.zeros(0, cfg.embed_dim)  # a rank with an empty shard still joins the gathers
     image_ids = _gather(torch.cat(image_ids or [torch.zeros(0, dtype=torch.long)]), world_size)
     text_ids = _gather(torch.as_tensor([caption_ids[j] for j in mine], dtype=torch.long), world_size)

@@ -1,7 +1,8 @@
 """CLIP 🚀 model (SPEC.md 1): ResNet-50 and ViT image encoders, the CLIP text transformer, the linear and MLP
 projectors of every method, and the model whose training forward returns every embedding the losses need.
 
-build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text.
+build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text
+(one head), model.encode_image_heads/encode_text_heads (every head from one trunk pass).
 """
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
@@ -319,6 +320,16 @@ class CLIPModel(nn.Module):
     def encode_text(self, tokens, head='z'):
         """(B, L) token ids -> (B, embed_dim) through head 'z' or 'h' (global mode: no dropout); not normalised."""
         return self._head(self.text_heads, head)(self.text(tokens))
+
+    def encode_image_heads(self, images):
+        """{head: (B, embed_dim)} for every head from one backbone pass (evaluation scores all heads)."""
+        features = self.visual(images)
+        return {head: project(features) for head, project in self.image_heads.items()}
+
+    def encode_text_heads(self, tokens):
+        """{head: (B, embed_dim)} for every head from one text-encoder pass (global mode)."""
+        features = self.text(tokens)
+        return {head: project(features) for head, project in self.text_heads.items()}
 
     def _strong_features(self, strong):
         """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (SPEC.md 1.7,

@@ -52,6 +52,12 @@ class Agree(nn.Module):
     def encode_text(self, tokens, head='z'):
         return self.embed(tokens[:, 0], head)
 
+    def encode_image_heads(self, images):
+        return {head: self.encode_image(images, head) for head in self.heads}
+
+    def encode_text_heads(self, tokens):
+        return {head: self.encode_text(tokens, head) for head in self.heads}
+
 
 def tokenize(texts):
     """Stand-in tokenizer: token 0 = the number in the class name 'cN', token 1 = prompt length."""

@@ -391,7 +391,7 @@ def test_each_strong_view_is_its_own_batch(vision):
 
 
 def test_encoders_heads_and_bad_input():
-    """encode_* = head(trunk) with BN in eval mode; clear errors for a missing head and mismatched token rows."""
+    """encode_* = head(trunk) with BN in eval mode, encode_*_heads gives every head from one pass; clear errors for a missing head and mismatched token rows."""
     torch.manual_seed(0)
     model = CLIPModel(tiny_cfg(), VOCAB).eval()
     images, (tokens, _) = torch.randn(3, 3, 32, 32), captions(3)
@@ -399,6 +399,11 @@ def test_encoders_heads_and_bad_input():
         torch.testing.assert_close(model.encode_image(images, head), model.image_heads[head](model.visual(images)))
         torch.testing.assert_close(model.encode_text(tokens, head), model.text_heads[head](model.text(tokens)))
     assert model.encode_image(images, 'h').shape == model.encode_text(tokens).shape == (3, 16)
+    image_heads, text_heads = model.encode_image_heads(images), model.encode_text_heads(tokens)
+    assert list(image_heads) == list(text_heads) == ['z', 'h']
+    for head in ('z', 'h'):  # one trunk pass for all heads == one per head
+        torch.testing.assert_close(image_heads[head], model.encode_image(images, head))
+        torch.testing.assert_close(text_heads[head], model.encode_text(tokens, head))
     clip = CLIPModel(tiny_cfg('clip'), VOCAB)
     with pytest.raises(ValueError, match="head 'h' is not in this model's heads"):
         clip.encode_text(tokens, head='h')
