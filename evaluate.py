@@ -101,15 +101,17 @@ def model_from_checkpoint(ckpt, path, device):
 
 # --- Zero-shot classification ---
 @torch.no_grad()
-def class_embeddings(model, tokenizer, classnames, templates, head, device):
-    """(C, D) prompt ensembles: normalise each prompt embedding, average, renormalise (SPEC.md 6.1)."""
-    rows = []
+def class_embeddings(model, tokenizer, classnames, templates, device):
+    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (SPEC.md 6.1);
+    one text-encoder pass per class serves every head."""
+    rows = {head: [] for head in model.heads}
     for name in classnames:
         synonyms = name if isinstance(name, list) else [name]  # every template x every synonym
         tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)
-        prompts = F.normalize(model.encode_text(tokens, head=head).float(), dim=-1)  # (T*S, D)
-        rows.append(F.normalize(prompts.mean(0), dim=0))
-    return torch.stack(rows)
+        for head, emb in model.encode_text_heads(tokens).items():
+            prompts = F.normalize(emb.float(), dim=-1)  # (T*S, D)
+            rows[head].append(F.normalize(prompts.mean(0), dim=0))
+    return {head: torch.stack(r) for head, r in rows.items()}
 
 
 def score_keys(heads):
@@ -133,8 +135,7 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
     counts = torch.zeros(len(keys), 3, num_classes, dtype=torch.long, device=device)
     scores, targets = [], []  # binary sets only: score sim[:, 1] - sim[:, 0] of every key, and the labels
     with _autocast(cfg, device):
-        classifiers = {head: class_embeddings(model, tokenizer, classnames, templates, head, device)
-                       for head in model.heads}
+        classifiers = class_embeddings(model, tokenizer, classnames, templates, device)
         for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
             labels = labels.to(device)
             sims = similarities(model, images.to(device), classifiers)

@@ -128,14 +128,17 @@ def test_top5_counts_by_rank():
 def test_template_ensemble_matches_direct_computation():
     torch.manual_seed(0)
     model = nn.Module()
-    table = torch.randn(200, 8)
-    model.encode_text = lambda tokens, head='z': table[tokens].sum(1) * (2 if head == 'z' else -1)
+    table, factors = torch.randn(200, 8), {'z': 2, 'h': -1}
+    model.heads = tuple(factors)
+    model.encode_text_heads = lambda tokens: {h: table[tokens].sum(1) * f for h, f in factors.items()}
     classnames = ['c1', ['c2', 'c3'], 'c4']  # a synonym list: every template x every synonym
-    got = class_embeddings(model, tokenize, classnames, TEMPLATES, 'z', 'cpu')
-    for row, name in zip(got, classnames):
-        prompts = [t.format(s) for s in (name if isinstance(name, list) else [name]) for t in TEMPLATES]
-        direct = sum(F.normalize(table[tokenize([p])[0]].sum(0) * 2, dim=0) for p in prompts)
-        assert torch.allclose(row, direct / direct.norm(), atol=1e-6)
+    got = class_embeddings(model, tokenize, classnames, TEMPLATES, 'cpu')
+    assert list(got) == ['z', 'h']
+    for head, factor in factors.items():
+        for row, name in zip(got[head], classnames):
+            prompts = [t.format(s) for s in (name if isinstance(name, list) else [name]) for t in TEMPLATES]
+            direct = sum(F.normalize(table[tokenize([p])[0]].sum(0) * factor, dim=0) for p in prompts)
+            assert torch.allclose(row, direct / direct.norm(), atol=1e-6)
     sims = similarities(Agree(), coded_images([1, 2]), {'z': torch.randn(3, 16), 'h': torch.randn(3, 16)})
     assert list(sims) == ['z', 'h'] + [f'ens{w}' for w in ENSEMBLE_WEIGHTS]
     assert torch.allclose(sims['ens0.3'], 0.3 * sims['z'] + 0.7 * sims['h'])

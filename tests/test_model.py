@@ -391,7 +391,8 @@ def test_each_strong_view_is_its_own_batch(vision):
 
 
 def test_encoders_heads_and_bad_input():
-    """encode_* = head(trunk) with BN in eval mode, encode_*_heads gives every head from one pass; clear errors for a missing head and mismatched token rows."""
+    """encode_* = head(trunk) with BN in eval mode, encode_*_heads gives every head from one pass; clear errors
+    for a missing head and mismatched token rows."""
     torch.manual_seed(0)
     model = CLIPModel(tiny_cfg(), VOCAB).eval()
     images, (tokens, _) = torch.randn(3, 3, 32, 32), captions(3)

@@ -104,7 +104,8 @@ def test_every_parameter_gets_a_gradient(method):
     cfg = config.resolve({**TINY_FLAGS, 'method': method, 'barlip_hidden_dim': '32',
                           'barlip_proj_dim': '32', 'siamlip_hidden_dim': '32', 'siamlip_proj_dim': '16'}, verbose=False)
     model, A, B = train.build_model(cfg, 100), cfg.num_augs, 4
-    inputs = (torch.randn(B, 3, 32, 32), torch.randint(1, 100, (B, 1 + A, cfg.context_length)), [torch.randn(B, 3, 32, 32)] * A)
+    tokens = torch.randint(1, 100, (B, 1 + A, cfg.context_length))
+    inputs = (torch.randn(B, 3, 32, 32), tokens, [torch.randn(B, 3, 32, 32)] * A)
     with torch.no_grad():
         target = model(*inputs) if method == 'byolip' else None
     train.compute_loss(model(*inputs), cfg, target)['loss'].backward()
