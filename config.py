@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -212,8 +213,27 @@ _FIELDS = {f.name: f for f in fields(Config)}
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
 
 
-class ConfigError(ValueError):
-    """A bad flag or value; the message is one line that names the problem and the fix."""
+class UserError(Exception):
+    """An error raised on purpose (bad path, format, data, threshold, checkpoint): one line naming the fix; exit 1."""
+    exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
+    """A bad flag or value (a usage error): one line naming the problem and the fix; exit 2."""
+    exit_code = 2
+
+
+def run_cli(main_fn, argv=None):
+    """Run a command-line entry point: a UserError prints `error: <message>` on one line and exits with its
+    code (naming the rank under torchrun when it is not rank 0); any other exception is a bug and keeps its
+    traceback."""
+    try:
+        return main_fn(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        rank = int(os.environ.get('RANK', '0'))
+        message = ' '.join(str(e).split())  # always one line
+        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def _convert(name, raw):
