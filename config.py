@@ -97,7 +97,8 @@ class Config:
     csv_caption_key: str = _f('title', 'CSV column of captions')
     demo_train_size: int = _f(20000, 'training samples of the built-in demo dataset')
     demo_val_size: int = _f(2000, 'held-out samples of the built-in demo dataset')
-    workers: int = _f(2, 'data-loader worker processes per rank')
+    workers: int = _f(-1, 'data-loader worker processes per rank (-1: chosen from the cores available)')
+    threads: int = _f(0, 'torch threads of each training process (0: the cores available less the workers)')
     bad_sample_threshold: float = _f(0.01, 'stop when more than this fraction of samples is unreadable')
 
     # --- optimisation ---
@@ -306,7 +307,8 @@ def validate(cfg):
                  'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
-    for name in ('num_augs', 'workers', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
+    _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
+    for name in ('num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
                  'demo_train_size', 'demo_val_size'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
@@ -337,6 +339,18 @@ def validate(cfg):
            f"--image_size={cfg.image_size} and --local_crop_size={cfg.local_crop_size} must be multiples of "
            f"--patch_size={cfg.patch_size}")
     return cfg
+
+
+def cpu_split(workers, threads, device_type, local_world_size=1):
+    """(data-loader workers, torch threads) of one process. Explicit values are kept; -1 / 0 (auto) split the cores
+    this process may use (its CPU affinity shared by the ranks of the node) so that workers + threads never exceed
+    them: on a GPU the workers take all but one core, on a CPU one worker per 4 cores feeds the model's threads."""
+    cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+    if workers < 0:
+        workers = 0 if cores == 1 else cores - 1 if device_type == 'cuda' else max(1, cores // 4)
+    if threads <= 0:
+        threads = max(1, cores - workers)
+    return workers, threads
 
 
 def help_text():

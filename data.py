@@ -859,6 +859,20 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def trim_tokens(tokens):
+    """(..., L) token ids -> (..., L'): the zero padding that follows every row's end dropped. The causal text
+    transformer's EOT features never see that padding, so batches of short captions cost fewer FLOPs."""
+    used = tokens.reshape(-1, tokens.shape[-1]).ne(0).any(dim=0)  # (L,) columns holding a token in any row
+    return tokens[..., :int(used.nonzero().max()) + 1 if used.any() else 1]
+
+
+def collate(samples):
+    """default_collate with the tokens trimmed to the batch's longest caption."""
+    batch = torch.utils.data.default_collate(samples)
+    batch['tokens'] = trim_tokens(batch['tokens'])
+    return batch
+
+
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     """Training batches of this rank (SPEC.md 4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
     make_sample = SampleMaker(cfg, tokenizer)
@@ -867,14 +881,14 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
         dataset = TarShards(*read_shards(cfg, max(1, cfg.workers), world_size), make_sample, cfg, rank, world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                             drop_last=True, worker_init_fn=ignore_stop_signals)
+                                             drop_last=True, collate_fn=collate, worker_init_fn=ignore_stop_signals)
         loader = ShardLoader(dataset, loader)
     else:
         dataset = TrainDataset(build_reader(cfg), make_sample)
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                              pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
-                                             worker_init_fn=ignore_stop_signals)
+                                             collate_fn=collate, worker_init_fn=ignore_stop_signals)
     if len(loader) == 0:
         raise ValueError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")

@@ -49,6 +49,10 @@ def setup_distributed(cfg):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
+    # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
+    cfg.workers, cfg.threads = config.cpu_split(cfg.workers, cfg.threads, device.type,
+                                                int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    torch.set_num_threads(cfg.threads)
     if world_size > 1:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 device_id=device if device.type == 'cuda' else None)

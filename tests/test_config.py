@@ -149,3 +149,19 @@ def test_from_dict_ignores_unknown_and_validates():
     d['batch_size'] = 0
     with pytest.raises(ConfigError):
         Config.from_dict(d)
+
+
+def test_workers_and_threads_never_oversubscribe_the_cores(monkeypatch):
+    """Auto workers/threads fill this process's share of its CPU affinity exactly; explicit values are kept."""
+    for cores in (1, 2, 3, 8, 16, 96):
+        monkeypatch.setattr(config.os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)))
+        for device in ('cpu', 'cuda'):
+            for local in (1, 2, 8):
+                share = max(1, cores // local)
+                workers, threads = config.cpu_split(-1, 0, device, local)
+                assert workers + threads == share and threads >= 1
+                assert workers >= (1 if share >= 2 else 0)
+        assert config.cpu_split(3, 5, 'cpu') == (3, 5)
+    monkeypatch.setattr(config.os, 'sched_getaffinity', lambda pid: {0, 1})
+    assert config.cpu_split(-1, 0, 'cpu') == (1, 1)  # a 2-core laptop: one loader worker, one model thread
+    assert config.cpu_split(0, 0, 'cpu') == (0, 2)

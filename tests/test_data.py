@@ -387,3 +387,23 @@ def test_demo_vocabulary_encodes_every_caption_word_as_one_token():
 def test_demo_vocabulary_file_regenerates_byte_for_byte(tmp_path):
     D.build_demo_vocab_main([f'--out={tmp_path / "demo.txt.gz"}'])
     assert (tmp_path / 'demo.txt.gz').read_bytes() == D.DEMO_BPE_PATH.read_bytes()
+
+
+def test_batches_drop_only_the_padding_after_the_longest_caption():
+    """Training batches end their token rows at the batch's longest caption: every id is kept, only zero
+    padding goes, and the text tower's EOT features are the same as with the full context."""
+    from data import Tokenizer, trim_tokens
+    from model import TextTransformer
+    tokenizer = Tokenizer(str(D.DEMO_BPE_PATH), 32)
+    tokens = tokenizer(['a red circle', 'two small blue squares on a grey background', 'a star'])
+    trimmed = trim_tokens(tokens)
+    longest = int((tokens != 0).sum(dim=1).max())
+    assert trimmed.shape == (3, longest) and torch.equal(trimmed, tokens[:, :longest])
+    assert not tokens[:, longest:].any()
+    torch.manual_seed(0)
+    text = TextTransformer(tokenizer.vocab_size, 32, 32, 2, 2).eval()
+    torch.testing.assert_close(text(trimmed), text(tokens), atol=1e-6, rtol=1e-5)
+    assert trim_tokens(tokens[:, None].expand(3, 3, 32)).shape == (3, 3, longest)  # (B, 1+A, L) rows too
+    cfg = cfg_for(num_augs=2, context_length=32)
+    batch = next(iter(D.build_train_loader(cfg, tokenizer)))
+    assert batch['tokens'].shape[-1] == int((batch['tokens'] != 0).sum(-1).max()) < 32
