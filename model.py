@@ -217,7 +217,8 @@ class VisionTransformer(nn.Module):
                              f"resize or crop the images to a multiple of it")
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H/p * W/p
         x = torch.cat([self.class_embedding.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
-        x = self.ln_pre(x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size))
+        x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+        x = self.ln_pre(x)  # identity unless style='openai'
         cls = torch.zeros(B, dtype=torch.long, device=x.device)
         return self.ln_post(self.transformer(x, index=cls)[:, 0])  # (B, D); LN is per token
 
