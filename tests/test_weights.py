@@ -40,7 +40,7 @@ def model_of(ckpt, **changes):
     cfg = dataclasses.replace(Config.from_dict(ckpt['config']), **changes)
     net = CLIPModel(cfg, ckpt['model']['text.token_embedding.weight'].shape[0])
     state = {**ckpt['model'], **ckpt['extra_heads']}
-    missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()}, strict=False)
+    missing, _ = net.load_state_dict({k: v for k, v in state.items() if k in net.state_dict()}, strict=False)
     return net.eval(), missing
 
 
@@ -93,11 +93,12 @@ def full_size_models():
     if not (FIXTURES / 'official_full_size_keys.json').is_file():
         return []
     entries = json.loads((FIXTURES / 'official_full_size_keys.json').read_text())
-    return [(title, keys) for title, keys in entries.items() if not title.startswith('_')]
+    return [pytest.param(title, keys, id=f"{title.split(' ')[0]}-{re.search(r'[A-Z0-9]+_[A-Z0-9_]+', title)[0]}-{i}")
+            for i, (title, keys) in enumerate(entries.items()) if not title.startswith('_')]
 
 
 @needs_fixtures
-@pytest.mark.parametrize('title,keys', full_size_models(), ids=lambda x: x.split(' ')[1] if ' ' in x else '')
+@pytest.mark.parametrize('title,keys', full_size_models())
 def test_full_size_official_keys_map_onto_the_model(title, keys):
     """Every key of the full-size official models maps onto a tensor of the same shape, and every tensor of the
     model built from the importer's config is covered (SLIP files: the CLIP model plus SLIP's SimCLR head)."""
@@ -188,9 +189,10 @@ def test_bad_files_give_one_line(tmp_path, capsys):
     ckpt = model_module.load_weights_file(FIXTURES / 'slip_vit.pt')
     simclr = {k: v for k, v in ckpt['state_dict'].items() if k.startswith(('module.visual.', 'module.image_mlp.'))}
     torch.save({**ckpt, 'state_dict': simclr}, tmp_path / 'simclr.pt')
-    torch.save({'visual.attnpool.positional_embedding': torch.zeros(50, 8), 'token_embedding.weight': torch.zeros(4, 8)},
-               tmp_path / 'rn50.pt')
-    cases = [('truncated', 'corrupt or unreadable'), ('unknown', "not a rocket-clip checkpoint: found a dict with keys"),
+    rn50 = {'visual.attnpool.positional_embedding': torch.zeros(50, 8), 'token_embedding.weight': torch.zeros(4, 8)}
+    torch.save(rn50, tmp_path / 'rn50.pt')
+    cases = [('truncated', 'corrupt or unreadable'),
+             ('unknown', "not a rocket-clip checkpoint: found a dict with keys"),
              ('simclr', 'SLIP SimCLR checkpoint: an image tower without text tower'),
              ('rn50', "modified ResNet-50 .attention pooling. is out of scope")]
     for name, message in cases:
@@ -246,8 +248,16 @@ def test_init_loads_the_weights_and_lists_missing_heads(tmp_path, capsys):
     # the official name fixes 12 and 8 heads: a config with others is another model
     with pytest.raises(ConfigError, match='pass --vision_heads=12 --text_heads=8'):
         train.maybe_init_weights(net, dataclasses.replace(cfg, init=str(FIXTURES / 'slip_vit.pt')), None, True)
-    with pytest.raises(ConfigError, match=r'pass --vit_style=openai --vision_act=quickgelu'):
-        tiny = open_clip_model(True)
-        torch.save(tiny.state_dict(), tmp_path / 'oc.pt')
-        oc = dict(arch, vision_width=128, vision_heads=2, patch_size=8, image_size=32, text_width=128, embed_dim=24)
-        train.maybe_init_weights(net, dataclasses.replace(Config(), **oc, init=str(tmp_path / 'oc.pt')), None, True)
+
+
+def test_init_names_the_flags_of_an_openai_vit(tmp_path):
+    torch.save(open_clip_model(True).state_dict(), tmp_path / 'oc.pt')
+    cfg = dataclasses.replace(Config(), vision_width=128, vision_layers=2, vision_heads=2, patch_size=8, image_size=32,
+                              text_width=128, text_layers=2, text_heads=2, embed_dim=24, init=str(tmp_path / 'oc.pt'))
+    net = CLIPModel(cfg, 500)
+    with pytest.raises(ConfigError, match=r'pass --vit_style=openai --vision_act=quickgelu$'):
+        train.maybe_init_weights(net, cfg, None, True)
+    cfg = dataclasses.replace(cfg, vit_style='openai', vision_act='quickgelu')
+    net = CLIPModel(cfg, 500)
+    train.maybe_init_weights(net, cfg, None, True)
+    assert torch.equal(net.visual.ln_pre.weight, open_clip_model(True).visual.ln_pre.weight)
