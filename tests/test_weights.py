@@ -261,3 +261,67 @@ def test_init_names_the_flags_of_an_openai_vit(tmp_path):
     net = CLIPModel(cfg, 500)
     train.maybe_init_weights(net, cfg, None, True)
     assert torch.equal(net.visual.ln_pre.weight, open_clip_model(True).visual.ln_pre.weight)
+
+
+@needs_fixtures
+@pytest.mark.parametrize('method', ['barlip', 'siamlip'])
+def test_rocket_noncontrastive_heads_are_kept(method):
+    """CLIP 🚀's BarLIP / SiamLIP heads, laid out as its models.py builds them (the '_local' names are the same
+    modules saved again), load into this model's heads and compute the same function."""
+    torch.manual_seed(0)
+    v, t, h, p = 48, 32, 24, 16
+    bn = torch.nn.BatchNorm1d
+    if method == 'barlip':
+        official = {f'barlip_{m}_projector_global': torch.nn.Sequential(
+            torch.nn.Linear(d, h), bn(h), torch.nn.ReLU(), torch.nn.Linear(h, h), bn(h), torch.nn.ReLU(),
+            torch.nn.Linear(h, p), bn(p)) for m, d in (('image', v), ('text', t))}
+        ours = {'image': 'barlip_image', 'text': 'barlip_text'}
+        changes = dict(barlip_hidden_dim=h, barlip_proj_dim=p)
+    else:
+        official = {f'siamlip_{m}_projector_global': torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Linear(d, h, bias=False), bn(h), torch.nn.ReLU(), torch.nn.Linear(h, p, bias=False)),
+            bn(p, affine=False)) for m, d in (('image', v), ('text', t))}
+        official.update({name: torch.nn.Sequential(torch.nn.Linear(p, h, bias=False), bn(h), torch.nn.ReLU(),
+                                                    torch.nn.Linear(h, p))
+                         for name in ('image_text_predictor_global', 'text_image_predictor_global')})
+        ours = {'image': 'siam_proj_image', 'text': 'siam_proj_text'}
+        changes = dict(siamlip_hidden_dim=h, siamlip_proj_dim=p)
+    for name, module in official.items():  # non-trivial BN statistics, then eval mode
+        width = p if 'predictor' in name else v if 'image' in name else t
+        module.train()(torch.randn(64, width) * 2 + 1)
+        module.eval()
+    ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
+    state = dict(ckpt['state_dict'])
+    for name, module in official.items():
+        for key, value in module.state_dict().items():
+            state[f'module.{name}.{key}'] = value
+            state[f"module.{name.replace('_global', '_local')}.{key}"] = value  # the shared '_local' alias
+    imported = convert_weights({**ckpt, 'state_dict': state})
+    assert sorted({k.split('.')[0] for k in imported['ignored']}) == sorted(n.replace('_global', '_local')
+                                                                           for n in official)
+    cfg = dataclasses.replace(Config(), **{**imported['arch'], **changes, 'method': method, 'vision_heads': 3,
+                                           'text_heads': 2})
+    net = CLIPModel(cfg, 1000).eval()
+    extra = {k: v for k, v in net.state_dict().items() if k.startswith(model_module._EXTRA)}
+    assert {k: v.shape for k, v in imported['extra'].items()} == {k: v.shape for k, v in extra.items()}
+    net.load_state_dict(imported['extra'], strict=False)
+    x = {'image': torch.randn(5, v), 'text': torch.randn(5, t)}
+    with torch.no_grad():
+        for m in ('image', 'text'):
+            close(getattr(net, ours[m])(x[m]), official[f'{method}_{m}_projector_global'](x[m]))
+        if method == 'siamlip':
+            z = torch.randn(5, p)
+            close(net.siam_pred_image(z), official['image_text_predictor_global'](z))
+            close(net.siam_pred_text(z), official['text_image_predictor_global'](z))
+
+
+@needs_fixtures
+def test_rocket_without_separate_projectors_keeps_the_global_head_once():
+    """Without --separate-proj CLIP 🚀's local head is the global one, saved a second time under l2l_*."""
+    ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
+    state = {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('module.l2l_')}
+    state['module.l2l_image_projector.weight'] = state['module.image_projector.weight']
+    state['module.l2l_text_projector.weight'] = state['module.text_projector.weight']
+    imported = convert_weights({**ckpt, 'state_dict': state})
+    assert imported['arch']['method'] == 'clip' and not any('.h.' in k for k in imported['state'])
+    assert sorted(imported['ignored']) == ['l2l_image_projector.weight', 'l2l_text_projector.weight']
