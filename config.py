@@ -33,6 +33,8 @@ class Config:
     vision_layers: int = _f(4, 'ViT depth')
     vision_heads: int = _f(4, 'ViT attention heads')
     patch_size: int = _f(16, 'ViT patch size')
+    vit_style: str = _f('timm', "'timm' (SPEC.md 1.2) or 'openai' (OpenAI CLIP's ViT: LN before the blocks, eps 1e-5)")
+    vision_act: str = _f('gelu', "ViT MLP activation: 'gelu' or 'quickgelu' (OpenAI's CLIP weights)")
     # --- model: text encoder ---
     text_width: int = _f(128, 'text transformer width (512 in the paper)')
     text_heads: int = _f(4, 'text transformer heads (8 in the paper)')
@@ -40,6 +42,7 @@ class Config:
     context_length: int = _f(77, 'text tokens per caption, SOT and EOT included')
     vocab_size: int = _f(0, 'token vocabulary size; 0 = take it from the BPE file')
     text_dropout: float = _f(0.0, 'residual-stream dropout of the local (augmented) captions only')
+    text_act: str = _f('quickgelu', "text MLP activation: 'quickgelu' (OpenAI CLIP) or 'gelu' (some LAION models)")
     # --- model: heads ---
     embed_dim: int = _f(64, 'joint embedding dimension (256 in the paper)')
     mlp_hidden_dim: int = _f(512, 'hidden width of the local MLP projectors (4096 in the paper)')
@@ -128,6 +131,8 @@ class Config:
     # --- system ---
     output_dir: str = _f('out', 'where logs and checkpoints go')
     resume: str = _f('', "'auto' (latest in output_dir), a checkpoint path, or empty")
+    init: str = _f('', 'start from the model weights of this checkpoint (ours, SLIP, CLIP 🚀 or open_clip); '
+                       'fresh optimizer and schedule')
     overwrite: bool = _f(False, 'reuse an output_dir that belongs to another config')
     seed: int = _f(0, 'random seed (each rank adds its rank)')
     device: str = _f('auto', 'auto, cpu, cuda')
@@ -291,6 +296,9 @@ def validate(cfg):
     _check(cfg.model in MODELS, f"--model={cfg.model}: choose one of {', '.join(MODELS)}")
     _check(cfg.method in METHODS, f"--method={cfg.method}: choose one of {', '.join(METHODS)}")
     _check(cfg.vision in ('vit', 'resnet50'), f"--vision={cfg.vision}: choose vit or resnet50")
+    _check(cfg.vit_style in ('timm', 'openai'), f"--vit_style={cfg.vit_style}: choose timm or openai")
+    for name in ('vision_act', 'text_act'):
+        _check(getattr(cfg, name) in ('gelu', 'quickgelu'), f"--{name}={getattr(cfg, name)}: choose gelu or quickgelu")
     _check(cfg.loss_reduction in ('avg', 'sum'), f"--loss_reduction={cfg.loss_reduction}: choose avg or sum")
     _check(cfg.caption_sampling in ('single', 'multi'),
            f"--caption_sampling={cfg.caption_sampling}: choose single or multi")

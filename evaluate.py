@@ -24,8 +24,8 @@ import torchvision
 from PIL import Image
 
 from augment import eval_transform
-from config import Config, ConfigError
-from model import autocast_dtype, build_model
+from config import DATASETS, Config, ConfigError
+from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
 from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
@@ -61,21 +61,83 @@ def _describe(obj):
     return f"a dict with keys {sorted(map(str, obj))[:6]}"
 
 
-def read_checkpoint(path):
-    """Load a checkpoint written by train.py (weights_only); missing, corrupt or foreign files raise one line."""
+def read_checkpoint(path, overrides=None, defaults=None):
+    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
+    (import_checkpoint); missing, corrupt or foreign files raise one line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a .pt file written by train.py")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = load_weights_file(path)
     except Exception as e:  # truncated zip, bad pickle, foreign pickled classes: all mean "not loadable"
         first = (str(e).strip().splitlines() or [''])[0][:120]
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); "
                          f"re-copy it or pick another epoch") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
-        raise ValueError(f"{path} is not a rocket-clip checkpoint: found {_describe(ckpt)}, "
-                         f"expected a dict with format={FORMAT!r} as written by train.py")
+        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
     return ckpt
+
+
+IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path')
+CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
+
+
+def import_overrides(flags):
+    """The IMPORT_FLAGS among flags, typed; a bad head count raises ConfigError."""
+    out = {k: flags[k] for k in IMPORT_FLAGS if k in flags}
+    for k in ('vision_heads', 'text_heads'):
+        if k in out and not str(out[k]).isdigit():
+            raise ConfigError(f"--{k}={out[k]}: expected a positive integer")
+        if k in out:
+            out[k] = int(out[k])
+    return out
+
+
+def import_checkpoint(obj, path, overrides=None, defaults=None):
+    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory (model.convert_weights), and one
+    line saying what was recognised. overrides (IMPORT_FLAGS) beat what the importer finds; defaults give the head
+    counts of a file without an official model name."""
+    try:
+        imported = convert_weights(obj)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if imported is None:
+        raise ValueError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
+                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
+    overrides, arch = overrides or {}, imported['arch']
+    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
+    fields = {**(defaults or {}), **arch, **overrides}
+    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
+    missing = [k for k in heads if k not in fields]
+    if missing:
+        raise ValueError(f"{path}: a {what} checkpoint without an official model name, so its head counts are "
+                         f"unknown (no shape shows them): pass {' '.join(f'--{k}=N' for k in missing)}")
+    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
+    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
+                         Path(CLIP_BPE)) if p.is_file()]
+    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
+    dataset = getattr(args, 'dataset', None)
+    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in DATASETS else 'csv'})
+    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
+              if all(k in arch for k in heads) else 'the run config')
+    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
+             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
+             if cfg.vision == 'vit' else 'ResNet-50')
+    projections = ['z'] + ['h'] * (cfg.method != 'clip') + sorted({k.split('.')[0] for k in imported['extra']})
+    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
+    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
+            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
+            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
+            f"{source}")
+    if any(k not in overrides for k in imported['assumed']):
+        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
+                "--text_act=gelu)"
+    if imported['ignored']:
+        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(line)
+    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
+            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
 
 
 def load_model(path, device='cpu'):
@@ -396,7 +458,8 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     return results
 
 
-FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'device')
+FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'device',
+         *IMPORT_FLAGS)
 HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}
 
 
@@ -446,6 +509,8 @@ def print_table(records):
 
 
 def _run(argv):
+    if argv and argv[0].partition('=')[0] == '--convert':
+        return convert(argv)
     paths, flags = parse_argv(argv)
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(flags.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -462,7 +527,7 @@ def _run(argv):
     templates = read_json(flags['templates'], 'templates file') if 'templates' in flags else None
     records = []
     for path in paths:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, import_overrides(flags))
         cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device)
         cfg.data_root = flags.get('data_root', cfg.data_root)
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
@@ -481,6 +546,39 @@ def _run(argv):
     if world_size > 1:
         dist.destroy_process_group()
     return records
+
+
+def convert(argv):
+    """python evaluate.py --convert IN --out OUT [--vision_heads=N ...]: a released checkpoint (import_checkpoint)
+    written as one of ours, atomically; OUT must not exist yet."""
+    flags, args = {}, list(argv)
+    while args:
+        key, eq, value = args.pop(0).partition('=')
+        if not eq and args and not args[0].startswith('--'):
+            value = args.pop(0)
+        flags[key[2:].replace('-', '_')] = value
+    if not set(flags) <= {'convert', 'out', *IMPORT_FLAGS} or not flags.get('convert') or not flags.get('out'):
+        raise ConfigError("usage: python evaluate.py --convert IN --out OUT [--vision_heads=N] [--text_heads=N] "
+                          "[--vision_act=gelu|quickgelu] [--text_act=gelu|quickgelu] [--bpe_path=FILE]")
+    out = Path(flags['out'])
+    if out.exists():
+        raise ValueError(f"--out={out} already exists; give a new path (nothing is overwritten)")
+    ckpt = read_checkpoint(flags['convert'], import_overrides(flags))
+    if 'source' not in ckpt:
+        raise ValueError(f"{flags['convert']} is already a rocket-clip checkpoint; nothing to convert")
+    with torch.device('meta'):  # the weights must fit the model of the new config exactly
+        model = CLIPModel(Config.from_dict(ckpt['config']), ckpt['model']['text.token_embedding.weight'].shape[0])
+    try:
+        model.load_state_dict(ckpt['model'], assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{flags['convert']}: the weights do not fit the model of their config "
+                         f"({str(e).strip().splitlines()[0][:160]})") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + '.tmp')
+    torch.save(ckpt, tmp)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return ckpt
 
 
 def _write_json(obj, path):

@@ -4,6 +4,10 @@ projectors of every method, and the model whose training forward returns every e
 build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text
 (one head), model.encode_image_heads/encode_text_heads (every head from one trunk pass).
 """
+import argparse
+import math
+import pathlib
+import re
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
@@ -69,17 +73,18 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """Standard (torchvision/timm) ResNet-50 v1.5 trunk, no fc: (B, 3, H, W) -> (B, 2048) (SPEC.md 1.2)."""
-    width = 2048
+    """Standard (torchvision/timm) ResNet-50 v1.5 trunk, no fc: (B, 3, H, W) -> (B, 2048) (SPEC.md 1.2). Other
+    stage widths and depths give the same family (the importer's tests use a shrunk one)."""
 
-    def __init__(self):
+    def __init__(self, widths=(64, 128, 256, 512), depths=(3, 4, 6, 3)):
         super().__init__()
+        self.width = 4 * widths[-1]
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         stages, in_channels = [], 64
-        for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for width, blocks, stride in zip(widths, depths, (1, 2, 2, 2)):
             stages.append(nn.Sequential(*[Bottleneck(in_channels if i == 0 else 4 * width, width, stride if i == 0 else 1)
                                           for i in range(blocks)]))
             in_channels = 4 * width
@@ -173,16 +178,21 @@ class Transformer(nn.Module):
 # --- ViT ---
 class VisionTransformer(nn.Module):
     """timm-style ViT trunk (SPEC.md 1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
-    (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch."""
+    (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch.
+    style='openai': OpenAI CLIP's ViT instead (patch conv without bias, a LayerNorm before the transformer, LN
+    eps 1e-5); act: the MLP activation (OpenAI's weights use QuickGELU)."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads):
+    def __init__(self, image_size, patch_size, width, layers, heads, style='timm', act=nn.GELU):
         super().__init__()
+        openai = style == 'openai'
+        eps = 1e-5 if openai else 1e-6
         self.width, self.patch_size, self.grid = width, patch_size, image_size // patch_size
-        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size)  # with bias; PyTorch's default init (as timm)
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=not openai)  # PyTorch's default init (as timm)
         self.class_embedding = nn.Parameter(torch.empty(1, 1, width))
         self.positional_embedding = nn.Parameter(torch.empty(1, 1 + self.grid ** 2, width))
-        self.transformer = Transformer(width, layers, heads, nn.GELU, eps=1e-6, causal=False)
-        self.ln_post = LayerNorm(width, eps=1e-6)
+        self.ln_pre = LayerNorm(width, eps=eps) if openai else nn.Identity()
+        self.transformer = Transformer(width, layers, heads, act, eps=eps, causal=False)
+        self.ln_post = LayerNorm(width, eps=eps)
         nn.init.normal_(self.class_embedding, std=1e-6)
         nn.init.trunc_normal_(self.positional_embedding, std=0.02)
         for m in self.transformer.modules():
@@ -208,6 +218,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H/p * W/p
         x = torch.cat([self.class_embedding.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
         x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+        x = self.ln_pre(x)  # identity unless style='openai'
         cls = torch.zeros(B, dtype=torch.long, device=x.device)
         return self.ln_post(self.transformer(x, index=cls)[:, 0])  # (B, D); LN is per token
 
@@ -217,12 +228,12 @@ class TextTransformer(nn.Module):
     """OpenAI CLIP's text encoder (SPEC.md 1.3): causal pre-norm transformer with QuickGELU and fp32 LN, final
     LN, pooled at the EOT token (the largest id): (B, L) token ids -> (B, width). No projection inside."""
 
-    def __init__(self, vocab_size, context_length, width, layers, heads):
+    def __init__(self, vocab_size, context_length, width, layers, heads, act=QuickGELU):
         super().__init__()
         self.context_length = context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, QuickGELU, eps=1e-5, causal=True)
+        self.transformer = Transformer(width, layers, heads, act, eps=1e-5, causal=True)
         self.ln_final = LayerNorm(width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -267,6 +278,9 @@ def mlp(dims, hidden_bias=True, last_bias=True, last_bn=None):
 
 
 # --- CLIP 🚀 model ---
+ACTIVATIONS = {'gelu': nn.GELU, 'quickgelu': QuickGELU}  # cfg.vision_act / cfg.text_act
+
+
 class CLIPModel(nn.Module):
     """Image and text encoders with the heads of cfg.method: the global linear heads z always; the local MLP
     heads h and l2l_logit_scale for every method but clip when num_augs > 0; the method's extra heads."""
@@ -280,8 +294,9 @@ class CLIPModel(nn.Module):
             self.visual = ResNet50()
         else:
             self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                            cfg.vision_heads)
-        self.text = TextTransformer(vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads)
+                                            cfg.vision_heads, cfg.vit_style, ACTIVATIONS[cfg.vision_act])
+        self.text = TextTransformer(vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads,
+                                    ACTIVATIONS[cfg.text_act])
         v, t, d, hidden = self.visual.width, cfg.text_width, cfg.embed_dim, cfg.mlp_hidden_dim
         self.image_heads = nn.ModuleDict({'z': linear_projection(v, d)})
         self.text_heads = nn.ModuleDict({'z': linear_projection(t, d)})
@@ -388,6 +403,164 @@ def build_model(cfg, vocab_size):
     print(f"model: {cfg.method} with {cfg.vision} image encoder, parameters: "
           + ', '.join(f'{name} {n:,}' for name, n in counts.items()) + f"; total {sum(counts.values()):,}")
     return model
+
+
+# --- Released weights ---
+# The checkpoints of SLIP and CLIP 🚀 (their main.py's dict: an `args` Namespace and a DDP state_dict) and open_clip
+# state dicts of OpenAI-architecture ViTs, renamed onto this model. Widths and depths come from the tensors; head
+# counts, which no shape shows, from the official builder named in args.model (OpenAI's rule for open_clip).
+OFFICIAL_HEADS = {  # (format, backbone in args.model) -> (vision heads, text heads) of the official builders
+    ('slip', 'VITS16'): (12, 8), ('slip', 'VITB16'): (12, 8), ('slip', 'VITL16'): (16, 8),  # SLIP's ViT-S: 12 heads
+    ('rocket', 'R50'): (None, 8), ('rocket', 'VITS16MOCO'): (12, 8), ('rocket', 'VITS16'): (6, 8),
+    ('rocket', 'VITS32'): (6, 8), ('rocket', 'VITB32'): (12, 8), ('rocket', 'VITB16'): (12, 8),
+    ('rocket', 'VITL16'): (16, 8),
+}
+OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_MLP_INDEX = {'layer1': 0, 'bn1': 1, 'layer2': 3, 'bn2': 4, 'layer3': 6}  # official 3-layer MLP names -> mlp()
+_RENAMES = [  # (pattern, replacement), applied in turn to every key: the official name -> ours
+    (r'^visual\.cls_token$', 'visual.class_embedding'), (r'^visual\.pos_embed$', 'visual.positional_embedding'),
+    (r'^visual\.patch_embed\.proj\.', 'visual.conv1.'), (r'^visual\.blocks\.', 'visual.transformer.resblocks.'),
+    (r'^visual\.norm\.', 'visual.ln_post.'), (r'\.norm1\.', '.ln_1.'), (r'\.norm2\.', '.ln_2.'),
+    (r'\.attn\.qkv\.', '.attn.in_proj.'), (r'\.attn\.proj\.', '.attn.out_proj.'),
+    (r'\.attn\.in_proj_(weight|bias)$', r'.attn.in_proj.\1'),
+    (r'\.mlp\.fc1\.', '.mlp.c_fc.'), (r'\.mlp\.fc2\.', '.mlp.c_proj.'),
+    (r'^(text\.)?(token_embedding|positional_embedding|transformer|ln_final)\b', r'text.\2'),
+    (r'^image_projector\.', 'image_heads.z.'), (r'^text_projector\.', 'text_heads.z.'),
+    (r'^l2l_image_projector\.', 'image_heads.h.'), (r'^l2l_text_projector\.', 'text_heads.h.'),
+    (r'^image_mlp\.', 'slip_image.'),
+    (r'^(image_heads\.h|text_heads\.h|slip_image)\.(layer[123]|bn[12])\.', lambda m: f'{m[1]}.{_MLP_INDEX[m[2]]}.'),
+    # CLIP 🚀's non-contrastive heads: the '_global' modules (the '_local' ones are the same modules unless
+    # --separate-proj-child, which this model does not have)
+    (r'^barlip_(image|text)_projector_global\.', r'barlip_\1.'),
+    (r'^siamlip_(image|text)_projector_global\.0\.', r'siam_proj_\1.'),
+    (r'^siamlip_(image|text)_projector_global\.1\.', r'siam_proj_\1.4.'),  # the affine-free last BN
+    (r'^image_text_predictor_global\.', 'siam_pred_image.'), (r'^text_image_predictor_global\.', 'siam_pred_text.'),
+]
+_CORE = ('visual.', 'text.', 'image_heads.', 'text_heads.', 'logit_scale', 'l2l_logit_scale')
+_EXTRA = ('slip_image.', 'barlip_image.', 'barlip_text.', 'siam_proj_', 'siam_pred_')
+
+
+def load_weights_file(path):
+    """torch.load(weights_only=True) admitting only the argparse.Namespace (and the pathlib paths inside it) that
+    SLIP and CLIP 🚀 save as `args`: an explicit allow-list, never a full unpickle."""
+    allowed = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
+    if pathlib.PosixPath.__module__ != 'pathlib':  # Python 3.13 moved it; older files name it pathlib.PosixPath
+        allowed += [(pathlib.PosixPath, 'pathlib.PosixPath'), (pathlib.WindowsPath, 'pathlib.WindowsPath')]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _rename(key):
+    for pattern, replacement in _RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _count(state, prefix):
+    """Number of blocks under prefix (keys prefix + '<i>.')."""
+    return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
+
+
+def _source_format(sd):
+    """'slip', 'rocket' or 'open_clip' from the keys; None for an unknown dict; raises for unsupported models."""
+    if 'visual.attnpool.positional_embedding' in sd:
+        raise ValueError("OpenAI's modified ResNet-50 (attention pooling) is out of scope: only OpenAI's ViTs and "
+                         "CLIP 🚀's standard ResNet-50 are supported")
+    if 'token_embedding.weight' not in sd and 'text.token_embedding.weight' not in sd:
+        if 'image_mlp.layer1.weight' in sd:
+            raise ValueError("a SLIP SimCLR checkpoint: an image tower without text tower or projection, so no "
+                             "zero-shot classifier; use one of SLIP's CLIP or SLIP files")
+        return None
+    if 'image_projection' in sd:
+        return 'slip'
+    if 'image_projector.weight' in sd or 'image_projector.layer1.weight' in sd:
+        return 'rocket'
+    if 'visual.proj' in sd and 'visual.class_embedding' in sd:
+        return 'open_clip'
+    return None
+
+
+def _arch(fmt, name, state, extra):
+    """(Config fields of the weights, the fields among them that are assumed, where the head counts come from)."""
+    text_width = state['text.ln_final.weight'].shape[0]
+    arch = dict(text_width=text_width, text_layers=_count(state, 'text.transformer.resblocks.'),
+                context_length=state['text.positional_embedding'].shape[0],
+                embed_dim=state['image_heads.z.weight'].shape[0], method='clip', num_augs=0)
+    if 'visual.class_embedding' in state:
+        width, _, patch, _ = state['visual.conv1.weight'].shape
+        size = math.isqrt(state['visual.positional_embedding'].shape[1] - 1) * patch
+        arch.update(vision='vit', vision_width=width, vision_layers=_count(state, 'visual.transformer.resblocks.'),
+                    patch_size=patch, image_size=size, local_crop_size=size,
+                    vit_style='openai' if fmt == 'open_clip' else 'timm')
+    else:
+        arch.update(vision='resnet50', image_size=224, local_crop_size=224)
+    if 'image_heads.h.0.weight' in state:
+        arch.update(method='rocket', num_augs=2, mlp_hidden_dim=state['image_heads.h.0.weight'].shape[0])
+    elif 'slip_image.0.weight' in extra:
+        arch['mlp_hidden_dim'] = extra['slip_image.0.weight'].shape[0]
+    if fmt == 'open_clip':  # OpenAI's weights were trained with QuickGELU, some LAION ones with GELU: not in the file
+        arch.update(vision_heads=arch['vision_width'] // 64, text_heads=text_width // 64, image_mean=OPENAI_MEAN,
+                    image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
+        return arch, ['vision_act', 'text_act'], "OpenAI's rule (width / 64)"
+    arch.update(vision_act='gelu', text_act='quickgelu')
+    backbone = name.split('_')[1] if name and '_' in name else None
+    heads = OFFICIAL_HEADS.get((fmt, backbone))
+    if heads is None:
+        return arch, [], None
+    if heads[0] is not None and arch['vision'] == 'vit':
+        arch['vision_heads'] = heads[0]
+    arch['text_heads'] = heads[1]
+    return arch, [], f"the official builder {name}"
+
+
+def convert_weights(obj):
+    """A released SLIP / CLIP 🚀 checkpoint or an open_clip ViT state dict, in our names: {'format', 'name',
+    'epoch', 'arch' (Config fields of the weights), 'assumed' (those of them the file cannot tell), 'heads_from',
+    'state' (CLIPModel keys), 'extra' (method heads), 'ignored' (official keys left out)}; None when obj is none
+    of these. A recognised but unsupported file raises ValueError (one line)."""
+    if not isinstance(obj, dict):
+        return None
+    wrapped = isinstance(obj.get('state_dict'), dict)  # main.py's dict (or open_clip's) around the state_dict
+    sd = obj['state_dict'] if wrapped else obj
+    if not sd:
+        return None
+    if all(k.startswith('module.') for k in sd):  # saved from a DistributedDataParallel model
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}  # OpenAI's
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        return None
+    fmt = _source_format(sd)
+    if fmt is None:
+        return None
+    if 'image_projector.layer1.weight' in sd:
+        raise ValueError("a CLIP 🚀 checkpoint with MLP global projectors (--clip-proj-type mlp), which this model "
+                         "does not have; only the paper's linear ones are supported")
+    state, ignored = {}, []
+    for key, value in sd.items():
+        if key in ('image_projection', 'visual.proj', 'text_projection', 'text.text_projection'):
+            # used as x @ P: our Linear weight is P^T
+            state['text_heads.z.weight' if 'text' in key else 'image_heads.z.weight'] = value.t()
+            continue
+        new = _rename(key)
+        if new.startswith(_CORE + _EXTRA):
+            state[new] = value
+        else:
+            ignored.append(key)
+    if fmt == 'open_clip':  # class token (D,) and position embedding (L, D) -> ours, with batch axes
+        state['visual.class_embedding'] = state['visual.class_embedding'].reshape(1, 1, -1)
+        state['visual.positional_embedding'] = state['visual.positional_embedding'].unsqueeze(0)
+    if state.get('image_heads.h.weight') is not None:  # a linear local head
+        if 'l2l_logit_scale' in state:
+            raise ValueError("a CLIP 🚀 checkpoint with linear local projectors (--cl2l-img-proj-type linear), "
+                             "which this model does not have; only the paper's MLP ones are supported")
+        # without --separate-proj the local head is the global one, saved a second time: keep it once
+        ignored += [k for k in sd if k.startswith('l2l_')]
+        state = {k: v for k, v in state.items() if not k.startswith(('image_heads.h.', 'text_heads.h.'))}
+    extra = {k: state.pop(k) for k in list(state) if k.startswith(_EXTRA)}
+    name = getattr(obj.get('args'), 'model', None)
+    arch, assumed, heads_from = _arch(fmt, name, state, extra)
+    return {'format': fmt, 'name': name, 'epoch': obj.get('epoch') if wrapped else None, 'arch': arch,
+            'assumed': assumed, 'heads_from': heads_from, 'state': state, 'extra': extra, 'ignored': ignored}
 
 
 # --- Mixed precision ---

@@ -205,6 +205,47 @@ def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_
     return ckpt['step'], position, rng[rank] if rng is not None else None
 
 
+# Config fields that shape the model and that a checkpoint's config (ours, or an import's) fixes
+ARCH_FIELDS = ('vision', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'image_size', 'vit_style',
+               'vision_act', 'text_width', 'text_layers', 'text_heads', 'text_act', 'context_length', 'embed_dim')
+VIT_FIELDS = ARCH_FIELDS[1:8]
+
+
+def maybe_init_weights(model, cfg, resume, master):
+    """--init=PATH: start from the model weights of a checkpoint of ours or a released SLIP / CLIP 🚀 / open_clip
+    one (the optimizer and schedule start fresh); heads the file lacks keep their initialisation and are listed.
+    Skipped on resume, whose checkpoint holds the weights."""
+    if not cfg.init or resume is not None:
+        return
+    # a released file without an official model name does not tell its head counts: the run's are taken
+    ckpt = read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
+    theirs = ckpt['config']
+    fields = ['vision'] if theirs['vision'] != cfg.vision else [
+        k for k in ARCH_FIELDS if k in theirs and (cfg.vision == 'vit' or k not in VIT_FIELDS)]
+    differ = [k for k in fields if theirs[k] != getattr(cfg, k)]
+    if differ:
+        raise config.ConfigError(f"--init={cfg.init} holds another model than this config's: pass "
+                                 + ' '.join(f"--{k}={theirs[k]}" for k in differ))
+    state, own = {**ckpt['model'], **ckpt.get('extra_heads', {})}, model.state_dict()
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            raise config.ConfigError(f"--init={cfg.init}: {key} is {tuple(value.shape)} in the file but "
+                                     f"{tuple(own[key].shape)} in this model; match it (vocabulary: --bpe_path; "
+                                     f"heads: --mlp_hidden_dim and the method's widths)")
+    loaded = {k: v for k, v in state.items() if k in own}
+    missing, _ = model.load_state_dict(loaded, strict=False)
+    unused = sorted(set(state) - set(own))
+    if master:
+        print(f"init: model weights from {cfg.init} ({len(loaded)} tensors); fresh optimizer and schedule"
+              + (f"; initialised here (not in the file): {_modules(missing)}" if missing else '')
+              + (f"; not used by this model: {_modules(unused)}" if unused else ''))
+
+
+def _modules(keys):
+    """'image_heads.h, l2l_logit_scale' for the keys of those modules' tensors."""
+    return ', '.join(dict.fromkeys(k.rsplit('.', 2)[0] if '.' in k else k for k in keys))
+
+
 def prepare_output_dir(cfg, rank):
     """Refuse an output_dir that holds another run unless --resume or --overwrite; returns the checkpoint
     to resume from (or None) and writes config.json."""
@@ -299,6 +340,7 @@ def main(argv=None):
     # model: identical initialisation on every rank, then per-rank randomness (SPEC.md 5.5)
     seed_everything(cfg.seed)
     model = build_model(cfg, tokenizer.vocab_size).to(device)
+    maybe_init_weights(model, cfg, resume, master)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
