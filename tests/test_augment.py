@@ -325,6 +325,20 @@ def test_treebank_tokenize_matches_nltk(text):
     assert augment.treebank_tokenize(text) == NLTKWordTokenizer().tokenize(text)
 
 
+def without_space_or_quote_style(text):
+    return ''.join(text.split()).replace('``', '"').replace("''", '"')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(PIECES, st.sampled_from(['. ', '.) ', '." ', 'Mr', 'J', '2010', 'The', 'the', 'U.S'])),
+                max_size=30).map(''.join))
+def test_word_tokenize_splits_sentences_at_periods_only(text):
+    tokens = word_tokenize(text)
+    assert without_space_or_quote_style(''.join(tokens)) == without_space_or_quote_style(text)
+    if '.' not in text:
+        assert tokens == augment.treebank_tokenize(text)
+
+
 words = st.lists(st.sampled_from(['a', 'the', 'dog', 'Dog', 'red', 'on', 'café', '東京', "don't", 'x']),
                  min_size=0, max_size=12)
 
