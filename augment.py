@@ -5,12 +5,13 @@ import html
 import math
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
 import ftfy
 import numpy as np
-import regex as re
+import regex
 import torch
 import torch.nn.functional as tnf
 import torchvision.transforms.v2 as v2
@@ -22,7 +23,7 @@ from PIL import Image
 def clean_text(text):
     """ftfy fix, HTML-unescape twice, collapse whitespace, lowercase (CLIP's tokenizer cleaning)."""
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return re.sub(r'\s+', ' ', text).strip().lower()
+    return regex.sub(r'\s+', ' ', text).strip().lower()  # regex's Unicode \s, as CLIP's whitespace_clean
 
 
 # --- Image: mode conversion ---
@@ -182,8 +183,9 @@ hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't need
 shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
 """.split())
 
-# NLTK's improved Treebank tokenizer (nltk.word_tokenize, preserve_line=True: no Punkt sentence split, so only
-# the caption's final period is split off). Rules run in order; the second list runs on ' ' + text + ' '.
+# NLTK's improved Treebank tokenizer, one sentence at a time. Rules run in order; the second list runs on
+# ' ' + text + ' '. Compiled with the standard re, as nltk does: the regex module's \w, \b and \s differ on
+# combining marks, digits such as '²' and the separators \x1c-\x1f.
 _TOKEN_RULES = [(re.compile(p, f), r) for p, f, r in [
     (r'([«“‘„]|[`]+)', 0, r' \1 '),  # starting quotes
     (r'^"', 0, r'``'),
@@ -216,14 +218,54 @@ _PADDED_RULES = [(re.compile(p, f), r) for p, f, r in [
 ]]
 
 
-def word_tokenize(text):
-    """Treebank-style word tokens: punctuation split off, "don't" -> ['do', "n't"], quotes as `` and ''."""
+def treebank_tokenize(sentence):
+    """Treebank-style word tokens of one sentence: punctuation split off, "don't" -> ['do', "n't"], quotes as ``
+    and '', and only a final period split off."""
     for pattern, repl in _TOKEN_RULES:
-        text = pattern.sub(repl, text)
-    text = f' {text} '
+        sentence = pattern.sub(repl, sentence)
+    sentence = f' {sentence} '
     for pattern, repl in _PADDED_RULES:
-        text = pattern.sub(repl, text)
-    return text.split()
+        sentence = pattern.sub(repl, sentence)
+    return sentence.split()
+
+
+# nltk.word_tokenize first splits sentences with Punkt's English model; only the split at a period changes the
+# word tokens ("it." -> "it ."). A rule-based stand-in for Punkt on captions (recipe §3.2): a word ending in a
+# period, perhaps with closing quotes or brackets, ends a sentence when whitespace and a token follow, except
+# after an ellipsis, after a common abbreviation (unless a capitalised sentence starter follows), after a number
+# followed by a lowercase word, and after an initial followed by a lowercase word or a name.
+_SENTENCE_END = re.compile(r'(\S*)\.(["\')\]}»”’]*)\s+(?=(\S+))')
+_NUMBER = re.compile(r'-?[.,]?\d[\d,.-]*')
+_INITIAL = re.compile(r'[^\W\d]')
+_ABBREVIATIONS = frozenset("""mr mrs ms dr st jr sr prof gen sen rep inc ltd co corp vs ave ft jan feb aug sept oct
+nov dec a.m p.m u.s u.k""".split())  # each one an abbreviation in Punkt's English model too
+_SENTENCE_STARTERS = frozenset('the this these there they he it i if in but so some most many when while however'
+                               .split())
+
+
+def _ends_sentence(word, following):
+    """Whether word + '.' ends a sentence when the token `following` comes next (Punkt's usual decision)."""
+    word = word.lstrip('([{"\'`').lower()
+    lower, upper = following[:1].islower(), following[:1].isupper()
+    if word.endswith('.'):  # an ellipsis: the tokens are the same either way
+        return False
+    if word in _ABBREVIATIONS or word.rsplit('-', 1)[-1] in _ABBREVIATIONS:
+        return upper and following.lower() in _SENTENCE_STARTERS
+    if _NUMBER.fullmatch(word):
+        return not lower
+    if _INITIAL.fullmatch(word):  # a capitalised non-stopword is taken for a name: 'J. Smith', but 'B. The end'
+        return not lower and not (upper and following.lower() not in STOPWORDS)
+    return True
+
+
+def word_tokenize(text):
+    """nltk.word_tokenize: sentences split as Punkt would on captions, then Treebank tokens of each sentence."""
+    tokens, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        if _ends_sentence(m.group(1), m.group(2)[:1] or m.group(3)):  # closing marks are what Punkt sees next
+            tokens += treebank_tokenize(text[start:m.end(2)])
+            start = m.end()
+    return tokens + treebank_tokenize(text[start:])
 
 
 def remove_stopwords(text, rng, p):

@@ -1,13 +1,16 @@
 """Augmentations against SPEC.md 3: pipeline parameters, kernels vs torchvision/PIL, text-op properties, WordNet."""
+import functools
 import io
 import pickle
 import random
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as F
@@ -18,6 +21,11 @@ import augment
 from augment import (STOPWORDS, ImageViews, TextViews, eval_transform, random_deletion, random_swap,
                      remove_stopwords, synonym_replacement, to_rgb, word_tokenize)
 from config import Config
+
+try:  # the official tokenizer's rules, a test-only reference
+    from nltk.tokenize import NLTKWordTokenizer
+except ImportError:
+    NLTKWordTokenizer = None
 
 WORDNET = Path('/usr/share/wordnet')
 needs_wordnet = pytest.mark.skipif(not (WORDNET / 'data.noun').is_file(), reason='WordNet 3.0 not installed')
@@ -220,10 +228,21 @@ def test_stopword_list_is_nltk_3_7():
     assert not {"he'd", "i'm", "they're", 'dog'} & STOPWORDS  # added in later nltk_data; a content word
 
 
-@pytest.mark.parametrize('text,tokens', [  # outputs of nltk.word_tokenize(text, preserve_line=True)
+@pytest.mark.parametrize('text,tokens', [  # outputs of nltk 3.7's word_tokenize(text) (Punkt's English model)
     ("Good muffins cost $3.88\nin New York.  Please buy me\ntwo of them.\nThanks.",
-     ['Good', 'muffins', 'cost', '$', '3.88', 'in', 'New', 'York.', 'Please', 'buy', 'me', 'two', 'of', 'them.',
-      'Thanks', '.']),
+     ['Good', 'muffins', 'cost', '$', '3.88', 'in', 'New', 'York', '.', 'Please', 'buy', 'me', 'two', 'of', 'them',
+      '.', 'Thanks', '.']),
+    ('Look at it. The cat sleeps', ['Look', 'at', 'it', '.', 'The', 'cat', 'sleeps']),
+    ('Photo by J. Smith. All rights reserved.', ['Photo', 'by', 'J.', 'Smith', '.', 'All', 'rights', 'reserved', '.']),
+    ('Mr. Brown and his dog. They live next door.',
+     ['Mr.', 'Brown', 'and', 'his', 'dog', '.', 'They', 'live', 'next', 'door', '.']),
+    ('old church, built in 1850. restored in 2003.',
+     ['old', 'church', ',', 'built', 'in', '1850.', 'restored', 'in', '2003', '.']),
+    ('Our hotel in the U.S. The room was big.', ['Our', 'hotel', 'in', 'the', 'U.S', '.', 'The', 'room', 'was', 'big', '.']),
+    ('He said "go." Then he left.', ['He', 'said', '``', 'go', '.', "''", 'Then', 'he', 'left', '.']),
+    ('Waiting for the bus... It never came.', ['Waiting', 'for', 'the', 'bus', '...', 'It', 'never', 'came', '.']),
+    ("a 'q\u0301 b", ['a', "'", 'q\u0301', 'b']),  # the regex module's \w would take the combining mark
+    ('the end.\x1c', ['the', 'end', '.']),  # ... and its \s would not take the separator \x1c
     ("They'll save and invest more.", ['They', "'ll", 'save', 'and', 'invest', 'more', '.']),
     ("hi, my name can't hello,", ['hi', ',', 'my', 'name', 'ca', "n't", 'hello', ',']),
     ('He said "hello" (twice)...', ['He', 'said', '``', 'hello', "''", '(', 'twice', ')', '...']),
@@ -241,8 +260,83 @@ def test_remove_stopwords():
     assert remove_stopwords('it is what it is', rng, 1.0) == 'it is what it is'  # all stopwords: keep input
     assert remove_stopwords('The dog', rng, 0.0) == 'The dog'
     assert remove_stopwords('   ', rng, 1.0) == '   '
+    assert remove_stopwords('Look at it. The cat sleeps', rng, 1.0) == 'Look . cat sleeps'  # sentence split first
     hits = sum(remove_stopwords('a dog', rng, 0.8) == 'dog' for _ in range(4000))
     assert abs(hits / 4000 - 0.8) < 0.03
+
+
+def str_class(predicate):
+    """A character class of every code point where the str predicate holds, written out for the regex module."""
+    inside = [predicate(chr(c)) for c in range(0x110000)] + [False]  # inside[-1] is the edge for c = 0
+    starts = [c for c in range(0x110000) if inside[c] and not inside[c - 1]]
+    ends = [c for c in range(0x110000) if inside[c] and not inside[c + 1]]
+    return ''.join(f'\\U{a:08x}-\\U{b:08x}' for a, b in zip(starts, ends))
+
+
+@functools.lru_cache(maxsize=None)
+def python_semantics_rules():
+    """The tokenizer's rules for the regex module with \\w, \\d, \\s and \\b spelled out from Python's str predicates,
+    which define them for the standard re: an independent engine with the character semantics nltk gets."""
+    w = str_class(lambda c: c.isalnum() or c == '_')
+    d, s = str_class(str.isdecimal), str_class(str.isspace)
+    spelled = [('[^\\d]', f'[^{d}]'), ('\\w', f'[{w}]'), ('\\s', f'[{s}]'),
+               ('\\b', f'(?:(?<=[{w}])(?![{w}])|(?<![{w}])(?=[{w}]))')]
+
+    def port(rules):
+        out = []
+        for pattern, repl in rules:
+            text = pattern.pattern
+            for escape, cls in spelled:
+                text = text.replace(escape, cls)
+            assert not regex.search(r'\\[a-zA-TV-Z]', text), text  # every class escape was spelled out
+            out.append((regex.compile(text, regex.I if pattern.flags & re.I else 0), repl))
+        return out
+    return port(augment._TOKEN_RULES), port(augment._PADDED_RULES)
+
+
+def reference_treebank(sentence):
+    first, padded = python_semantics_rules()
+    for pattern, repl in first:
+        sentence = pattern.sub(repl, sentence)
+    sentence = f' {sentence} '
+    for pattern, repl in padded:
+        sentence = pattern.sub(repl, sentence)
+    return sentence.split()
+
+
+# Treebank's punctuation and contractions, and characters on which the regex module and the standard re disagree
+# (combining marks, digits like '²', the separators \x1c-\x1f, case folding), alone and where the rules look
+PIECES = st.sampled_from([' ', "'", '"', '.', ',', ':', '(', '«', '”', '...', 'q', 'a', 'nT', "n't", 'can', 'not',
+                          'wan', 'na', "'re", '0', '_', '\u0301', 'q\u0301', '\x1c', '.\x1c', '\x1f', '\x85', '\xa0',
+                          '²', 'a²', '٣', 'ſ', '\u212a', 'İ', 'ǅ'])
+unicode_text = st.lists(st.one_of(PIECES, PIECES, PIECES, st.characters()), max_size=30).map(''.join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(unicode_text)
+def test_treebank_tokenize_has_the_standard_re_semantics(text):
+    assert augment.treebank_tokenize(text) == reference_treebank(text)
+
+
+@pytest.mark.skipif(NLTKWordTokenizer is None, reason='nltk 3.7 (requirements-test.txt) not installed')
+@settings(max_examples=1000, deadline=None)
+@given(unicode_text)
+def test_treebank_tokenize_matches_nltk(text):
+    assert augment.treebank_tokenize(text) == NLTKWordTokenizer().tokenize(text)
+
+
+def without_space_or_quote_style(text):
+    return ''.join(text.split()).replace('``', '"').replace("''", '"')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(PIECES, st.sampled_from(['. ', '.) ', '." ', 'Mr', 'J', '2010', 'The', 'the', 'U.S'])),
+                max_size=30).map(''.join))
+def test_word_tokenize_splits_sentences_at_periods_only(text):
+    tokens = word_tokenize(text)
+    assert without_space_or_quote_style(''.join(tokens)) == without_space_or_quote_style(text)
+    if '.' not in text:
+        assert tokens == augment.treebank_tokenize(text)
 
 
 words = st.lists(st.sampled_from(['a', 'the', 'dog', 'Dog', 'red', 'on', 'café', '東京', "don't", 'x']),
@@ -338,6 +432,15 @@ def test_synonym_replacement_uses_wordnet(wordnet):
         new = out[4:]
         assert (new.endswith(' run') and new[:-4] in wordnet['dogs']) or \
                (new.startswith('dogs ') and new[5:] in wordnet['run'])
+
+
+@needs_wordnet
+def test_synonym_replacement_never_deletes_a_word(wordnet):
+    # textaugment's letter filter turns lemmas such as '2' (of 'two') into '', a deletion; we drop such lemmas
+    assert augment._lemma_name('2') == '' and wordnet['two'] == ['deuce', 'ii']
+    outs = [synonym_replacement('two Cats sitting', random.Random(seed), wordnet).split() for seed in range(300)]
+    assert all(len(out) >= 3 and out[0] in ('two', 'deuce', 'ii') for out in outs)
+    assert 20 < sum(out[0] != 'two' for out in outs) < 180  # 'two' is replaced about a third of the time
 
 
 @needs_wordnet
