@@ -423,17 +423,21 @@ class SampleMaker:
     def __init__(self, cfg, tokenizer):
         self.image_views, self.text_views, self.tokenizer = ImageViews(cfg), TextViews(cfg), tokenizer
         self.seed, self.single = cfg.seed, cfg.caption_sampling == 'single'
+        self.defer = cfg.augment_device != 'cpu'  # the training step finishes the views (augment.finish_views)
 
     def __call__(self, image, captions, epoch, index, skipped):
         seed = sample_seed(self.seed, epoch, index)
         rng = random.Random(seed)
         if self.single:  # SPEC.md 4.2: one caption for every text view
             captions = (rng.choice(captions),)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's generator alone (workers=0)
-            torch.default_generator.manual_seed(seed)
-            weak, strong = self.image_views(image)
+        gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
+        if self.defer:
+            weak, strong, params = self.image_views.draw(image, gen)
+        else:
+            weak, strong = self.image_views(image, gen)
         tokens = self.tokenizer(self.text_views(captions, rng))  # (1+A, 77)
-        return {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
+        sample = {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
+        return {**sample, 'strong_params': params} if self.defer else sample
 
 
 class TrainDataset(torch.utils.data.Dataset):
