@@ -190,6 +190,34 @@ def draw_photometric(gen, spec):
 
 
 # --- Image: crops, photometric ops, normalisation ---
+class UnreadableImage(OSError):
+    """An image file that fails to decode (truncated or corrupt): the loaders skip and count it."""
+
+
+def draft_scale(boxes, sizes):
+    """The largest JPEG DCT scale 1/k (k in 8, 4, 2, 1) at which every crop box (top, left, h, w) still has at
+    least `size` pixels a side: no view is upsampled where the full decode would not upsample it."""
+    return next((k for k in (8, 4, 2) if all(min(box[2:]) >= k * size for box, size in zip(boxes, sizes))), 1)
+
+
+def draft(img, boxes, sizes):
+    """Decode img (if not yet decoded) at draft_scale(boxes, sizes); returns the k it got (1: full size)."""
+    k, (width, height) = draft_scale(boxes, sizes), img.size
+    # Pillow sets a draft only on a JPEG still to be decoded, and picks the largest scale keeping the asked size
+    drafted = k > 1 and img.format == 'JPEG' and img.draft('RGB', (width // k, height // k)) is not None
+    try:
+        img.load()
+    except (OSError, EOFError) as e:
+        raise UnreadableImage(f'{e}') from e
+    return k if drafted else 1
+
+
+def scale_box(box, k):
+    """A box of the stored image in pixels of its 1/k decode: the whole decoded pixels that cover it."""
+    top, left, h, w = box
+    return top // k, left // k, -(-(top + h) // k) - top // k, -(-(left + w) // k) - left // k
+
+
 def resized_crop(x, box, size):
     """(3, H, W) uint8 -> (3, size, size) uint8: the box (top, left, h, w) resized bicubic with antialias."""
     top, left, h, w = box
@@ -245,14 +273,19 @@ class ImageViews:
         self.mean, self.std = cfg.image_mean, cfg.image_std
 
     def draw(self, img, gen=None):
-        """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A)."""
-        x = F.pil_to_tensor(to_rgb(img))  # (3, H, W) uint8, shared by every view
-        _, height, width = x.shape
-        weak = resized_crop(x, crop_box(gen, height, width, self.weak['scale']), self.weak['size'])
-        strong, params = [], []
+        """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A). Every box
+        is drawn against the stored size; a JPEG not yet decoded is decoded at the DCT scale the boxes allow."""
+        width, height = img.size
+        boxes = [crop_box(gen, height, width, self.weak['scale'])]
+        params = []
         for spec in self.strong:
-            strong.append(resized_crop(x, crop_box(gen, height, width, spec['scale']), spec['size']))
+            boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
+        sizes = [self.weak['size']] + [spec['size'] for spec in self.strong]
+        k = draft(img, boxes, sizes)
+        x = F.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        boxes = [scale_box(box, k) for box in boxes]
+        weak, *strong = (resized_crop(x, box, size) for box, size in zip(boxes, sizes))
         return weak, strong, params
 
     def __call__(self, img, gen=None):

@@ -3,6 +3,7 @@ import argparse
 import bisect
 import collections
 import csv
+import functools
 import gzip
 import heapq
 import io
@@ -24,7 +25,7 @@ import regex
 import torch
 from PIL import Image, ImageDraw
 
-from augment import ImageViews, TextViews, clean_text, eval_transform
+from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform
 
 
 # --- BPE tokenizer ---
@@ -256,10 +257,12 @@ def sample_seed(*keys):
 
 
 def open_image(data):
-    """Fully decoded PIL image from encoded bytes (decoding here makes a truncated file fail now, not later).
+    """PIL image from encoded bytes, decoded here (so a bad file fails now, not later) except a JPEG: the views
+    decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
     Deviation from SPEC.md 4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
     img = Image.open(io.BytesIO(data))
-    img.load()
+    if img.format != 'JPEG':
+        img.load()
     return img
 
 
@@ -406,7 +409,7 @@ def build_reader(cfg):
     errors = []
     for i in range(first):
         try:
-            reader.load(i)
+            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
             break
         except BAD_SAMPLE as e:
             errors.append(e)
@@ -440,6 +443,18 @@ class SampleMaker:
         return {**sample, 'strong_params': params} if self.defer else sample
 
 
+def read_sample(load, make_sample, epoch, index, skipped):
+    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded."""
+    try:
+        image, captions = load()
+    except BAD_SAMPLE as e:
+        return None, e
+    try:
+        return make_sample(image, captions, epoch, index, skipped), None
+    except UnreadableImage as e:  # a JPEG, decoded by the views at the scale their crops allow
+        return None, e
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Map-style samples keyed by (epoch, index); an unreadable item is replaced by the next index and counted."""
 
@@ -452,12 +467,10 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         for skipped in range(MAX_BAD_IN_A_ROW):
-            try:
-                image, captions = self.reader.load((index + skipped) % len(self.reader))
-            except BAD_SAMPLE as e:
-                error = e
-                continue
-            return self.make_sample(image, captions, epoch, index, skipped)
+            load = functools.partial(self.reader.load, (index + skipped) % len(self.reader))
+            sample, error = read_sample(load, self.make_sample, epoch, index, skipped)
+            if sample is not None:
+                return sample
         raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index} ({error!r}); "
                            f"check --root and --metadata")
 
@@ -574,14 +587,14 @@ class TarShards(torch.utils.data.IterableDataset):
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             index, group = buffer.pop()
-            try:
-                image, captions = decode_group(group)
-            except BAD_SAMPLE as e:
+            sample, error = read_sample(functools.partial(decode_group, group), self.make_sample, self.epoch, index,
+                                        pending)
+            if sample is None:
                 pending += 1
                 if pending == MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({e!r}); check the shards") from None
+                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({error!r}); check the shards")
                 continue
-            yield self.make_sample(image, captions, self.epoch, index, pending)
+            yield sample
             pending, left = 0, left - 1
 
 

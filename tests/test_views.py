@@ -196,3 +196,60 @@ def test_crop_box_draws_as_torchvision():
             ref = v2.RandomResizedCrop(8, scale=scale).make_params([torch.zeros(3, height, width)])
             ours = augment.crop_box(torch.Generator().manual_seed(seed), height, width, scale)
             assert ours == (ref['top'], ref['left'], ref['height'], ref['width'])
+
+
+# --- JPEG draft decoding ---
+def big_jpeg(seed, size=(960, 720)):
+    import io
+    buf = io.BytesIO()
+    photo(seed, size).save(buf, 'JPEG', quality=90)
+    return buf.getvalue()
+
+
+def test_draft_scale_is_the_largest_that_never_upsamples():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        sizes = rng.integers(8, 64, 3).tolist()
+        boxes = [(0, 0, *rng.integers(1, 700, 2).tolist()) for _ in sizes]
+        k = augment.draft_scale(boxes, sizes)
+        assert k in (1, 2, 4, 8)
+        fits = [all(min(b[2:]) >= j * s for b, s in zip(boxes, sizes)) for j in (2 * k, k)]
+        assert (k == 1 or fits[1]) and (k == 8 or not fits[0])  # every crop keeps >= size pixels a side at 1/k
+
+
+def test_scaled_box_covers_the_drawn_box_inside_the_decoded_image():
+    gen = torch.Generator().manual_seed(2)
+    for k in (1, 2, 4, 8):
+        for height, width in ((720, 960), (721, 963)):
+            for _ in range(200):
+                top, left, h, w = augment.crop_box(gen, height, width, (0.08, 1.0))
+                t, lf, hk, wk = augment.scale_box((top, left, h, w), k)
+                assert t * k <= top and lf * k <= left and (t + hk) * k >= top + h and (lf + wk) * k >= left + w
+                assert t + hk <= -(-height // k) and lf + wk <= -(-width // k) and min(hk, wk) >= min(h, w) // k
+
+
+def test_draft_decoded_views_match_full_decoded_views():
+    """A 960x720 JPEG with 64 / 48 px views: most samples decode at 1/2..1/8, with the same draws, and each crop
+    differs from the full decode's by about one uint8 level on average (DCT scaling vs bicubic antialiasing)."""
+    cfg = Config(image_size=64, local_crop_size=48, num_augs=2)
+    views, scales = augment.ImageViews(cfg), Counter()
+    for seed in range(12):
+        data = big_jpeg(seed)
+        full = D.open_image(data)
+        full.load()
+        lazy = D.open_image(data)
+        got = views.draw(lazy, torch.Generator().manual_seed(seed))
+        want = views.draw(full, torch.Generator().manual_seed(seed))
+        scales[full.size[0] // lazy.size[0]] += 1
+        for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+            assert (g.float() - w.float()).abs().mean() < 2.5
+        for pg, pw in zip(got[2], want[2]):
+            assert all(torch.equal(pg[k], pw[k]) for k in pg)
+    assert scales[1] < 12 and set(scales) <= {1, 2, 4, 8}
+
+
+def test_truncated_jpeg_is_unreadable_when_the_views_decode_it():
+    data = big_jpeg(0, (64, 48))
+    views = augment.ImageViews(Config(image_size=16, local_crop_size=8))
+    with pytest.raises(augment.UnreadableImage):
+        views.draw(D.open_image(data[:len(data) // 2]))
