@@ -76,10 +76,11 @@ def adjust_hue(img, hue_factor):
     h = torch.where(maxc == r, g - b,
                     torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4)))
     h.div_(delta.clamp_min(1e-8)).add_(6 * hue_factor)  # hue in sextants; grey pixels (delta 0) keep maxc anyway
-    # HSV -> RGB: channel = max - delta * clamp(2 - d, 0, 1), d = distance of (hue + phase) from 2 on the 6-circle
+    # HSV -> RGB: channel = max - delta * clamp(2 - d, 0, 1) = max - 2 delta + delta * clamp(d, 1, 2), where d is
+    # the distance of (hue + phase) from 2 on the 6-circle
     u = h + _HUE_PHASES.to(img.device)  # (B, 3, H, W)
-    u.sub_(torch.round(u / 6).mul_(6)).abs_()
-    return u.neg_().add_(2).clamp_(0, 1).mul_(delta).neg_().add_(maxc)
+    u.sub_(torch.round(u / 6).mul_(6)).abs_().clamp_(1, 2)
+    return torch.addcmul(maxc.sub_(delta, alpha=2), delta, u)
 
 
 def blur_taps(sigma):
