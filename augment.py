@@ -128,18 +128,23 @@ JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_h
 
 # --- Image: random parameters of the views (torchvision's draws, in its order, from one generator) ---
 def coin(gen, p):
-    """torchvision's RandomApply test: applied unless rand >= p (the comparison in float32, as there)."""
-    return not bool(torch.rand(1, generator=gen) >= p)
+    """torchvision's RandomApply test: applied unless rand >= p, compared in float32 as there."""
+    return torch.rand(1, generator=gen).item() < float(np.float32(p))
 
 
 def uniform(gen, lo, hi):
     return torch.empty(1).uniform_(lo, hi, generator=gen).item()
 
 
+@functools.lru_cache(maxsize=None)
+def float32_logs(values):
+    return torch.log(torch.tensor(values)).tolist()  # torchvision's log ratio bounds, to the last bit
+
+
 def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's (top, left, h, w): a box of area scale x the image and log-uniform aspect ratio,
     10 tries, else the central crop of clamped ratio (torchvision's make_params)."""
-    log_ratio = torch.log(torch.tensor(ratio)).tolist()
+    log_ratio = float32_logs(ratio)
     for _ in range(10):
         area = height * width * uniform(gen, *scale)
         aspect = torch.exp(torch.empty(1).uniform_(*log_ratio, generator=gen)).item()
