@@ -109,6 +109,22 @@ def op_table(size):
     return [(name, best_us(ref), best_us(ours)) for name, ref, ours in rows]
 
 
+def finish_rate(size, device, batch=64, calls=5):
+    """Strong views/s of the step-side augment.finish_strong on device (batches of freshly drawn parameters)."""
+    spec = A.strong_specs(Config(local_crop_size=size))[0]
+    gen = torch.Generator().manual_seed(0)
+    params = torch.utils.data.default_collate([A.draw_photometric(gen, spec) for _ in range(batch)])
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
+    A.finish_strong(x, params, MEAN, STD)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        A.finish_strong(x, params, MEAN, STD)
+    sync()
+    return batch * calls / (time.perf_counter() - start)
+
+
 # --- Main ---
 def main(argv):
     if any(not a.startswith('--') or '=' not in a for a in argv):
@@ -137,6 +153,9 @@ def main(argv):
     print(f"\nper op on one {size}x{size} view, fastest of 200 calls: reference (torchvision tensor kernels) vs ours")
     for name, ref_us, ours_us in op_table(size):
         print(f"  {name:<42} {ref_us:8.1f} us {ours_us:8.1f} us  {ref_us / ours_us:5.2f}x")
+    for device in ['cpu'] + ['cuda'] * torch.cuda.is_available():
+        print(f"step-side finish_strong (--augment_device=cuda), batch 64 on {device}: "
+              f"{finish_rate(size, device):.0f} strong views/s")
 
     text = TextViews(Config(num_augs=2))
     rng = random.Random(0)
