@@ -26,12 +26,16 @@ def clean_text(text):
 
 
 # --- Image: mode conversion ---
-def to_rgb(img):
-    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+def check_image(img):
     if not isinstance(img, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(img).__name__}; open files with PIL.Image.open")
     if min(img.size) == 0:
         raise ValueError(f"empty image of size {img.size}; drop it from the dataset")
+
+
+def to_rgb(img):
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+    check_image(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         # PIL's own convert clips 16-bit values at 255 (an all-white image); rescale to 8 bits instead
         a = np.asarray(img, dtype=np.float64)
@@ -248,8 +252,8 @@ def _on_rows(img, rows, fn, *args):
     if len(rows) == len(img):
         return fn(img, *args)
     if rows:
-        i = torch.tensor(rows, device=img.device)
-        img[i] = fn(img[i], *(a[i] for a in args))
+        i = torch.tensor(rows)
+        img[i.to(img.device)] = fn(img[i.to(img.device)], *(a[i.to(a.device)] for a in args))  # blur's sigma: CPU
     return img
 
 
@@ -281,6 +285,7 @@ class ImageViews:
     def draw(self, img, gen=None):
         """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A). Every box
         is drawn against the stored size; a JPEG not yet decoded is decoded at the DCT scale the boxes allow."""
+        check_image(img)
         width, height = img.size
         boxes = [crop_box(gen, height, width, self.weak['scale'])]
         params = []
