@@ -253,3 +253,14 @@ def test_truncated_jpeg_is_unreadable_when_the_views_decode_it():
     views = augment.ImageViews(Config(image_size=16, local_crop_size=8))
     with pytest.raises(augment.UnreadableImage):
         views.draw(D.open_image(data[:len(data) // 2]))
+
+
+def test_batched_finish_runs_on_the_views_device():
+    """On the 'meta' device (shapes only): a CPU tensor in the device's elementwise maths raises, as on a GPU."""
+    params = torch.utils.data.default_collate(mixed_params(8, 1))
+    x = torch.empty(8, 3, 12, 12, dtype=torch.uint8, device='meta')
+    out = augment.finish_strong(x, params, MEAN, STD)
+    assert out.device.type == 'meta' and out.shape == (8, 3, 12, 12) and out.dtype == torch.float32
+    weak, strong = augment.finish_views({'weak': x, 'strong': [x], 'strong_params': [params]},
+                                        Config(augment_device='cuda'), torch.device('meta'))
+    assert weak.device.type == strong[0].device.type == 'meta'
