@@ -27,12 +27,16 @@ def clean_text(text):
 
 
 # --- Image: mode conversion ---
-def to_rgb(img):
-    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+def check_image(img):
     if not isinstance(img, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(img).__name__}; open files with PIL.Image.open")
     if min(img.size) == 0:
         raise ValueError(f"empty image of size {img.size}; drop it from the dataset")
+
+
+def to_rgb(img):
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+    check_image(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         # PIL's own convert clips 16-bit values at 255 (an all-white image); rescale to 8 bits instead
         a = np.asarray(img, dtype=np.float64)
@@ -43,118 +47,275 @@ def to_rgb(img):
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-# --- Image: colour and blur kernels (float (C, H, W) images in [0, 1]) ---
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # HSV -> RGB phase of R, G, B in sextants
+# --- Image: colour and blur kernels (float (B, 3, H, W) images in [0, 1]; factors are (B, 1, 1, 1) tensors) ---
+# Kernels ending in _ work in place. Each is torchvision's maths (or PIL's, for the blur) in fewer passes.
+def grayscale(img):
+    """(B, 1, H, W) luma with torchvision's weights, in its order of operations."""
+    r, g, b = img.split(1, dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)
+
+
+def adjust_brightness_(img, factor):
+    return img.mul_(factor).clamp_(0, 1)
+
+
+def adjust_contrast_(img, factor):
+    mean = grayscale(img).mean((-3, -2, -1), keepdim=True)
+    return img.mul_(factor).add_(mean * (1 - factor)).clamp_(0, 1)
+
+
+def adjust_saturation_(img, factor):
+    gray = grayscale(img).mul_(1 - factor)
+    return img.mul_(factor).add_(gray).clamp_(0, 1)
+
+
+_HUE_PHASES = torch.tensor([3.0, 1.0, -1.0]).view(3, 1, 1)  # HSV -> RGB phase of R, G, B in sextants, minus 2
 
 
 def adjust_hue(img, hue_factor):
-    """Rotate the hue of a (3, H, W) image by hue_factor turns: torchvision's HSV maths in closed form
-    (V = max and V*S = max - min are kept), ~3x faster than its tensor kernel."""
-    maxc, minc = img.amax(0), img.amin(0)  # (H, W)
+    """Rotate the hue by hue_factor turns: torchvision's HSV maths in closed form (V = max and V*S = max - min
+    are kept), with one division and no float mod (the costliest op: a round instead)."""
+    maxc, minc = img.amax(-3, keepdim=True), img.amin(-3, keepdim=True)  # (B, 1, H, W)
     delta = maxc - minc
-    d = delta.clamp_min(1e-8)  # grey pixels have no hue; their output is maxc whatever h is
-    r, g, b = img
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
-    # HSV -> RGB: channel = max - delta * clamp(min(k, 4 - k), 0, 1) with k = (phase + hue) mod 6
-    k = (h + 6 * hue_factor + _HUE_OFFSETS) % 6  # (3, H, W)
-    return maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1)
+    r, g, b = img.split(1, dim=-3)
+    h = torch.where(maxc == r, g - b,
+                    torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4)))
+    h.div_(delta.clamp_min(1e-8)).add_(6 * hue_factor)  # hue in sextants; grey pixels (delta 0) keep maxc anyway
+    # HSV -> RGB: channel = max - delta * clamp(2 - d, 0, 1) = max - 2 delta + delta * clamp(d, 1, 2), where d is
+    # the distance of (hue + phase) from 2 on the 6-circle
+    u = h + _HUE_PHASES.to(img.device)  # (B, 3, H, W)
+    u.sub_(torch.round(u / 6).mul_(6)).abs_().clamp_(1, 2)
+    return torch.addcmul(maxc.sub_(delta, alpha=2), delta, u)
+
+
+def blur_taps(sigma):
+    """The taps of Pillow's extended box filter whose 3 passes make a Gaussian of std sigma (Gwosdek et al. 2011):
+    2n + 1 full taps plus a fractional tap a at each end, normalised, each pass of variance sigma^2 / 3."""
+    var = sigma * sigma / 3
+    n = math.floor((math.sqrt(12 * var + 1) - 1) / 2)
+    a = (2 * n + 1) * (n * (n + 1) - 3 * var) / (6 * (var - (n + 1) ** 2))
+    return [w / (2 * n + 1 + 2 * a) for w in [a] + [1.0] * (2 * n + 1) + [a]]
 
 
 def gaussian_blur(img, sigma):
-    """PIL's GaussianBlur(radius=sigma) on tensors: 3 passes of Pillow's extended box filter per axis, whose
-    size comes from sigma (Gwosdek et al. 2011; total variance sigma^2), edges replicated per pass. Matches
-    PIL up to its uint8 rounding between passes (<= 3/255) at a third of its cost. A sampled Gaussian
+    """PIL's GaussianBlur(radius=sigma) per image, sigma (B,): 3 passes of the extended box filter per axis, edges
+    replicated per pass. Matches PIL up to its uint8 rounding between passes (<= 3/255). A sampled Gaussian
     (torchvision) would blur much less for sigma < 0.7."""
-    var = sigma * sigma / 3  # per pass
-    n = math.floor((math.sqrt(12 * var + 1) - 1) / 2)  # box of 2n + 1 full taps plus a fractional tap a each side
-    a = (2 * n + 1) * (n * (n + 1) - 3 * var) / (6 * (var - (n + 1) ** 2))
-    taps = [w / (2 * n + 1 + 2 * a) for w in [a] + [1.0] * (2 * n + 1) + [a]]
-    r = n + 1
-    for dim, pad in ((2, (r, r, 0, 0)), (1, (0, 0, r, r))):  # (C, H, W): along W, then along H
+    taps = [blur_taps(s) for s in sigma.tolist()]
+    r = max(len(t) for t in taps) // 2  # shorter filters get zero taps at both ends: the same sums, exactly
+    taps = torch.tensor([[0.0] * (r - len(t) // 2) + t + [0.0] * (r - len(t) // 2) for t in taps])
+    taps = taps.to(img.device).T.reshape(2 * r + 1, -1, 1, 1, 1)  # (taps, B, 1, 1, 1)
+    for dim, pad in ((3, (r, r, 0, 0)), (2, (0, 0, r, r))):  # (B, C, H, W): along W, then along H
         size = img.shape[dim]
         for _ in range(3):
-            x = tnf.pad(img[None], pad, mode='replicate')[0]
+            x = tnf.pad(img, pad, mode='replicate')
             # shifted multiply-adds: far faster than a depthwise conv2d on CPU for kernels this small
             img = x.narrow(dim, 0, size) * taps[0]
             for i in range(1, len(taps)):
-                img.add_(x.narrow(dim, i, size), alpha=taps[i])
+                img.addcmul_(x.narrow(dim, i, size), taps[i])
     return img
 
 
-class ColorJitter(v2.ColorJitter):
-    """torchvision's ColorJitter (same factor draws, random order) with the faster float hue kernel."""
-
-    def transform(self, inpt, params):
-        ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, adjust_hue)
-        factors = (params['brightness_factor'], params['contrast_factor'], params['saturation_factor'],
-                   params['hue_factor'])
-        for i in params['fn_idx'].tolist():
-            if factors[i] is not None:
-                inpt = ops[i](inpt, factors[i])
-        return inpt
+def solarize(img):
+    return torch.where(img >= 128 / 255, 1 - img, img)  # PIL's solarize(threshold=128) on uint8
 
 
-class GaussianBlur(v2.Transform):
-    """PIL-style Gaussian blur with sigma ~ U(sigma_min, sigma_max), drawn per call from torch's generator."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        super().__init__()
-        self.sigma = sigma
-
-    def make_params(self, flat_inputs):
-        return {'sigma': torch.empty(1).uniform_(*self.sigma).item()}
-
-    def transform(self, inpt, params):
-        return gaussian_blur(inpt, params['sigma'])
+def grayscale_(img):
+    return img.copy_(grayscale(img).expand_as(img))
 
 
-# --- Image: weak, strong and evaluation views ---
-BICUBIC = v2.InterpolationMode.BICUBIC
+def flip(img):
+    return img.flip(-1)
 
 
-def weak_transform(cfg):
-    """Global view (SPEC.md 3.1): RandomResizedCrop(S, scale (weak_min_scale, 1)), bicubic, normalise."""
-    return v2.Compose([
-        v2.RandomResizedCrop(cfg.image_size, scale=(cfg.weak_min_scale, 1.0), ratio=(3 / 4, 4 / 3),
-                             interpolation=BICUBIC, antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.image_mean, cfg.image_std),
-    ])
+JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue)  # torchvision's fn_idx order
 
 
-def strong_transform(cfg, saturation, blur_prob, solarize_prob):
-    """Local view (SPEC.md 3.1): crop R, colour jitter, grayscale, blur, solarize, flip, normalise.
-    Colour ops run on float images after the uint8 crop (no rounding between ops, unlike PIL)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale),
-                             ratio=(3 / 4, 4 / 3), interpolation=BICUBIC, antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([ColorJitter(0.4, 0.4, saturation, 0.1)], p=cfg.color_jitter_prob),
-        v2.RandomGrayscale(cfg.grayscale_prob),
-        v2.RandomApply([GaussianBlur((0.1, 2.0))], p=blur_prob),
-        v2.RandomSolarize(128 / 255, p=solarize_prob),  # PIL's solarize(threshold=128) on uint8
-        v2.RandomHorizontalFlip(0.5),
-        v2.Normalize(cfg.image_mean, cfg.image_std),
-    ])
+# --- Image: random parameters of the views (torchvision's draws, in its order, from one generator) ---
+def coin(gen, p):
+    """torchvision's RandomApply test: applied unless rand >= p, compared in float32 as there."""
+    return torch.rand(1, generator=gen).item() < float(np.float32(p))
 
 
-def strong_transforms(cfg):
-    """The A strong pipelines; byol_augment gives BYOL's asymmetric pair (blur 1.0 / 0.1, solarize 0 / 0.2)."""
+def uniform(gen, lo, hi):
+    return torch.empty(1).uniform_(lo, hi, generator=gen).item()
+
+
+@functools.lru_cache(maxsize=None)
+def float32_logs(values):
+    return torch.log(torch.tensor(values)).tolist()  # torchvision's log ratio bounds, to the last bit
+
+
+def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's (top, left, h, w): a box of area scale x the image and log-uniform aspect ratio,
+    10 tries, else the central crop of clamped ratio (torchvision's make_params)."""
+    log_ratio = float32_logs(ratio)
+    for _ in range(10):
+        area = height * width * uniform(gen, *scale)
+        aspect = torch.exp(torch.empty(1).uniform_(*log_ratio, generator=gen)).item()
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, (1,), generator=gen).item()
+            return top, torch.randint(0, width - w + 1, (1,), generator=gen).item(), h, w
+    if width / height < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def strong_spec(cfg, saturation, blur_prob, solarize_prob):
+    """Local view (SPEC.md 3.1): crop R, colour jitter (0.4, 0.4, saturation, 0.1) in random order, grayscale,
+    blur sigma ~ U(0.1, 2), solarize, flip, normalise."""
+    return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale),
+                jitter_prob=cfg.color_jitter_prob, jitter=((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation),
+                                                          (-0.1, 0.1)),
+                gray_prob=cfg.grayscale_prob, blur_prob=blur_prob, sigma=(0.1, 2.0), solarize_prob=solarize_prob,
+                flip_prob=0.5)
+
+
+def strong_specs(cfg):
+    """The A strong views; byol_augment gives BYOL's asymmetric pair (blur 1.0 / 0.1, solarize 0 / 0.2)."""
     if cfg.byol_augment:
-        return [strong_transform(cfg, 0.2, 1.0, 0.0), strong_transform(cfg, 0.2, 0.1, 0.2)]
-    return [strong_transform(cfg, 0.4, cfg.blur_prob, cfg.solarize_prob) for _ in range(cfg.num_augs)]
+        return [strong_spec(cfg, 0.2, 1.0, 0.0), strong_spec(cfg, 0.2, 0.1, 0.2)]
+    return [strong_spec(cfg, 0.4, cfg.blur_prob, cfg.solarize_prob) for _ in range(cfg.num_augs)]
+
+
+def draw_photometric(gen, spec):
+    """The random parameters of one strong view after its crop, drawn in torchvision's order; skipped ops keep
+    identity values and draw nothing."""
+    order, factors = torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0])  # brightness, contrast, saturation, hue
+    jitter = coin(gen, spec['jitter_prob'])
+    if jitter:
+        order = torch.randperm(4, generator=gen)
+        factors = torch.tensor([uniform(gen, lo, hi) for lo, hi in spec['jitter']])
+    gray = coin(gen, spec['gray_prob'])
+    blur = coin(gen, spec['blur_prob'])
+    sigma = uniform(gen, *spec['sigma']) if blur else 0.0
+    flags = dict(jitter=jitter, gray=gray, blur=blur, solarize=coin(gen, spec['solarize_prob']),
+                 flip=coin(gen, spec['flip_prob']))
+    return dict(order=order, factors=factors, sigma=torch.tensor(sigma),
+                **{k: torch.tensor(v) for k, v in flags.items()})
+
+
+# --- Image: crops, photometric ops, normalisation ---
+class UnreadableImage(OSError):
+    """An image file that fails to decode (truncated or corrupt): the loaders skip and count it."""
+
+
+def draft_scale(boxes, sizes):
+    """The largest JPEG DCT scale 1/k (k in 8, 4, 2, 1) at which every crop box (top, left, h, w) still has at
+    least `size` pixels a side: no view is upsampled where the full decode would not upsample it."""
+    return next((k for k in (8, 4, 2) if all(min(box[2:]) >= k * size for box, size in zip(boxes, sizes))), 1)
+
+
+def draft(img, boxes, sizes):
+    """Decode img (if not yet decoded) at draft_scale(boxes, sizes); returns the k it got (1: full size)."""
+    k, (width, height) = draft_scale(boxes, sizes), img.size
+    # Pillow sets a draft only on a JPEG still to be decoded, and picks the largest scale keeping the asked size
+    drafted = k > 1 and img.format == 'JPEG' and img.draft('RGB', (width // k, height // k)) is not None
+    try:
+        img.load()
+    except (OSError, EOFError) as e:
+        raise UnreadableImage(f'{e}') from e
+    return k if drafted else 1
+
+
+def scale_box(box, k):
+    """A box of the stored image in pixels of its 1/k decode: the whole decoded pixels that cover it."""
+    top, left, h, w = box
+    return top // k, left // k, -(-(top + h) // k) - top // k, -(-(left + w) // k) - left // k
+
+
+def resized_crop(x, box, size):
+    """(3, H, W) uint8 -> (3, size, size) uint8: the box (top, left, h, w) resized bicubic with antialias."""
+    top, left, h, w = box
+    crop = x[None, :, top:top + h, left:left + w]
+    if (h, w) == (size, size):
+        return crop[0].clone()
+    return tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
+
+
+def normalize(x, mean, std):
+    """(B, 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
+    return standardize_(x.float().mul_(1 / 255), mean, std)
+
+
+def standardize_(img, mean, std):
+    mean, std = (torch.tensor(v, device=img.device).view(3, 1, 1) for v in (mean, std))
+    return img.sub_(mean).div_(std)
+
+
+def _on_rows(img, rows, fn, *args):
+    """fn on the listed batch rows of img (in place where fn is); args are (B, ...) tensors indexed alike."""
+    if len(rows) == len(img):
+        return fn(img, *args)
+    if rows:
+        i = torch.tensor(rows)
+        img[i.to(img.device)] = fn(img[i.to(img.device)], *(a[i.to(a.device)] for a in args))  # blur's sigma: CPU
+    return img
+
+
+def finish_strong(x, params, mean, std):
+    """(B, 3, R, R) uint8 strong views + their parameters (dict of (B, ...) CPU tensors) -> normalised float views:
+    colour jitter in each view's drawn order, grayscale, blur, solarize, flip; batched, on x's device."""
+    img, dev = x.float().mul_(1 / 255), x.device
+    flags = {k: [i for i, on in enumerate(params[k].tolist()) if on] for k in ('gray', 'blur', 'solarize', 'flip')}
+    factors = params['factors'].to(dev).T.reshape(4, -1, 1, 1, 1)  # (op, B, 1, 1, 1)
+    order = [o if on else None for o, on in zip(params['order'].tolist(), params['jitter'].tolist())]
+    for slot in range(4):  # each view applies the 4 jitter ops in its own random order
+        for op, fn in enumerate(JITTER_OPS):
+            img = _on_rows(img, [i for i, o in enumerate(order) if o and o[slot] == op], fn, factors[op])
+    img = _on_rows(img, flags['gray'], grayscale_)
+    img = _on_rows(img, flags['blur'], gaussian_blur, params['sigma'])
+    img = _on_rows(img, flags['solarize'], solarize)
+    return standardize_(_on_rows(img, flags['flip'], flip), mean, std)
 
 
 class ImageViews:
-    """views(pil_img) -> (weak (3, S, S), [strong (3, R, R)] * A), all cut from one decoded image."""
+    """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A), all cut from one decoded image, every random
+    draw from torch generator gen (torch's default one if None)."""
 
     def __init__(self, cfg):
-        self.weak = weak_transform(cfg)
-        self.strong = strong_transforms(cfg)
+        self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # SPEC.md 3.1: crop, normalise
+        self.strong = strong_specs(cfg)
+        self.mean, self.std = cfg.image_mean, cfg.image_std
 
-    def __call__(self, img):
-        x = F.pil_to_tensor(to_rgb(img))  # (3, H, W) uint8, shared by every view
-        return self.weak(x), [t(x) for t in self.strong]
+    def draw(self, img, gen=None):
+        """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A). Every box
+        is drawn against the stored size; a JPEG not yet decoded is decoded at the DCT scale the boxes allow."""
+        check_image(img)
+        width, height = img.size
+        boxes = [crop_box(gen, height, width, self.weak['scale'])]
+        params = []
+        for spec in self.strong:
+            boxes.append(crop_box(gen, height, width, spec['scale']))
+            params.append(draw_photometric(gen, spec))
+        sizes = [self.weak['size']] + [spec['size'] for spec in self.strong]
+        k = draft(img, boxes, sizes)
+        x = F.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        boxes = [scale_box(box, k) for box in boxes]
+        weak, *strong = (resized_crop(x, box, size) for box, size in zip(boxes, sizes))
+        return weak, strong, params
+
+    def __call__(self, img, gen=None):
+        weak, strong, params = self.draw(img, gen)
+        one = [{k: v[None] for k, v in p.items()} for p in params]  # batches of one view
+        return (normalize(weak[None], self.mean, self.std)[0],
+                [finish_strong(s[None], p, self.mean, self.std)[0] for s, p in zip(strong, one)])
+
+
+def finish_views(batch, cfg, device):
+    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent uint8 views and the
+    strong views' parameters: their photometric ops and the normalisation run here, batched."""
+    weak = batch['weak'].to(device, non_blocking=True)
+    strong = [s.to(device, non_blocking=True) for s in batch['strong']]
+    if cfg.augment_device == 'cuda':
+        weak = normalize(weak, cfg.image_mean, cfg.image_std)
+        strong = [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])]
+    return weak, strong
 
 
 def eval_transform(cfg):

@@ -79,6 +79,8 @@ class Config:
     blur_prob: float = _f(0.5, 'probability of Gaussian blur (sigma in [0.1, 2]) on strong views')
     solarize_prob: float = _f(0.0, 'probability of solarize on strong views')
     byol_augment: bool = _f(False, 'asymmetric BYOL strong pipelines (needs num_augs=2)')
+    augment_device: str = _f('cpu', "where the strong views' colour, blur, flip and all normalisation run: cpu (data "
+                             "workers, per sample) or cuda (the training device, batched; workers send uint8 crops)")
     image_mean: list = _f([0.485, 0.456, 0.406], 'normalisation mean (ImageNet statistics)')
     image_std: list = _f([0.229, 0.224, 0.225], 'normalisation std (ImageNet statistics)')
     # --- text augmentation ---
@@ -306,6 +308,7 @@ def validate(cfg):
            f"--precision={cfg.precision}: choose auto, fp32, bf16 or fp16")
     _check(cfg.device in ('auto', 'cpu', 'cuda') or cfg.device.startswith('cuda:'),
            f"--device={cfg.device}: choose auto, cpu or cuda")
+    _check(cfg.augment_device in ('cpu', 'cuda'), f"--augment_device={cfg.augment_device}: choose cpu or cuda")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
                  'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):

@@ -3,6 +3,7 @@ import argparse
 import bisect
 import collections
 import csv
+import functools
 import gzip
 import heapq
 import io
@@ -24,7 +25,7 @@ import regex
 import torch
 from PIL import Image, ImageDraw
 
-from augment import ImageViews, TextViews, clean_text, eval_transform
+from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform
 
 
 # --- BPE tokenizer ---
@@ -256,10 +257,12 @@ def sample_seed(*keys):
 
 
 def open_image(data):
-    """Fully decoded PIL image from encoded bytes (decoding here makes a truncated file fail now, not later).
+    """PIL image from encoded bytes, decoded here (so a bad file fails now, not later) except a JPEG: the views
+    decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
     Deviation from SPEC.md 4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
     img = Image.open(io.BytesIO(data))
-    img.load()
+    if img.format != 'JPEG':
+        img.load()
     return img
 
 
@@ -406,7 +409,7 @@ def build_reader(cfg):
     errors = []
     for i in range(first):
         try:
-            reader.load(i)
+            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
             break
         except BAD_SAMPLE as e:
             errors.append(e)
@@ -423,17 +426,33 @@ class SampleMaker:
     def __init__(self, cfg, tokenizer):
         self.image_views, self.text_views, self.tokenizer = ImageViews(cfg), TextViews(cfg), tokenizer
         self.seed, self.single = cfg.seed, cfg.caption_sampling == 'single'
+        self.defer = cfg.augment_device != 'cpu'  # the training step finishes the views (augment.finish_views)
 
     def __call__(self, image, captions, epoch, index, skipped):
         seed = sample_seed(self.seed, epoch, index)
         rng = random.Random(seed)
         if self.single:  # SPEC.md 4.2: one caption for every text view
             captions = (rng.choice(captions),)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's generator alone (workers=0)
-            torch.default_generator.manual_seed(seed)
-            weak, strong = self.image_views(image)
+        gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
+        if self.defer:
+            weak, strong, params = self.image_views.draw(image, gen)
+        else:
+            weak, strong = self.image_views(image, gen)
         tokens = self.tokenizer(self.text_views(captions, rng))  # (1+A, 77)
-        return {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
+        sample = {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
+        return {**sample, 'strong_params': params} if self.defer else sample
+
+
+def read_sample(load, make_sample, epoch, index, skipped):
+    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded."""
+    try:
+        image, captions = load()
+    except BAD_SAMPLE as e:
+        return None, e
+    try:
+        return make_sample(image, captions, epoch, index, skipped), None
+    except UnreadableImage as e:  # a JPEG, decoded by the views at the scale their crops allow
+        return None, e
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -448,12 +467,10 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         for skipped in range(MAX_BAD_IN_A_ROW):
-            try:
-                image, captions = self.reader.load((index + skipped) % len(self.reader))
-            except BAD_SAMPLE as e:
-                error = e
-                continue
-            return self.make_sample(image, captions, epoch, index, skipped)
+            load = functools.partial(self.reader.load, (index + skipped) % len(self.reader))
+            sample, error = read_sample(load, self.make_sample, epoch, index, skipped)
+            if sample is not None:
+                return sample
         raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index} ({error!r}); "
                            f"check --root and --metadata")
 
@@ -570,14 +587,14 @@ class TarShards(torch.utils.data.IterableDataset):
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             index, group = buffer.pop()
-            try:
-                image, captions = decode_group(group)
-            except BAD_SAMPLE as e:
+            sample, error = read_sample(functools.partial(decode_group, group), self.make_sample, self.epoch, index,
+                                        pending)
+            if sample is None:
                 pending += 1
                 if pending == MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({e!r}); check the shards") from None
+                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({error!r}); check the shards")
                 continue
-            yield self.make_sample(image, captions, self.epoch, index, pending)
+            yield sample
             pending, left = 0, left - 1
 
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import config
+from augment import finish_views
 from data import build_tokenizer, build_train_loader, check_bad_fraction
 from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
 from model import autocast_dtype, build_model, compute_loss
@@ -396,9 +397,8 @@ def main(argv=None):
             batch = next(data_iter)
             batch_index += 1
             data_time += time.perf_counter() - t_data
-            weak = batch['weak'].to(device, non_blocking=True)
+            weak, strong = finish_views(batch, cfg, device)  # --augment_device=cuda: colour, blur, flip run here
             tokens = batch['tokens'].to(device, non_blocking=True)
-            strong = [s.to(device, non_blocking=True) for s in batch['strong']]
             if cfg.channels_last:
                 weak, strong = weak.to(memory_format=torch.channels_last), [
                     s.to(memory_format=torch.channels_last) for s in strong]

@@ -1,9 +1,12 @@
-"""Augmentation throughput per data-loader worker: our tensor views vs the plain PIL pipeline of SPEC.md 3.1.
+"""Augmentation throughput per data-loader worker: our tensor views vs the plain PIL pipeline of SPEC.md 3.1,
+and the cost of each photometric op on one view (ours vs torchvision's tensor kernels and PIL).
 
 python -m bench.augment [--images=200] [--rounds=5] [--size=224]
-One weak + two strong views per image from JPEG bytes, one process, torch.set_num_threads(1).
+One weak + two strong views per image from JPEG bytes, one process, torch.set_num_threads(1). The
+--augment_device=cuda row is the workers' share only (crops + draws); the rest runs batched in the step.
 """
 import io
+import math
 import random
 import statistics
 import sys
@@ -14,6 +17,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
+import augment as A
+import torchvision.transforms.v2.functional as F
 from augment import ImageViews, TextViews
 from config import Config
 
@@ -68,6 +73,58 @@ def images_per_second(views, jpegs):
     return len(jpegs) / (time.perf_counter() - start)
 
 
+def best_us(fn, calls=200):
+    """Fastest of `calls` single calls, in microseconds (the least disturbed by other jobs on a shared machine)."""
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return 1e6 * best
+
+
+def op_table(size):
+    """(op, reference us, ours us) on one size x size view; in-place kernels are timed on a fresh copy."""
+    gen = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
+    img, pil = u8.float() / 255, Image.fromarray(u8[0].permute(1, 2, 0).numpy())
+    x = u8[0].repeat(1, 2, 2).permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a decoded image's (3, H, W) layout
+    f, h, s = torch.full((1, 1, 1, 1), 1.2), torch.full((1, 1, 1, 1), 0.05), torch.tensor([1.5])
+    rows = [
+        ('crop 1.5x + bicubic resize (uint8)',
+         lambda: F.resized_crop(x, 0, 0, size * 3 // 2, size * 3 // 2, [size, size], T.InterpolationMode.BICUBIC),
+         lambda: A.resized_crop(x, (0, 0, size * 3 // 2, size * 3 // 2), size)),
+        ('uint8 -> float', lambda: F.to_dtype(u8, torch.float32, scale=True), lambda: u8.float().mul_(1 / 255)),
+        ('brightness', lambda: F.adjust_brightness(img, 1.2), lambda: A.adjust_brightness_(img.clone(), f)),
+        ('contrast', lambda: F.adjust_contrast(img, 1.2), lambda: A.adjust_contrast_(img.clone(), f)),
+        ('saturation', lambda: F.adjust_saturation(img, 1.2), lambda: A.adjust_saturation_(img.clone(), f)),
+        ('hue', lambda: F.adjust_hue(img, 0.05), lambda: A.adjust_hue(img, h)),
+        ('grayscale', lambda: F.rgb_to_grayscale(img, 3), lambda: A.grayscale_(img.clone())),
+        ('blur sigma 1.5 (reference: PIL on uint8)', lambda: pil.filter(ImageFilter.GaussianBlur(1.5)),
+         lambda: A.gaussian_blur(img, s)),
+        ('solarize', lambda: F.solarize(img, 128 / 255), lambda: A.solarize(img)),
+        ('flip', lambda: F.horizontal_flip(img), lambda: A.flip(img)),
+        ('normalise', lambda: F.normalize(img, MEAN, STD), lambda: A.standardize_(img.clone(), MEAN, STD)),
+    ]
+    return [(name, best_us(ref), best_us(ours)) for name, ref, ours in rows]
+
+
+def finish_rate(size, device, batch=64, calls=5):
+    """Strong views/s of the step-side augment.finish_strong on device (batches of freshly drawn parameters)."""
+    spec = A.strong_specs(Config(local_crop_size=size))[0]
+    gen = torch.Generator().manual_seed(0)
+    params = torch.utils.data.default_collate([A.draw_photometric(gen, spec) for _ in range(batch)])
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
+    A.finish_strong(x, params, MEAN, STD)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        A.finish_strong(x, params, MEAN, STD)
+    sync()
+    return batch * calls / (time.perf_counter() - start)
+
+
 # --- Main ---
 def main(argv):
     if any(not a.startswith('--') or '=' not in a for a in argv):
@@ -79,17 +136,26 @@ def main(argv):
     random.seed(0)
     jpegs = make_jpegs(n)
     ours = ImageViews(Config(image_size=size, local_crop_size=size, num_augs=2))
-    ref = reference_views(size)
-    images_per_second(ours, jpegs[:10]), images_per_second(ref, jpegs[:10])  # warm-up
-    ratios, ours_ips, ref_ips = [], [], []
-    for _ in range(rounds):  # interleaved rounds: load changes on a shared machine hit both sides alike
-        ref_ips.append(images_per_second(ref, jpegs))
-        ours_ips.append(images_per_second(ours, jpegs))
-        ratios.append(ours_ips[-1] / ref_ips[-1])
+    rows = {'reference PIL transforms v1': reference_views(size), 'augment.ImageViews (cpu)': ours,
+            'workers with --augment_device=cuda': ours.draw}
+    rates = {name: [] for name in rows}
+    for views in rows.values():
+        images_per_second(views, jpegs[:10])  # warm-up
+    for _ in range(rounds):  # interleaved rounds: load changes on a shared machine hit every row alike
+        for name, views in rows.items():
+            rates[name].append(images_per_second(views, jpegs))
     print(f"image views (1 weak + 2 strong, {size} px, {n} JPEGs 500x375, 1 thread, median of {rounds} rounds)")
-    print(f"  reference PIL transforms v1: {statistics.median(ref_ips):7.1f} images/s")
-    print(f"  augment.ImageViews (v2):     {statistics.median(ours_ips):7.1f} images/s")
-    print(f"  ratio ours / reference:      {statistics.median(ratios):7.2f}x  (goal >= 1.3x)")
+    ref = rates['reference PIL transforms v1']
+    for name, ips in rates.items():
+        ratio = statistics.median(a / b for a, b in zip(ips, ref))
+        print(f"  {name:<36} {statistics.median(ips):7.1f} images/s  {ratio:5.2f}x the reference")
+
+    print(f"\nper op on one {size}x{size} view, fastest of 200 calls: reference (torchvision tensor kernels) vs ours")
+    for name, ref_us, ours_us in op_table(size):
+        print(f"  {name:<42} {ref_us:8.1f} us {ours_us:8.1f} us  {ref_us / ours_us:5.2f}x")
+    for device in ['cpu'] + ['cuda'] * torch.cuda.is_available():
+        print(f"step-side finish_strong (--augment_device=cuda), batch 64 on {device}: "
+              f"{finish_rate(size, device):.0f} strong views/s")
 
     text = TextViews(Config(num_augs=2))
     rng = random.Random(0)

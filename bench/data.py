@@ -3,7 +3,8 @@
 python -m bench.data [--images=200] [--rounds=3]
 The full CL2L sample (SPEC.md 4.3): read + decode a JPEG, 1 weak + 2 strong views at 224 px, 3 caption views,
 3 tokenisations, from a CSV over a temp folder of 500x375 JPEGs, in one process with one thread (= one worker).
-Then the built-in demo dataset at the tiny model's 64 px, and a 2-worker DataLoader for the overhead of batching.
+The same with --augment_device=cuda (the workers' share), the built-in demo dataset at the tiny model's 64 px, and
+a 2-worker DataLoader for the overhead of batching.
 """
 import random
 import statistics
@@ -34,11 +35,14 @@ def breakdown(dataset, n, rounds):
     """Median samples/s of the whole sample and of each stage on its own."""
     make = dataset.make_sample
     images = [dataset.reader.load(i) for i in range(n)]
+    for image, _ in images:
+        image.load()  # decoded once here: the image-views stage then times crops and colour ops only
     texts = [make.text_views(captions, random.Random(i)) for i, (_, captions) in enumerate(images)]
+    views = make.image_views.draw if make.defer else make.image_views  # cuda: crops and draws only
     stages = {
         'full sample': lambda i: dataset[(0, i)],
-        '  read + decode': lambda i: dataset.reader.load(i),
-        '  image views (1 weak + 2 strong)': lambda i: make.image_views(images[i][0]),
+        '  read + decode': lambda i: dataset.reader.load(i)[0].load(),
+        '  image views (1 weak + 2 strong)': lambda i: views(images[i][0]),
         '  text views (3 captions)': lambda i: make.text_views(images[i][1], random.Random(i)),
         '  tokenise (3 captions)': lambda i: make.tokenizer(texts[i]),
     }
@@ -75,6 +79,9 @@ def main(argv):
         loader = D.build_train_loader(cfg, tokenizer)
         report(f"CSV of {n} JPEGs (500x375), 224 px, {'CLIP' if bpe else 'demo'} vocabulary, 1 thread, "
                f"median of {rounds} rounds", breakdown(loader.dataset, n, rounds))
+        deferred = D.build_train_loader(Config(**{**cfg.__dict__, 'augment_device': 'cuda'}), tokenizer)
+        report("\nthe same with --augment_device=cuda (workers crop and draw; colour, blur, flip run in the step)",
+               breakdown(deferred.dataset, n, rounds))
 
         demo = Config(workers=0, batch_size=32)
         report(f"\ndemo dataset, {demo.image_size} px (drawn at {D.demo_canvas(demo)} px), demo vocabulary",

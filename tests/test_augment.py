@@ -13,7 +13,6 @@ import pytest
 import regex
 import torch
 import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageFilter
 
@@ -47,39 +46,26 @@ def seeded(fn, img):
 
 
 # --- Image pipelines: parameters (SPEC.md 3.1) ---
-def test_weak_pipeline_matches_spec():
-    crop, to_float, norm = ImageViews(Config(image_size=224, weak_min_scale=0.5)).weak.transforms
-    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (224, 224)
-    assert crop.scale == (0.5, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
-    assert crop.interpolation == v2.InterpolationMode.BICUBIC and crop.antialias
-    assert to_float.dtype == torch.float32 and to_float.scale  # no flip, colour or blur on the weak view
-    assert norm.mean == MEAN and norm.std == STD
+def test_weak_view_matches_spec():
+    assert ImageViews(Config(image_size=224, weak_min_scale=0.5)).weak == dict(size=224, scale=(0.5, 1.0))
 
 
-def test_strong_pipeline_matches_spec():
+def test_strong_views_match_spec():
     cfg = Config(local_crop_size=192, num_augs=2, solarize_prob=0.3)
     strong = ImageViews(cfg).strong
-    assert len(strong) == 2
-    crop, _, jitter, gray, blur, solarize, flip, norm = strong[0].transforms
-    assert crop.size == (192, 192) and crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
-    assert crop.interpolation == v2.InterpolationMode.BICUBIC
-    cj = jitter.transforms[0]
-    assert jitter.p == 0.8 and isinstance(cj, v2.ColorJitter)
-    assert cj.brightness == cj.contrast == cj.saturation == pytest.approx((0.6, 1.4))
-    assert cj.hue == pytest.approx((-0.1, 0.1))
-    assert isinstance(gray, v2.RandomGrayscale) and gray.p == 0.2
-    assert blur.p == 0.5 and blur.transforms[0].sigma == (0.1, 2.0)
-    assert solarize.p == 0.3 and solarize.threshold == pytest.approx(128 / 255)
-    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.5
-    assert norm.mean == MEAN and norm.std == STD
+    assert len(strong) == 2 and strong[0] == strong[1]
+    s = strong[0]
+    assert s['size'] == 192 and s['scale'] == (0.08, 1.0)
+    assert s['jitter_prob'] == 0.8 and sum(s['jitter'], ()) == pytest.approx((0.6, 1.4) * 3 + (-0.1, 0.1))
+    assert (s['gray_prob'], s['blur_prob'], s['sigma'], s['solarize_prob'], s['flip_prob']) == (0.2, 0.5, (0.1, 2.0),
+                                                                                             0.3, 0.5)
 
 
-def test_byol_pipelines_are_asymmetric():
+def test_byol_views_are_asymmetric():
     a, b = ImageViews(Config(byol_augment=True, num_augs=2)).strong
-    for pipe, blur_p, sol_p in ((a, 1.0, 0.0), (b, 0.1, 0.2)):
-        t = pipe.transforms
-        assert t[2].transforms[0].saturation == pytest.approx((0.8, 1.2))
-        assert (t[4].p, t[5].p) == (blur_p, sol_p)
+    for spec, blur_p, sol_p in ((a, 1.0, 0.0), (b, 0.1, 0.2)):
+        assert spec['jitter'][2] == pytest.approx((0.8, 1.2))
+        assert (spec['blur_prob'], spec['solarize_prob']) == (blur_p, sol_p)
 
 
 def test_eval_transform_matches_spec():
@@ -128,41 +114,27 @@ def test_eval_transform_crops_the_centre():
     assert eval_transform(Config(image_size=20))(solid((0, 0, 0), (100, 50))).shape == (3, 20, 20)
 
 
-# --- Image kernels vs torchvision and PIL ---
-@pytest.mark.parametrize('factor', [-0.5, -0.1, 0.0, 0.037, 0.1, 0.5])
-def test_adjust_hue_matches_torchvision(factor):
-    img = torch.rand(3, 17, 13, generator=torch.Generator().manual_seed(0))
-    img[:, :2] = img[:1, :2]  # some grey pixels (no hue)
-    torch.testing.assert_close(augment.adjust_hue(img, factor), F.adjust_hue(img, factor), atol=1e-5, rtol=0)
-
-
-def test_color_jitter_equals_torchvision_for_the_same_draws():
-    img = torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1))
-    for seed in range(5):
-        torch.manual_seed(seed)
-        ours = augment.ColorJitter(0.4, 0.4, 0.4, 0.1)(img)
-        torch.manual_seed(seed)
-        torch.testing.assert_close(ours, v2.ColorJitter(0.4, 0.4, 0.4, 0.1)(img), atol=1e-5, rtol=0)
-
-
+# --- Image kernels vs PIL ---
 @pytest.mark.parametrize('sigma', [0.1, 0.3, 0.7, 1.3, 2.0])
 def test_gaussian_blur_is_pils_blur(sigma):
     u8 = torch.randint(0, 256, (3, 30, 41), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     pil = Image.fromarray(u8.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=sigma))
     pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1) / 255
-    torch.testing.assert_close(augment.gaussian_blur(u8 / 255, sigma), pil, atol=3.01 / 255, rtol=0)  # PIL rounds
+    torch.testing.assert_close(augment.gaussian_blur(u8[None] / 255, torch.tensor([sigma]))[0], pil, atol=3.01 / 255,
+                               rtol=0)  # PIL rounds
 
 
 @pytest.mark.parametrize('sigma', [0.1, 0.7, 2.0])
 def test_gaussian_blur_impulse_response_has_variance_sigma_squared(sigma):
     impulse = torch.zeros(3, 41, 41, dtype=torch.float64)
     impulse[:, 20, 20] = 1
-    out = augment.gaussian_blur(impulse, sigma)[0]
+    out = augment.gaussian_blur(impulse[None], torch.tensor([sigma]))[0, 0]
     x = torch.arange(41, dtype=torch.float64) - 20
     assert out.sum().item() == pytest.approx(1)
     assert (out.sum(0) * x ** 2).sum().item() == pytest.approx(sigma ** 2)
     assert (out.sum(1) * x ** 2).sum().item() == pytest.approx(sigma ** 2)
-    torch.testing.assert_close(augment.gaussian_blur(torch.full((3, 2, 5), 0.3), sigma), torch.full((3, 2, 5), 0.3))
+    flat = torch.full((1, 3, 2, 5), 0.3)
+    torch.testing.assert_close(augment.gaussian_blur(flat, torch.tensor([sigma])), flat)
 
 
 # --- Bad images ---
