@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -273,28 +274,39 @@ def write_log(cfg, record):
 
 
 # --- Training ---
-def main(argv=None):
-    """Train with the config of the command-line flags (see config.py / --help)."""
-    cfg = config.parse_args(argv)
-    rank, world_size, device = setup_distributed(cfg)
-    master = rank == 0
-    resume = prepare_output_dir(cfg, rank)
-    amp_dtype = autocast_dtype(cfg, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+@dataclass
+class Sums:
+    """Running sums of one log interval or one epoch on this rank: loss terms (on device, no host sync), micro-batches
+    and unreadable samples skipped."""
+    losses: dict = field(default_factory=dict)
+    micro: int = 0
+    skipped: torch.Tensor = None
 
-    # data
-    tokenizer = build_tokenizer(cfg)
-    loader = build_train_loader(cfg, tokenizer, rank, world_size)
-    steps_per_epoch = len(loader) // cfg.update_freq
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
-                         f"lower --batch_size or --update_freq")
-    micro_per_epoch = steps_per_epoch * cfg.update_freq  # SPEC.md 8.16: a trailing partial step is dropped
-    last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
 
-    # model: identical initialisation on every rank, then per-rank randomness (SPEC.md 5.5)
+def new_sums(device):
+    return Sums(skipped=torch.zeros((), dtype=torch.long, device=device))
+
+
+@dataclass
+class Loop:
+    """Where the loop is and what it has counted: the step, the data position, the running sums and the timers."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches read this epoch
+    log: Sums = None
+    epoch_sums: Sums = None
+    nonfinite_run: int = 0
+    nonfinite_total: int = 0
+    data_time: float = 0.0
+    t_log: float = 0.0
+    t_data: float = 0.0
+    metrics: dict = field(default_factory=dict)  # the last record, saved in the checkpoint
+
+
+def build_training(cfg, vocab_size, device, world_size):
+    """The model, BYOLIP's momentum copy, AdamW and the GradScaler, initialised identically on every rank (recipe §5.5)."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, tokenizer.vocab_size).to(device)
+    model = build_model(cfg, vocab_size).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
@@ -306,147 +318,206 @@ def main(argv=None):
         momentum_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    seed_everything(cfg.seed + rank)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
+    return model, momentum_model, optimizer, scaler
 
-    step, position, rng = 0, {'epoch': 0, 'batch': 0}, None
-    if resume is not None:
-        step, position, rng = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank, world_size,
-                                              cfg.batch_size)
 
+def wrap_model(model, cfg, device, world_size):
+    """The module the step calls: compiled when asked, DDP across ranks; `model` keeps the plain parameters."""
     train_model = torch.compile(model) if cfg.compile else model
     if world_size > 1:
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
                           bucket_cap_mb=200)
-    # installed before iter(loader), so that forked data workers inherit it
-    STOP['signal'] = 0
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return train_model
 
-    epoch, batch_index = position['epoch'], position['batch']
-    loader.sampler.set_epoch(epoch, batch_index)
-    data_iter = iter(loader)
+
+def start_epoch(loader, loop):
+    """An iterator over the loader from the loop's position (the sampler skips the batches already read)."""
+    loader.sampler.set_epoch(loop.epoch, loop.batch)
+    return iter(loader)
+
+
+def to_device(batch, cfg, device):
+    """(weak images, tokens, [strong images]) of a batch on the device."""
+    weak = batch['weak'].to(device, non_blocking=True)
+    tokens = batch['tokens'].to(device, non_blocking=True)
+    strong = [s.to(device, non_blocking=True) for s in batch['strong']]
+    if cfg.channels_last:
+        weak, strong = weak.to(memory_format=torch.channels_last), [s.to(memory_format=torch.channels_last)
+                                                                    for s in strong]
+    return weak, tokens, strong
+
+
+def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr, loop, world_size):
+    """One optimizer step over cfg.update_freq micro-batches (SPEC.md 5.4), skipped when the loss is non-finite on
+    any rank; returns whether any rank asked to stop (a signal)."""
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    step_loss = torch.zeros((), device=device)
+    for micro in range(cfg.update_freq):
+        batch = next(data_iter)
+        loop.batch += 1
+        loop.data_time += time.perf_counter() - loop.t_data
+        weak, tokens, strong = to_device(batch, cfg, device)
+        skipped = batch['skipped'].sum().to(device)
+        # deviation from SPEC.md 5.4: gradients are all-reduced on the last micro-step only
+        last_micro = micro == cfg.update_freq - 1
+        sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
+        with sync:
+            with autocast:
+                out = train_model(weak, tokens, strong)
+                target = None
+                if momentum_model is not None:
+                    with torch.no_grad():
+                        target = momentum_model(weak, tokens, strong)
+                losses = compute_loss(out, cfg, target)
+            scaler.scale(losses['loss'] / cfg.update_freq).backward()
+        step_loss += losses['loss'].detach()
+        for sums in (loop.log, loop.epoch_sums):
+            accumulate(sums.losses, losses)
+            sums.micro += 1
+            sums.skipped += skipped
+        loop.t_data = time.perf_counter()
+
+    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
+    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
+    nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
+    if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
+        optimizer.zero_grad(set_to_none=True)
+        skip_nonfinite(cfg, loop, lr, rank=dist.get_rank() if dist.is_initialized() else 0)
+    else:
+        loop.nonfinite_run = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if momentum_model is not None:
+            ema_update(momentum_model, model, cfg.momentum_tau)
+        clamp_logit_scales(model, cfg.logit_scale_max)
+    loop.step += 1
+    return stopping
+
+
+def skip_nonfinite(cfg, loop, lr, rank):
+    """Count a skipped update; stop after cfg.max_nonfinite in a row (every rank agrees: the flag was all-reduced)."""
+    loop.nonfinite_run, loop.nonfinite_total = loop.nonfinite_run + 1, loop.nonfinite_total + 1
+    if rank == 0:
+        write_log(cfg, {'type': 'nonfinite', 'step': loop.step, 'epoch': loop.epoch, 'lr': lr})
+        print(f"step {loop.step}: non-finite loss, update skipped ({loop.nonfinite_run} in a row)", file=sys.stderr)
+    if loop.nonfinite_run >= cfg.max_nonfinite:
+        raise FloatingPointError(f"{loop.nonfinite_run} non-finite losses in a row at step {loop.step}; stopping. "
+                                 f"Resume from {cfg.output_dir}/checkpoint.pt with a lower --lr or "
+                                 f"--precision=bf16/fp32, or raise --max_nonfinite")
+
+
+def log_train(cfg, loop, model, lr, micro_per_epoch, device, world_size, bar):
+    """Write the log interval's 'train' record (means over its micro-batches and all ranks) and show it."""
+    sums = loop.log
+    elapsed = time.perf_counter() - loop.t_log
+    record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
+              **mean_over_ranks(sums.losses, sums.micro),
+              'logit_scale': model.logit_scale.exp().item(),
+              'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
+              'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
+              'skipped': int(all_reduce(loop.epoch_sums.skipped.clone()).item()),
+              'nonfinite_steps': loop.nonfinite_total}
+    loop.metrics = record
+    if bar is not None:
+        write_log(cfg, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f'{lr:.2e}', scale=f"{record['logit_scale']:.1f}",
+                        sps=f"{record['samples_per_s']:.0f}")
+    loop.log, loop.data_time, loop.t_log = new_sums(device), 0.0, time.perf_counter()
+
+
+def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
+    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation when due) and
+    move the loop to the next epoch."""
+    sums = loop.epoch_sums
+    total_skipped = int(all_reduce(sums.skipped).item())
+    samples = sums.micro * cfg.batch_size * world_size
+    check_bad_fraction(total_skipped, samples + total_skipped, cfg)
+    record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
+              **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
+    if cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping:
+        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
+    loop.metrics = record
+    if rank == 0:
+        write_log(cfg, record)
+        with tqdm.external_write_mode():
+            print(f"epoch {loop.epoch + 1}: train loss {record['train_loss']:.4f}, {total_skipped} samples skipped")
+            if 'test' in record:
+                print_table([{'checkpoint': cfg.output_dir, 'epoch': loop.epoch + 1, 'results': record['test']}])
+    loop.epoch, loop.batch, loop.epoch_sums = loop.epoch + 1, 0, new_sums(sums.skipped.device)
+
+
+def main(argv=None):
+    """Train with the config of the command-line flags (see config.py / --help)."""
+    cfg = config.parse_args(argv)
+    rank, world_size, device = setup_distributed(cfg)
+    resume = prepare_output_dir(cfg, rank)
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    tokenizer = build_tokenizer(cfg)
+    loader = build_train_loader(cfg, tokenizer, rank, world_size)
+    steps_per_epoch = len(loader) // cfg.update_freq
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
+                         f"lower --batch_size or --update_freq")
+    micro_per_epoch = steps_per_epoch * cfg.update_freq  # SPEC.md 8.16: a trailing partial step is dropped
+    last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    model, momentum_model, optimizer, scaler = build_training(cfg, tokenizer.vocab_size, device, world_size)
+    seed_everything(cfg.seed + rank)  # per-rank randomness from here on (SPEC.md 5.5)
+    loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
+    if resume is not None:
+        loop.step, position, rng = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank, world_size,
+                                                   cfg.batch_size)
+        loop.epoch, loop.batch = position['epoch'], position['batch']
+    train_model = wrap_model(model, cfg, device, world_size)
+    STOP['signal'] = 0  # installed before iter(loader), so that forked data workers inherit it
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    data_iter = start_epoch(loader, loop)
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
-    if master:
+    if rank == 0:
         print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {steps_per_epoch} steps/epoch, "
-              f"steps {step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}")
-    bar = tqdm(total=last_step, initial=step, dynamic_ncols=True, disable=not master)
-    log_sums, epoch_sums, log_micro, epoch_micro = {}, {}, 0, 0
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    nonfinite_run, nonfinite_total, data_time, metrics = 0, 0, 0.0, {}
-    t_log = t_data = time.perf_counter()
+              f"steps {loop.step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}")
+    bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if rank == 0 else None
+    loop.t_log = loop.t_data = time.perf_counter()
     model.train()
     stopping = False
-    done = step >= last_step or epoch >= cfg.epochs
-    while not done:
-        # one optimizer step = update_freq micro-batches (SPEC.md 5.4)
+    first = loop.step if loop.epoch < cfg.epochs else last_step  # a finished run trains no further
+    for step in range(first, last_step):
         lr = lr_schedule(step, cfg, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.update_freq):
-            batch = next(data_iter)
-            batch_index += 1
-            data_time += time.perf_counter() - t_data
-            weak = batch['weak'].to(device, non_blocking=True)
-            tokens = batch['tokens'].to(device, non_blocking=True)
-            strong = [s.to(device, non_blocking=True) for s in batch['strong']]
-            if cfg.channels_last:
-                weak, strong = weak.to(memory_format=torch.channels_last), [
-                    s.to(memory_format=torch.channels_last) for s in strong]
-            skipped += batch['skipped'].sum().to(device)
-            # deviation from SPEC.md 5.4: gradients are all-reduced on the last micro-step only
-            last_micro = micro == cfg.update_freq - 1
-            sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
-            with sync:
-                with autocast:
-                    out = train_model(weak, tokens, strong)
-                    target = None
-                    if momentum_model is not None:
-                        with torch.no_grad():
-                            target = momentum_model(weak, tokens, strong)
-                    losses = compute_loss(out, cfg, target)
-                scaler.scale(losses['loss'] / cfg.update_freq).backward()
-            step_loss += losses['loss'].detach()
-            accumulate(log_sums, losses)
-            accumulate(epoch_sums, losses)
-            log_micro, epoch_micro = log_micro + 1, epoch_micro + 1
-            t_data = time.perf_counter()
-
-        # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
-        flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
-        nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
-        if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-            if master:
-                write_log(cfg, {'type': 'nonfinite', 'step': step, 'epoch': epoch, 'lr': lr})
-                print(f"step {step}: non-finite loss, update skipped ({nonfinite_run} in a row)", file=sys.stderr)
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row at step {step}; stopping. "
-                                         f"Resume from {cfg.output_dir}/checkpoint.pt with a lower --lr or "
-                                         f"--precision=bf16/fp32, or raise --max_nonfinite")
-        else:
-            nonfinite_run = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if momentum_model is not None:
-                ema_update(momentum_model, model, cfg.momentum_tau)
-            clamp_logit_scales(model, cfg.logit_scale_max)
-        step += 1
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == last_step:
-            elapsed = time.perf_counter() - t_log
-            record = {'type': 'train', 'step': step, 'epoch': epoch + batch_index / micro_per_epoch, 'lr': lr,
-                      **mean_over_ranks(log_sums, log_micro),
-                      'logit_scale': model.logit_scale.exp().item(),
-                      'samples_per_s': log_micro * cfg.batch_size * world_size / elapsed,
-                      'data_time': data_time / log_micro, 'peak_mem_gb': peak_memory_gb(device),
-                      'skipped': int(all_reduce(skipped.clone()).item()), 'nonfinite_steps': nonfinite_total}
-            metrics = record
-            if master:
-                write_log(cfg, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f'{lr:.2e}', scale=f"{record['logit_scale']:.1f}",
-                                sps=f"{record['samples_per_s']:.0f}")
-            log_sums, log_micro, data_time, t_log = {}, 0, 0.0, time.perf_counter()
-
-        epoch_end = batch_index == micro_per_epoch
+        stopping = train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr,
+                              loop, world_size)
+        if bar is not None:
+            bar.update(1)
+        if loop.step % cfg.log_every == 0 or loop.step == last_step:
+            log_train(cfg, loop, model, lr, micro_per_epoch, device, world_size, bar)
+        epoch_end = loop.batch == micro_per_epoch
         if epoch_end:
-            total_skipped = int(all_reduce(skipped).item())
-            samples = epoch_micro * cfg.batch_size * world_size
-            check_bad_fraction(total_skipped, samples + total_skipped, cfg)
-            record = {'type': 'epoch', 'epoch': epoch + 1, 'step': step, 'skipped': total_skipped,
-                      **{f'train_{k}': v for k, v in mean_over_ranks(epoch_sums, epoch_micro).items()}}
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and not stopping:
-                record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
-            metrics = record
-            if master:
-                write_log(cfg, record)
-                with tqdm.external_write_mode():
-                    print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, {total_skipped} samples skipped")
-                    if 'test' in record:
-                        print_table([{'checkpoint': cfg.output_dir, 'epoch': epoch + 1, 'results': record['test']}])
-            epoch, batch_index, epoch_sums, epoch_micro = epoch + 1, 0, {}, 0
-            skipped = torch.zeros_like(skipped)
+            end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping)
+        done = stopping or loop.step >= last_step or loop.epoch >= cfg.epochs
+        if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
+            position = {'epoch': loop.epoch, 'batch': loop.batch, 'world_size': world_size,
+                        'batch_size': cfg.batch_size}
+            save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,
+                            world_size)
+        if done:
+            break
+        if epoch_end:
+            data_iter = start_epoch(loader, loop)
 
-        done = stopping or step >= last_step or epoch >= cfg.epochs
-        if epoch_end or done or (cfg.save_every and step % cfg.save_every == 0):
-            position = {'epoch': epoch, 'batch': batch_index, 'world_size': world_size, 'batch_size': cfg.batch_size}
-            save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size)
-        if epoch_end and not done:
-            loader.sampler.set_epoch(epoch, 0)
-            data_iter = iter(loader)
-
-    bar.close()
+    if bar is not None:
+        bar.close()
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
-    if master:
+    if rank == 0:
         why = "a stop signal at step" if stopping else "step"
-        print(f"train: stopped at {why} {step}; checkpoint in {cfg.output_dir}/checkpoint.pt")
+        print(f"train: stopped at {why} {loop.step}; checkpoint in {cfg.output_dir}/checkpoint.pt")
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; a peer leaving early aborts gloo's teardown
         dist.destroy_process_group()
