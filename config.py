@@ -53,9 +53,15 @@ class Config:
 
     # --- objective ---
     num_augs: int = _f(2, 'A: strong image/caption views per sample (0 = plain CLIP)')
-    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs')
-    loss_reduction: str = _f('avg', "'avg' or 'sum' of the two directions (sum doubles the contrastive part)")
-    gather_with_grad: bool = _f(True, 'full gradient through gathered embeddings (false = the paper: constants)')
+    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs; the global '
+                                     'pair never has it, except with --method=clip, where it applies to '
+                                     'the only (global) term')
+    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image terms: "
+                                    "sum doubles every contrastive term, plain CLIP's too (not the SLIP, BarLIP, "
+                                    "SiamLIP or SwALIP terms)")
+    gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
+                                      'the paper: constants); also scales BarLIP\'s gradient: W ranks x the paper\'s '
+                                      'when true; SLIP\'s SimCLR term always gathers with gradient')
     slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
     slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
     barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
