@@ -104,7 +104,10 @@ class Config:
     demo_train_size: int = _f(20000, 'training samples of the built-in demo dataset')
     demo_val_size: int = _f(2000, 'held-out samples of the built-in demo dataset')
     workers: int = _f(2, 'data-loader worker processes per rank')
-    bad_sample_threshold: float = _f(0.01, 'stop when more than this fraction of samples is unreadable')
+    bad_sample_threshold: float = _f(0.01, 'stop (after saving a checkpoint) when more than this fraction of the '
+                                           'samples read this epoch is unreadable')
+    bad_sample_min: int = _f(1000, 'samples read this epoch before --bad_sample_threshold is checked at every log '
+                                   'line (it is always checked at the epoch end)')
 
     # --- optimisation ---
     epochs: int = _f(32, 'training epochs')
@@ -220,8 +223,13 @@ _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
 
 
 class UserError(Exception):
-    """An error raised on purpose (bad path, format, data, threshold, checkpoint): one line naming the fix; exit 1."""
+    """An error raised on purpose (bad path, format, data, threshold, checkpoint): one line naming the fix; exit 1.
+    every_rank=True: every rank raised it together (a decision agreed across ranks), so only rank 0 prints it."""
     exit_code = 1
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class ConfigError(UserError, ValueError):
@@ -237,8 +245,9 @@ def run_cli(main_fn, argv=None):
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         rank = int(os.environ.get('RANK', '0'))
-        message = ' '.join(str(e).split())  # always one line
-        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
+        if rank == 0 or not getattr(e, 'every_rank', False):
+            message = ' '.join(str(e).split())  # always one line
+            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 
@@ -313,7 +322,7 @@ def validate(cfg):
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     for name in ('num_augs', 'workers', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
-                 'demo_train_size', 'demo_val_size'):
+                 'demo_train_size', 'demo_val_size', 'bad_sample_min'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
     _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
@@ -380,13 +389,16 @@ def resolve(flags, verbose=True):
 def parse_args(argv=None):
     """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
+    rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
     if '-h' in argv or '--help' in argv:
-        print(help_text())
+        if rank0:
+            print(help_text())
         sys.exit(0)
     try:
-        return resolve(_split_flags(argv))
+        return resolve(_split_flags(argv), verbose=rank0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
