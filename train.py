@@ -631,8 +631,10 @@ def train(cfg, rank, world_size, device):
                         'batch_size': cfg.batch_size}
             save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,
                             world_size, epoch_state(loop))
-        if bad is not None:
-            raise bad  # after the save: --resume=auto continues once the data is fixed
+        if bad is not None:  # after the save, so that --resume=auto continues once the data is fixed
+            if dist.is_initialized():
+                dist.barrier()  # no rank exits (and torchrun ends the others) before rank 0 has written it
+            raise bad
         if done:
             break
         if epoch_end:
