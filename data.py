@@ -70,7 +70,7 @@ def load_merges(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"BPE merges file {path} not found; expected a CLIP merges file (.txt or .txt.gz) "
-                                f"such as bpe_simple_vocab_16e6.txt.gz")
+                        f"such as bpe_simple_vocab_16e6.txt.gz")
     try:
         data = path.read_bytes()
         lines = (gzip.decompress(data) if data[:2] == b'\x1f\x8b' else data).decode('utf-8').split('\n')
