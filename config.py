@@ -56,9 +56,15 @@ class Config:
 
     # --- objective ---
     num_augs: int = _f(2, 'A: strong image/caption views per sample (0 = plain CLIP)')
-    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs')
-    loss_reduction: str = _f('avg', "'avg' or 'sum' of the two directions (sum doubles the contrastive part)")
-    gather_with_grad: bool = _f(True, 'full gradient through gathered embeddings (false = the paper: constants)')
+    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs; the global '
+                                     'pair never has it, except with --method=clip, where it applies to '
+                                     'the only (global) term')
+    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image terms: "
+                                    "sum doubles every contrastive term, plain CLIP's too (not the SLIP, BarLIP, "
+                                    "SiamLIP or SwALIP terms)")
+    gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
+                                      'the paper: constants); also scales BarLIP\'s gradient: W ranks x the paper\'s '
+                                      'when true; SLIP\'s SimCLR term always gathers with gradient')
     slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
     slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
     barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
@@ -104,7 +110,10 @@ class Config:
     demo_val_size: int = _f(2000, 'held-out samples of the built-in demo dataset')
     workers: int = _f(-1, 'data-loader worker processes per rank (-1: chosen from the cores available)')
     threads: int = _f(0, 'torch threads of each training process (0: the cores available less the workers)')
-    bad_sample_threshold: float = _f(0.01, 'stop when more than this fraction of samples is unreadable')
+    bad_sample_threshold: float = _f(0.01, 'stop (after saving a checkpoint) when more than this fraction of the '
+                                           'samples read this epoch is unreadable')
+    bad_sample_min: int = _f(1000, 'samples read this epoch before --bad_sample_threshold is checked at every log '
+                                   'line (it is always checked at the epoch end)')
 
     # --- optimisation ---
     epochs: int = _f(32, 'training epochs')
@@ -222,8 +231,13 @@ _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
 
 
 class UserError(Exception):
-    """An error raised on purpose (bad path, format, data, threshold, checkpoint): one line naming the fix; exit 1."""
+    """An error raised on purpose (bad path, format, data, threshold, checkpoint): one line naming the fix; exit 1.
+    every_rank=True: every rank raised it together (a decision agreed across ranks), so only rank 0 prints it."""
     exit_code = 1
+
+    def __init__(self, message, every_rank=False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class ConfigError(UserError, ValueError):
@@ -239,8 +253,9 @@ def run_cli(main_fn, argv=None):
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         rank = int(os.environ.get('RANK', '0'))
-        message = ' '.join(str(e).split())  # always one line
-        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
+        if rank == 0 or not getattr(e, 'every_rank', False):
+            message = ' '.join(str(e).split())  # always one line
+            print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 
@@ -320,7 +335,7 @@ def validate(cfg):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
     for name in ('num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
-                 'demo_train_size', 'demo_val_size'):
+                 'demo_train_size', 'demo_val_size', 'bad_sample_min'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
     _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
@@ -399,13 +414,16 @@ def resolve(flags, verbose=True):
 def parse_args(argv=None):
     """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
+    rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
     if '-h' in argv or '--help' in argv:
-        print(help_text())
+        if rank0:
+            print(help_text())
         sys.exit(0)
     try:
-        return resolve(_split_flags(argv))
+        return resolve(_split_flags(argv), verbose=rank0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform
+from config import ConfigError, UserError, run_cli
 
 
 # --- BPE tokenizer ---
@@ -69,13 +70,13 @@ def load_merges(path):
     """The first MAX_MERGES merges of a CLIP-format file, plain or gzip: a header line, then one 'a b' per line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"BPE merges file {path} not found; expected a CLIP merges file (.txt or .txt.gz) "
-                                f"such as bpe_simple_vocab_16e6.txt.gz")
+        raise UserError(f"BPE merges file {path} not found; expected a CLIP merges file (.txt or .txt.gz) "
+                        f"such as bpe_simple_vocab_16e6.txt.gz")
     try:
         data = path.read_bytes()
         lines = (gzip.decompress(data) if data[:2] == b'\x1f\x8b' else data).decode('utf-8').split('\n')
     except (OSError, EOFError, zlib.error, UnicodeError) as e:
-        raise ValueError(f"cannot read BPE merges file {path} ({e}); expected UTF-8 text, optionally gzipped") from None
+        raise UserError(f"cannot read BPE merges file {path} ({e}); expected UTF-8 text, optionally gzipped") from None
     lines = lines[1:MAX_MERGES + 1]
     if lines and not lines[-1]:
         lines.pop()  # the final newline
@@ -83,11 +84,11 @@ def load_merges(path):
     for n, line in enumerate(lines, 2):
         merge = tuple(line.split())
         if len(merge) != 2 or not known.issuperset(merge):
-            raise ValueError(f"{path} line {n}: expected a merge 'a b' of known BPE symbols, got {line[:80]!r}")
+            raise UserError(f"{path} line {n}: expected a merge 'a b' of known BPE symbols, got {line[:80]!r}")
         merges.append(merge)
         known.add(merge[0] + merge[1])
     if not merges:
-        raise ValueError(f"BPE merges file {path} has no merges; expected a header line, then one 'a b' per line")
+        raise UserError(f"BPE merges file {path} has no merges; expected a header line, then one 'a b' per line")
     return merges
 
 
@@ -620,9 +621,9 @@ def read_shards(cfg, workers, world_size):
 def check_bad_fraction(skipped, seen, cfg):
     """Raise when more than cfg.bad_sample_threshold of the samples read this epoch were unreadable."""
     if seen and skipped / seen > cfg.bad_sample_threshold:
-        raise RuntimeError(f"{skipped} of {seen} samples read this epoch ({100 * skipped / seen:.2f}%) were unreadable "
-                           f"(missing, corrupt or non-text), above --bad_sample_threshold={cfg.bad_sample_threshold}; "
-                           f"fix the data or raise the threshold")
+        raise UserError(f"{skipped} of {seen} samples read this epoch ({100 * skipped / seen:.2f}%) were unreadable "
+                        f"(missing, corrupt or non-text), above --bad_sample_threshold={cfg.bad_sample_threshold}; "
+                        f"fix the data or raise --bad_sample_threshold")
 
 
 # --- Demo dataset ---
@@ -823,9 +824,9 @@ def build_tokenizer(cfg):
     """Tokenizer of cfg.bpe_path, or the small demo vocabulary when it is empty."""
     path = Path(cfg.bpe_path or DEMO_BPE_PATH).expanduser()
     if not path.is_file() and cfg.bpe_path:
-        raise FileNotFoundError(f"--bpe_path={path} not found; give a CLIP BPE merges file (.txt or .txt.gz)")
+        raise UserError(f"--bpe_path={path} not found; give a CLIP BPE merges file (.txt or .txt.gz)")
     if not path.is_file():
-        raise FileNotFoundError(f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
+        raise UserError(f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
     if not cfg.bpe_path and cfg.dataset != 'demo':
         print(f"warning: captions of --dataset={cfg.dataset} use the small demo vocabulary; pass --bpe_path="
               f"bpe_simple_vocab_16e6.txt.gz for CLIP's", file=sys.stderr)
@@ -921,38 +922,51 @@ def build_eval_loader(dataset, cfg, rank=0, world_size=1):
 
 
 # --- Command line ---
+USAGE = ("python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz] | "
+         "python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
+
+
+def usage_error(message):
+    raise ConfigError(f"{message}; usage: {USAGE}")
+
+
 def build_vocab_main(argv):
     """python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz]: one caption a line."""
     parser = argparse.ArgumentParser(prog='python data.py build-vocab', description=build_vocab_main.__doc__)
+    parser.error = usage_error  # one line, through run_cli, instead of argparse's usage block
     parser.add_argument('captions', type=Path)
     parser.add_argument('--vocab_size', type=int, default=49408, help='512 byte symbols + merges + SOT and EOT')
     parser.add_argument('--out', default='vocab.txt.gz', help='merges file to write (gzipped when it ends with .gz)')
     args = parser.parse_args(argv)
     if not args.captions.is_file():
-        parser.error(f"captions file {args.captions} not found; give a text file with one caption a line")
+        raise UserError(f"captions file {args.captions} not found; give a text file with one caption a line")
     texts = args.captions.read_text(encoding='utf-8', errors='replace').splitlines()
     try:
         merges = learn_bpe(texts, args.vocab_size)
     except ValueError as e:
-        parser.error(str(e))
+        raise ConfigError(f"--vocab_size: {e}") from None
     save_merges(merges, args.out)
     print(f"learned {len(merges)} merges (vocab_size {len(merges) + 514}) from {len(texts)} captions: {args.out}")
+
 
 def build_demo_vocab_main(argv):
     """python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]: regenerate the demo
     vocabulary (learning stops early, at 128 merges, once every demo word is one token)."""
     flags = dict(arg[2:].split('=', 1) for arg in argv if arg.startswith('--') and '=' in arg)
     if len(flags) != len(argv) or not set(flags) <= {'vocab_size', 'out'} or not flags.get('vocab_size', '0').isdigit():
-        sys.exit(f"usage: python data.py build-demo-vocab [--vocab_size={DEMO_VOCAB_SIZE}] [--out={DEMO_BPE_PATH}] "
-                 f"(got {' '.join(argv)})")
+        usage_error(f"build-demo-vocab takes --vocab_size=N and --out=PATH (got {' '.join(argv)})")
     out = flags.get('out', DEMO_BPE_PATH)
     build_demo_vocab(out, int(flags.get('vocab_size', DEMO_VOCAB_SIZE)))
     print(f"wrote {out}")
 
 
-if __name__ == '__main__':
+def main(argv):
+    """python data.py COMMAND [...]: build-vocab or build-demo-vocab."""
     commands = {'build-vocab': build_vocab_main, 'build-demo-vocab': build_demo_vocab_main}
-    if sys.argv[1:2] not in ([c] for c in commands):
-        sys.exit("usage: python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz]\n"
-                 "       python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
-    commands[sys.argv[1]](sys.argv[2:])
+    if argv[:1] not in ([c] for c in commands):
+        usage_error(f"expected a command, build-vocab or build-demo-vocab (got {' '.join(argv) or 'none'})")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -70,7 +70,8 @@ def read_checkpoint(path, overrides=None, defaults=None):
     try:
         ckpt = load_weights_file(path)
     except Exception as e:  # truncated zip, bad pickle, foreign pickled classes: all mean "not loadable"
-        first = (str(e).strip().splitlines() or [''])[0][:120]
+        first = (str(e).strip().splitlines() or [''])[0]
+        first = first if len(first) <= 160 else first[:160].rsplit(' ', 1)[0] + ' ...'  # whole words
         raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); "
                          f"re-copy it or pick another epoch") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:

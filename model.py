@@ -395,13 +395,14 @@ class CLIPModel(nn.Module):
                 m.grad_checkpointing = flag
 
 
-def build_model(cfg, vocab_size):
+def build_model(cfg, vocab_size, verbose=True):
     """The model of cfg (SPEC.md 1) for a vocabulary of vocab_size tokens; prints each part's parameter count."""
     model = CLIPModel(cfg, vocab_size)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.named_children()}
     counts['logit scales'] = sum(p.numel() for name, p in model.named_parameters(recurse=False))
-    print(f"model: {cfg.method} with {cfg.vision} image encoder, parameters: "
-          + ', '.join(f'{name} {n:,}' for name, n in counts.items()) + f"; total {sum(counts.values()):,}")
+    if verbose:
+        print(f"model: {cfg.method} with {cfg.vision} image encoder, parameters: "
+              + ', '.join(f'{name} {n:,}' for name, n in counts.items()) + f"; total {sum(counts.values()):,}")
     return model
 
 

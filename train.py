@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def setup_distributed(cfg):
     if cfg.device == 'cpu' or (cfg.device == 'auto' and not torch.cuda.is_available()):
         device = torch.device('cpu')
     elif not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+        raise config.ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
     elif cfg.device.startswith('cuda:') and world_size == 1:
         device = torch.device(cfg.device)
     else:
@@ -65,6 +66,39 @@ def all_reduce(x, op=dist.ReduceOp.SUM):
     if dist.is_initialized():
         dist.all_reduce(x, op=op)
     return x
+
+
+@contextlib.contextmanager
+def on_every_rank(world_size):
+    """Run a set-up stage on every rank, then agree: a UserError on any rank stops every rank at the end of the
+    stage, printed once by rank 0, naming the rank that failed first when it is not rank 0."""
+    error = None
+    try:
+        yield
+    except config.UserError as e:
+        error = e
+    if world_size == 1:
+        if error is not None:
+            raise error
+        return
+    errors = [None] * world_size
+    dist.all_gather_object(errors, None if error is None else (type(error), str(error)))
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, (kind, message) = failed[0]
+        raise kind(message if r == 0 else f'rank {r}: {message}', every_rank=True) from None
+
+
+FAILED_KEY = 'rocket-clip/failed'  # set in the process group's store by a rank that stops on its own UserError
+
+
+def peer_failed():
+    """Whether another rank stopped on a purposeful error (and printed it), so that this rank's failed collective
+    is only its echo."""
+    try:
+        return dist.distributed_c10d._get_default_store().check([FAILED_KEY])
+    except Exception:  # no store (its host rank is gone): nothing is known
+        return False
 
 
 def seed_everything(seed):
@@ -116,11 +150,23 @@ def ema_update(momentum_model, model, tau):
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, fsync, rename over `path`, fsync the directory:
     a crash at any moment leaves either the old file or the new one, never a torn one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(source, path):
+    """An independent copy of `source` at `path`, written as atomic_save writes."""
+    def copy_into(f):
+        with open(source, 'rb') as src:
+            shutil.copyfileobj(src, f, 1 << 24)
+    atomic_write(path, copy_into)
+
+
+def atomic_write(path, write):
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -151,59 +197,78 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
-def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size):
-    """Collective: gather every rank's RNG state to rank 0, which writes checkpoint.pt and a step-numbered
-    copy, keeping the last cfg.keep_last copies. Refuses (on every rank) to save non-finite weights."""
-    for m in (model, momentum_model):
-        if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
-            raise FloatingPointError(f"step {step}: the weights hold NaN/inf; not overwriting the last good "
-                                     f"checkpoint in {cfg.output_dir}; resume from it with a lower --lr")
+def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size,
+                    epoch_state=None):
+    """Collective: gather every rank's RNG state and running epoch sums (epoch_state) to rank 0, which writes
+    checkpoint.pt and a step-numbered copy, keeping the last cfg.keep_last copies. Refuses (on every rank) to
+    save non-finite weights."""
     device = next(model.parameters()).device
-    rngs = [None] * world_size if rank == 0 else None
+    finite = all(torch.isfinite(p).all() for m in (model, momentum_model) if m is not None for p in m.parameters())
+    if all_reduce(torch.tensor(float(not finite), device=device), dist.ReduceOp.MAX).item():
+        raise config.UserError(f"step {step}: the weights hold NaN/inf; not overwriting the last good checkpoint in "
+                               f"{cfg.output_dir}; resume from it with a lower --lr", every_rank=True)
+    states = [None] * world_size if rank == 0 else None
     if world_size > 1:
-        dist.gather_object(rng_state(device), rngs, dst=0)
+        dist.gather_object((rng_state(device), epoch_state), states, dst=0)
     else:
-        rngs = [rng_state(device)]
+        states = [(rng_state(device), epoch_state)]
     if rank != 0:
         return
     ckpt = {'format': CHECKPOINT_FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
-            'epoch': position['epoch'], 'step': step, 'rng': rngs, 'data': position, 'metrics': metrics}
+            'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
+            'epoch_sums': [s[1] for s in states], 'metrics': metrics}
     out = Path(cfg.output_dir)
     atomic_save(ckpt, out / 'checkpoint.pt')
-    numbered = out / f'checkpoint_{step:08d}.pt'
-    numbered.unlink(missing_ok=True)
-    try:
-        os.link(out / 'checkpoint.pt', numbered)  # a hard link: the next atomic rename leaves this copy intact
-    except OSError:  # a file system without hard links
-        shutil.copyfile(out / 'checkpoint.pt', numbered)
+    # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
+    # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
+    atomic_copy(out / 'checkpoint.pt', out / f'checkpoint_{step:08d}.pt')
     for old in sorted(out.glob('checkpoint_*.pt'))[:-cfg.keep_last]:
         old.unlink()
 
 
+def read_resume(path):
+    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
+    try:
+        return read_checkpoint(path)
+    except (ValueError, config.UserError) as e:  # evaluate.read_checkpoint's one-line refusals
+        error = e
+    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
+        try:
+            step = read_checkpoint(numbered)['step']
+        except (ValueError, config.UserError):
+            continue
+        if numbered.resolve() != Path(path).resolve():
+            raise config.UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
+                                   f"from it with --resume={numbered}") from None
+    raise config.UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
+                           f"or another --output_dir") from None
+
+
 def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_size, batch_size):
-    """Restore training state in place; returns (step, data position, this rank's RNG state or None)."""
-    ckpt = read_checkpoint(path)
+    """Restore training state in place; returns (step, data position, this rank's RNG state or None, this rank's
+    running epoch sums or None)."""
+    ckpt = read_resume(path)
     try:
         model.load_state_dict(ckpt['model'])
         if momentum_model is not None:
             momentum_model.load_state_dict(ckpt['momentum_model'])
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise ValueError(f"--resume={path}: its weights do not fit this config's model "
-                         f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
+        raise config.UserError(f"--resume={path}: its weights do not fit this config's model "
+                               f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt['scaler']:  # empty when saved by a disabled scaler (a bf16, fp32 or CPU run)
         scaler.load_state_dict(ckpt['scaler'])
-    position, rng = ckpt['data'], ckpt['rng']
+    position, rng, sums = ckpt['data'], ckpt['rng'], ckpt.get('epoch_sums')
     if (position.get('world_size'), position.get('batch_size')) != (world_size, batch_size):
         # the sampler's batches are laid out for the old world and batch size: restart the unfinished epoch
-        position, rng = {'epoch': position['epoch'], 'batch': 0}, None
+        position, rng, sums = {'epoch': position['epoch'], 'batch': 0}, None, None
         if rank == 0:
             print(f"resume: world or batch size changed; restarting epoch {position['epoch']} from its start")
     if rank == 0:
         print(f"resume: {path} at step {ckpt['step']}, epoch {position['epoch']}, batch {position['batch']}")
-    return ckpt['step'], position, rng[rank] if rng is not None else None
+    return ckpt['step'], position, rng[rank] if rng is not None else None, sums[rank] if sums else None
 
 
 # Config fields that shape the model and that a checkpoint's config (ours, or an import's) fixes
@@ -247,9 +312,9 @@ def _modules(keys):
     return ', '.join(dict.fromkeys(k.rsplit('.', 2)[0] if '.' in k else k for k in keys))
 
 
-def prepare_output_dir(cfg, rank):
+def check_output_dir(cfg):
     """Refuse an output_dir that holds another run unless --resume or --overwrite; returns the checkpoint
-    to resume from (or None) and writes config.json."""
+    to resume from (or None). Reads only: init_output_dir writes once every rank has passed the checks."""
     out = Path(cfg.output_dir)
     saved = out / 'config.json'
     mine = json.loads(json.dumps(cfg.to_dict()))
@@ -259,27 +324,35 @@ def prepare_output_dir(cfg, rank):
                          if k not in ('resume', 'overwrite') and mine.get(k) != theirs.get(k))
         if changed:
             diff = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in changed[:5])
-            raise ValueError(f"--output_dir={out} holds a run with another config ({diff}); pass --resume=auto "
-                             f"to continue it, --overwrite to start over, or choose another --output_dir")
+            raise config.UserError(f"--output_dir={out} holds a run with another config ({diff}); pass "
+                                   f"--resume=auto to continue it, --overwrite to start over, or choose another "
+                                   f"--output_dir")
         if (out / 'checkpoint.pt').exists():
-            raise ValueError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
-                             f"it or --overwrite to start over")
+            raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
+                                   f"it or --overwrite to start over")
     resume = None
     if cfg.resume == 'auto':
         resume = out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
+        numbered = sorted(out.glob('checkpoint_*.pt'))
+        if resume is None and numbered:  # starting over would delete them
+            raise config.UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
+                                   f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
     elif cfg.resume:
         resume = Path(cfg.resume)
         if not resume.is_file():
-            raise FileNotFoundError(f"--resume={cfg.resume}: no such checkpoint; give a checkpoint.pt path or auto")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has read config.json before rank 0 rewrites it
+            raise config.UserError(f"--resume={cfg.resume}: no such checkpoint; give a checkpoint.pt path or auto")
+    return resume
+
+
+def init_output_dir(cfg, resume, rank):
+    """Rank 0 writes config.json; a fresh run first removes the checkpoints and log of an overwritten one."""
+    out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
             for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:
                 old.unlink(missing_ok=True)
-        config.save_json(cfg, saved)
-    return resume
+        config.save_json(cfg, out / 'config.json')
 
 
 # --- Signals ---
@@ -319,29 +392,57 @@ def write_log(cfg, record):
 
 
 # --- Training ---
-def main(argv=None):
-    """Train with the config of the command-line flags (see config.py / --help)."""
-    cfg = config.parse_args(argv)
-    rank, world_size, device = setup_distributed(cfg)
-    master = rank == 0
-    resume = prepare_output_dir(cfg, rank)
-    amp_dtype = autocast_dtype(cfg, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+@dataclass
+class Sums:
+    """Running sums of one log interval or one epoch on this rank: loss terms (on device, no host sync), micro-batches
+    and unreadable samples skipped."""
+    losses: dict = field(default_factory=dict)
+    micro: int = 0
+    skipped: torch.Tensor = None
 
-    # data
-    tokenizer = build_tokenizer(cfg)
-    loader = build_train_loader(cfg, tokenizer, rank, world_size)
-    steps_per_epoch = len(loader) // cfg.update_freq
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
-                         f"lower --batch_size or --update_freq")
-    micro_per_epoch = steps_per_epoch * cfg.update_freq  # SPEC.md 8.16: a trailing partial step is dropped
-    last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
 
-    # model: identical initialisation on every rank, then per-rank randomness (SPEC.md 5.5)
+def new_sums(device):
+    return Sums(skipped=torch.zeros((), dtype=torch.long, device=device))
+
+
+@dataclass
+class Loop:
+    """Where the loop is and what it has counted: the step, the data position, the running sums and the timers."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches read this epoch
+    log: Sums = None
+    epoch_sums: Sums = None
+    nonfinite_run: int = 0
+    nonfinite_total: int = 0
+    data_time: float = 0.0
+    t_log: float = 0.0
+    t_data: float = 0.0
+    t_start: float = 0.0  # when this process's loop began, at step first_step (for the ETA)
+    first_step: int = 0
+    bad_base: tuple = (0, 0)  # (skipped, read) this epoch, all ranks, when bad data last stopped the run
+    metrics: dict = field(default_factory=dict)  # the last record, saved in the checkpoint
+
+
+def epoch_state(loop):
+    """This rank's running epoch sums as plain data for the checkpoint, so that a resumed epoch logs the same
+    record as an uninterrupted one."""
+    s = loop.epoch_sums
+    return {'losses': {k: v.cpu() for k, v in s.losses.items()}, 'micro': s.micro, 'skipped': int(s.skipped),
+            'bad_base': list(loop.bad_base)}
+
+
+def restore_epoch_state(loop, state, device):
+    loop.epoch_sums = Sums({k: v.to(device) for k, v in state['losses'].items()}, state['micro'],
+                           torch.tensor(state['skipped'], dtype=torch.long, device=device))
+    loop.bad_base = tuple(state['bad_base'])
+
+
+def build_training(cfg, vocab_size, device, rank, world_size):
+    """The model, BYOLIP's momentum copy, AdamW and the GradScaler, initialised identically on every rank (recipe
+    §5.5); the model line is printed by rank 0 only."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, tokenizer.vocab_size).to(device)
-    maybe_init_weights(model, cfg, resume, master)
+    model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
@@ -353,150 +454,274 @@ def main(argv=None):
         momentum_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=device.type == 'cuda')
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    seed_everything(cfg.seed + rank)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
+    return model, momentum_model, optimizer, scaler
 
-    step, position, rng = 0, {'epoch': 0, 'batch': 0}, None
-    if resume is not None:
-        step, position, rng = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank, world_size,
-                                              cfg.batch_size)
 
+def wrap_model(model, cfg, device, world_size):
+    """The module the step calls: compiled when asked, DDP across ranks; `model` keeps the plain parameters."""
     train_model = torch.compile(model) if cfg.compile else model
     if world_size > 1:
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
                           bucket_cap_mb=200)
-    # installed before iter(loader), so that forked data workers inherit it
-    STOP['signal'] = 0
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return train_model
 
-    epoch, batch_index = position['epoch'], position['batch']
-    loader.sampler.set_epoch(epoch, batch_index)
-    data_iter = iter(loader)
+
+def start_epoch(loader, loop):
+    """An iterator over the loader from the loop's position (the sampler skips the batches already read)."""
+    loader.sampler.set_epoch(loop.epoch, loop.batch)
+    return iter(loader)
+
+
+def to_device(batch, cfg, device):
+    """(weak images, tokens, [strong images]) of a batch on the device."""
+    weak, strong = finish_views(batch, cfg, device)  # --augment_device=cuda: colour, blur, flip run here
+    tokens = batch['tokens'].to(device, non_blocking=True)
+    if cfg.channels_last:
+        weak, strong = weak.to(memory_format=torch.channels_last), [s.to(memory_format=torch.channels_last)
+                                                                    for s in strong]
+    return weak, tokens, strong
+
+
+def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr, loop, world_size):
+    """One optimizer step over cfg.update_freq micro-batches (SPEC.md 5.4), skipped when the loss is non-finite on
+    any rank; returns whether any rank asked to stop (a signal)."""
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    step_loss = torch.zeros((), device=device)
+    for micro in range(cfg.update_freq):
+        batch = next(data_iter)
+        loop.batch += 1
+        loop.data_time += time.perf_counter() - loop.t_data
+        weak, tokens, strong = to_device(batch, cfg, device)
+        skipped = batch['skipped'].sum().to(device)
+        # deviation from SPEC.md 5.4: gradients are all-reduced on the last micro-step only
+        last_micro = micro == cfg.update_freq - 1
+        sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
+        with sync:
+            with autocast:
+                out = train_model(weak, tokens, strong)
+                target = None
+                if momentum_model is not None:
+                    with torch.no_grad():
+                        target = momentum_model(weak, tokens, strong)
+                losses = compute_loss(out, cfg, target)
+            scaler.scale(losses['loss'] / cfg.update_freq).backward()
+        step_loss += losses['loss'].detach()
+        for sums in (loop.log, loop.epoch_sums):
+            accumulate(sums.losses, losses)
+            sums.micro += 1
+            sums.skipped += skipped
+        loop.t_data = time.perf_counter()
+
+    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
+    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
+    nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
+    if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
+        optimizer.zero_grad(set_to_none=True)
+        skip_nonfinite(cfg, loop, lr, rank=dist.get_rank() if dist.is_initialized() else 0)
+    else:
+        loop.nonfinite_run = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if momentum_model is not None:
+            ema_update(momentum_model, model, cfg.momentum_tau)
+        clamp_logit_scales(model, cfg.logit_scale_max)
+    loop.step += 1
+    return stopping
+
+
+def skip_nonfinite(cfg, loop, lr, rank):
+    """Count a skipped update; stop after cfg.max_nonfinite in a row (every rank agrees: the flag was all-reduced)."""
+    loop.nonfinite_run, loop.nonfinite_total = loop.nonfinite_run + 1, loop.nonfinite_total + 1
+    if rank == 0:
+        write_log(cfg, {'type': 'nonfinite', 'step': loop.step, 'epoch': loop.epoch, 'lr': lr})
+        print(f"step {loop.step}: non-finite loss, update skipped ({loop.nonfinite_run} in a row)", file=sys.stderr)
+    if loop.nonfinite_run >= cfg.max_nonfinite:
+        raise config.UserError(f"{loop.nonfinite_run} non-finite losses in a row at step {loop.step}; stopping. "
+                               f"Resume from {cfg.output_dir}/checkpoint.pt with a lower --lr or "
+                               f"--precision=bf16/fp32, or raise --max_nonfinite", every_rank=True)
+
+
+def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, world_size, bar):
+    """Write the log interval's 'train' record (means over its micro-batches and all ranks) and show it; returns the
+    unreadable samples of this epoch so far, all ranks."""
+    sums = loop.log
+    elapsed = time.perf_counter() - loop.t_log
+    skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
+    record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
+              **mean_over_ranks(sums.losses, sums.micro),
+              'logit_scale': model.logit_scale.exp().item(),
+              'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
+              'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
+              'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total}
+    loop.metrics = record
+    if rank == 0:
+        write_log(cfg, record)
+        show_progress(record, loop, last_step, bar)
+    loop.log, loop.data_time, loop.t_log = new_sums(device), 0.0, time.perf_counter()
+    return skipped_epoch
+
+
+def show_progress(record, loop, last_step, bar):
+    """The bar's figures on a terminal; elsewhere (a file, SLURM, nohup) one plain line per log interval."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record['logit_scale']:.1f}",
+                        sps=f"{record['samples_per_s']:.0f}")
+        return
+    eta = (time.perf_counter() - loop.t_start) / max(loop.step - loop.first_step, 1) * (last_step - loop.step)
+    print(f"step {loop.step}/{last_step}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  "
+          f"lr {record['lr']:.2e}  scale {record['logit_scale']:.1f}  {record['samples_per_s']:.0f} samples/s  "
+          f"ETA {tqdm.format_interval(eta)}", flush=True)
+
+
+def check_data(cfg, loop, skipped, world_size, epoch_end=False):
+    """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since
+    the last such stop) were unreadable, else None. Checked at every log interval once --bad_sample_min samples are
+    read, and at the epoch's end; skipped: this epoch's unreadable samples so far, all ranks."""
+    read = loop.epoch_sums.micro * cfg.batch_size * world_size + skipped
+    base_skipped, base_read = loop.bad_base
+    if read - base_read < (1 if epoch_end else cfg.bad_sample_min):
+        return None
+    try:
+        check_bad_fraction(skipped - base_skipped, read - base_read, cfg)
+    except config.UserError as e:  # every rank decides alike on all-reduced counts
+        loop.bad_base = (skipped, read)  # a resumed run judges the data it reads after this stop
+        return config.UserError(f"{e}, then continue from the checkpoint saved at step {loop.step} with "
+                                f"--resume=auto", every_rank=True)
+    return None
+
+
+def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
+    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation when due) and
+    move the loop to the next epoch; returns the bad-data error of check_data, or None."""
+    sums = loop.epoch_sums
+    total_skipped = int(all_reduce(sums.skipped.clone()).item())
+    bad = check_data(cfg, loop, total_skipped, world_size, epoch_end=True)
+    record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
+              **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
+    if cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
+        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
+    loop.metrics = record
+    if rank == 0:
+        write_log(cfg, record)
+        with tqdm.external_write_mode():
+            print(f"epoch {loop.epoch + 1}: train loss {record['train_loss']:.4f}, {total_skipped} samples skipped",
+                  flush=True)
+            if 'test' in record:
+                print_table([{'checkpoint': cfg.output_dir, 'epoch': loop.epoch + 1, 'results': record['test']}])
+    loop.epoch, loop.batch, loop.epoch_sums, loop.bad_base = loop.epoch + 1, 0, new_sums(sums.skipped.device), (0, 0)
+    return bad
+
+
+def train(cfg, rank, world_size, device):
+    """Set up, then the loop: batch -> train_step -> log -> epoch end -> maybe save."""
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    with on_every_rank(world_size):  # checks and reads only: nothing is written before every rank has passed them
+        resume = check_output_dir(cfg)
+        tokenizer = build_tokenizer(cfg)
+        loader = build_train_loader(cfg, tokenizer, rank, world_size)
+        steps_per_epoch = len(loader) // cfg.update_freq
+        if steps_per_epoch == 0:
+            raise config.ConfigError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
+                                     f"lower --batch_size or --update_freq")
+        model, momentum_model, optimizer, scaler = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
+        maybe_init_weights(model, cfg, resume, rank == 0)
+        seed_everything(cfg.seed + rank)  # per-rank randomness from here on (SPEC.md 5.5)
+        loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
+        if resume is not None:
+            loop.step, position, rng, state = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank,
+                                                              world_size, cfg.batch_size)
+            loop.epoch, loop.batch = position['epoch'], position['batch']
+            if state is not None:
+                restore_epoch_state(loop, state, device)
+    init_output_dir(cfg, resume, rank)
+    micro_per_epoch = steps_per_epoch * cfg.update_freq  # SPEC.md 8.16: a trailing partial step is dropped
+    last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    train_model = wrap_model(model, cfg, device, world_size)
+    data_iter = start_epoch(loader, loop)
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
-    if master:
+    if rank == 0:
         print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {steps_per_epoch} steps/epoch, "
-              f"steps {step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}")
-    bar = tqdm(total=last_step, initial=step, dynamic_ncols=True, disable=not master)
-    log_sums, epoch_sums, log_micro, epoch_micro = {}, {}, 0, 0
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    nonfinite_run, nonfinite_total, data_time, metrics = 0, 0, 0.0, {}
-    t_log = t_data = time.perf_counter()
+              f"steps {loop.step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}",
+              flush=True)
+    interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
+    bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
+    loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
+    loop.first_step = loop.step
     model.train()
     stopping = False
-    done = step >= last_step or epoch >= cfg.epochs
-    while not done:
-        # one optimizer step = update_freq micro-batches (SPEC.md 5.4)
+    first = loop.step if loop.epoch < cfg.epochs else last_step  # a finished run trains no further
+    for step in range(first, last_step):
         lr = lr_schedule(step, cfg, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.update_freq):
-            batch = next(data_iter)
-            batch_index += 1
-            data_time += time.perf_counter() - t_data
-            weak, strong = finish_views(batch, cfg, device)  # --augment_device=cuda: colour, blur, flip run here
-            tokens = batch['tokens'].to(device, non_blocking=True)
-            if cfg.channels_last:
-                weak, strong = weak.to(memory_format=torch.channels_last), [
-                    s.to(memory_format=torch.channels_last) for s in strong]
-            skipped += batch['skipped'].sum().to(device)
-            # deviation from SPEC.md 5.4: gradients are all-reduced on the last micro-step only
-            last_micro = micro == cfg.update_freq - 1
-            sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
-            with sync:
-                with autocast:
-                    out = train_model(weak, tokens, strong)
-                    target = None
-                    if momentum_model is not None:
-                        with torch.no_grad():
-                            target = momentum_model(weak, tokens, strong)
-                    losses = compute_loss(out, cfg, target)
-                scaler.scale(losses['loss'] / cfg.update_freq).backward()
-            step_loss += losses['loss'].detach()
-            accumulate(log_sums, losses)
-            accumulate(epoch_sums, losses)
-            log_micro, epoch_micro = log_micro + 1, epoch_micro + 1
-            t_data = time.perf_counter()
-
-        # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
-        flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
-        nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
-        if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-            if master:
-                write_log(cfg, {'type': 'nonfinite', 'step': step, 'epoch': epoch, 'lr': lr})
-                print(f"step {step}: non-finite loss, update skipped ({nonfinite_run} in a row)", file=sys.stderr)
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise FloatingPointError(f"{nonfinite_run} non-finite losses in a row at step {step}; stopping. "
-                                         f"Resume from {cfg.output_dir}/checkpoint.pt with a lower --lr or "
-                                         f"--precision=bf16/fp32, or raise --max_nonfinite")
-        else:
-            nonfinite_run = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if momentum_model is not None:
-                ema_update(momentum_model, model, cfg.momentum_tau)
-            clamp_logit_scales(model, cfg.logit_scale_max)
-        step += 1
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == last_step:
-            elapsed = time.perf_counter() - t_log
-            record = {'type': 'train', 'step': step, 'epoch': epoch + batch_index / micro_per_epoch, 'lr': lr,
-                      **mean_over_ranks(log_sums, log_micro),
-                      'logit_scale': model.logit_scale.exp().item(),
-                      'samples_per_s': log_micro * cfg.batch_size * world_size / elapsed,
-                      'data_time': data_time / log_micro, 'peak_mem_gb': peak_memory_gb(device),
-                      'skipped': int(all_reduce(skipped.clone()).item()), 'nonfinite_steps': nonfinite_total}
-            metrics = record
-            if master:
-                write_log(cfg, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f'{lr:.2e}', scale=f"{record['logit_scale']:.1f}",
-                                sps=f"{record['samples_per_s']:.0f}")
-            log_sums, log_micro, data_time, t_log = {}, 0, 0.0, time.perf_counter()
-
-        epoch_end = batch_index == micro_per_epoch
+        stopping = train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr,
+                              loop, world_size)
+        if bar is not None:
+            bar.update(1)
+        bad = None  # the error when too much of this epoch's data was unreadable
+        if loop.step % cfg.log_every == 0 or loop.step == last_step:
+            skipped = log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, world_size, bar)
+            bad = check_data(cfg, loop, skipped, world_size)
+        epoch_end = loop.batch == micro_per_epoch
         if epoch_end:
-            total_skipped = int(all_reduce(skipped).item())
-            samples = epoch_micro * cfg.batch_size * world_size
-            check_bad_fraction(total_skipped, samples + total_skipped, cfg)
-            record = {'type': 'epoch', 'epoch': epoch + 1, 'step': step, 'skipped': total_skipped,
-                      **{f'train_{k}': v for k, v in mean_over_ranks(epoch_sums, epoch_micro).items()}}
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and not stopping:
-                record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
-            metrics = record
-            if master:
-                write_log(cfg, record)
-                with tqdm.external_write_mode():
-                    print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, {total_skipped} samples skipped")
-                    if 'test' in record:
-                        print_table([{'checkpoint': cfg.output_dir, 'epoch': epoch + 1, 'results': record['test']}])
-            epoch, batch_index, epoch_sums, epoch_micro = epoch + 1, 0, {}, 0
-            skipped = torch.zeros_like(skipped)
+            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping) or bad
+        done = stopping or bad is not None or loop.step >= last_step or loop.epoch >= cfg.epochs
+        if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
+            position = {'epoch': loop.epoch, 'batch': loop.batch, 'world_size': world_size,
+                        'batch_size': cfg.batch_size}
+            save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,
+                            world_size, epoch_state(loop))
+        if bad is not None:  # after the save, so that --resume=auto continues once the data is fixed
+            if dist.is_initialized():
+                dist.barrier()  # no rank exits (and torchrun ends the others) before rank 0 has written it
+            raise bad
+        if done:
+            break
+        if epoch_end:
+            data_iter = start_epoch(loader, loop)
 
-        done = stopping or step >= last_step or epoch >= cfg.epochs
-        if epoch_end or done or (cfg.save_every and step % cfg.save_every == 0):
-            position = {'epoch': epoch, 'batch': batch_index, 'world_size': world_size, 'batch_size': cfg.batch_size}
-            save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size)
-        if epoch_end and not done:
-            loader.sampler.set_epoch(epoch, 0)
-            data_iter = iter(loader)
-
-    bar.close()
-    for s, handler in previous_handlers.items():
-        signal.signal(s, handler)
-    if master:
+    if bar is not None:
+        bar.close()
+    if rank == 0:
         why = "a stop signal at step" if stopping else "step"
-        print(f"train: stopped at {why} {step}; checkpoint in {cfg.output_dir}/checkpoint.pt")
+        print(f"train: stopped at {why} {loop.step}; checkpoint in {cfg.output_dir}/checkpoint.pt", flush=True)
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; a peer leaving early aborts gloo's teardown
         dist.destroy_process_group()
 
 
+def main(argv=None):
+    """Train with the config of the command-line flags (see config.py / --help). Purposeful errors are
+    config.UserError (printed as one line by config.run_cli); under torchrun each is printed once."""
+    cfg = config.parse_args(argv)
+    rank, world_size, device = setup_distributed(cfg)
+    # SIGTERM/SIGUSR1 (SLURM before pre-emption) save a checkpoint at the next step boundary and exit 0. Installed
+    # first, so that forked data workers inherit it and so that torchrun's SIGTERM, sent to every rank when one
+    # fails, cannot cut off this rank's own error message (kept until exit under torchrun)
+    STOP['signal'] = 0
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        train(cfg, rank, world_size, device)
+    except config.UserError as e:
+        if world_size > 1 and not e.every_rank:  # this rank alone: the others will see their collectives fail
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._get_default_store().set(FAILED_KEY, str(rank))
+        raise
+    except Exception:
+        if world_size > 1 and peer_failed():
+            raise SystemExit(1) from None  # a failed collective, echoing the error that the failed rank printed
+        raise
+    finally:
+        if world_size == 1:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+
+
 if __name__ == '__main__':
-    main()
+    config.run_cli(main)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from config import Config
+from config import Config, UserError
 
 import data as D
 
@@ -179,7 +179,7 @@ def test_bad_fraction_threshold():
     cfg = cfg_for(bad_sample_threshold=0.01)
     D.check_bad_fraction(0, 0, cfg)
     D.check_bad_fraction(1, 100, cfg)  # exactly 1% is allowed
-    with pytest.raises(RuntimeError, match=r'2 of 100 samples .*--bad_sample_threshold=0.01'):
+    with pytest.raises(UserError, match=r'2 of 100 samples .*--bad_sample_threshold=0.01'):
         D.check_bad_fraction(2, 100, cfg)
 
 
@@ -380,7 +380,7 @@ def test_demo_vocabulary_encodes_every_caption_word_as_one_token():
     caption = D.demo_captions(0, 'retrieval', 3)[0]
     assert tokenizer.decode(tokenizer.encode(caption)).strip() == caption
     assert tokenizer.vocab_size < 2000
-    with pytest.raises(FileNotFoundError, match='--bpe_path=.*missing.txt.gz not found'):
+    with pytest.raises(UserError, match='--bpe_path=.*missing.txt.gz not found'):
         D.build_tokenizer(Config(bpe_path='missing.txt.gz'))
 
 

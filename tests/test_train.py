@@ -128,7 +128,7 @@ def test_no_checkpoint_with_nonfinite_weights(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(FloatingPointError, match='NaN'):
+    with pytest.raises(config.UserError, match='NaN'):
         train.save_checkpoint(cfg, model, optimizer, torch.amp.GradScaler('cpu', enabled=False), None, 1,
                               {'epoch': 0, 'batch': 1}, {}, 0, 1)
     assert not list(tmp_path.iterdir())
@@ -137,7 +137,7 @@ def test_no_checkpoint_with_nonfinite_weights(tmp_path):
 def test_foreign_output_dir_is_refused(tmp_path):
     config.save_json(config.resolve({**TINY_FLAGS, 'lr': '0.5', 'output_dir': str(tmp_path)}, verbose=False),
                      tmp_path / 'config.json')
-    with pytest.raises(ValueError, match=r'another config \(lr: 0.5 ->'):
+    with pytest.raises(config.UserError, match=r'another config \(lr: 0.5 ->'):
         train.main([*TINY, f'--output_dir={tmp_path}'])
 
 
@@ -153,7 +153,7 @@ def test_demo_steps_lower_the_loss(tmp_path):
     assert ckpt['data'] == {'epoch': 2, 'batch': 0, 'world_size': 1, 'batch_size': 8}
     assert sorted(p.name for p in tmp_path.glob('checkpoint_*.pt')) == ['checkpoint_00000008.pt',
                                                                         'checkpoint_00000016.pt']
-    with pytest.raises(ValueError, match='already holds checkpoint.pt; pass --resume=auto'):
+    with pytest.raises(config.UserError, match='already holds checkpoint.pt; pass --resume=auto'):
         train.main([*TINY, f'--output_dir={tmp_path}', '--lr=2e-3', '--warmup_epochs=0.25', '--max_steps=16',
                     '--save_every=8'])
 
@@ -174,7 +174,7 @@ def test_compiled_training_matches_eager_on_cpu(tmp_path):
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'compute_loss', lambda out, cfg, target=None: {
         'loss': out['z_image'].sum() * float('nan')})
-    with pytest.raises(FloatingPointError, match='3 non-finite losses in a row'):
+    with pytest.raises(config.UserError, match='3 non-finite losses in a row'):
         train.main([*TINY, f'--output_dir={tmp_path}', '--max_nonfinite=3', '--save_every=1'])
     assert len(log_records(tmp_path, 'nonfinite')) == 3
     ckpt = load(tmp_path / 'checkpoint_00000002.pt')  # saved after two skipped steps: still the initial weights
