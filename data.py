@@ -317,18 +317,25 @@ class Strings:
         return self.raw(i).decode('utf-8', 'surrogatepass')
 
 
+def join_captions(value):
+    """The SEP-joined UTF-8 of as_captions(value), or NOT_TEXT where that raises (inlined: millions of entries)."""
+    if isinstance(value, str):
+        return utf8(value)
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+        try:
+            return SEP.join([c.encode('utf-8', 'surrogatepass') for c in value])
+        except AttributeError:  # an item that is not text (a number, None, bytes)
+            pass
+    return NOT_TEXT
+
+
 class CaptionLists(Strings):
     """Each entry's candidate captions (as_captions of its value) as one SEP-joined string; [i] -> tuple of str,
     or ValueError (a bad sample) for an entry whose value was not text."""
 
     @classmethod
     def of(cls, values):
-        def join(value):
-            try:
-                return SEP.join(map(utf8, as_captions(value)))
-            except ValueError:
-                return NOT_TEXT
-        return cls([join(v) for v in values])
+        return cls([join_captions(v) for v in values])
 
     def __getitem__(self, i):
         raw = self.raw(i)

@@ -4,8 +4,11 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -18,6 +21,8 @@ from PIL import Image
 from config import Config, UserError
 
 import data as D
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(**overrides):
@@ -332,6 +337,38 @@ def test_shard_counts_come_from_img2dataset_stats_then_a_cached_index(tmp_path, 
     files = [tmp_path / 'file' / D.SHARD_INDEX, tmp_path / 'out' / D.SHARD_INDEX]
     assert D.write_index({'a': [1, 2, 3]}, files) == files[1] and json.loads(files[1].read_text()) == {'a': [1, 2, 3]}
 
+
+
+DDP_COUNT = """
+import json, os, sys
+import torch.distributed as dist
+from config import Config
+import data as D
+rank, tmp = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=rank, world_size=2)
+scanned = []
+D.count_shard = lambda path: scanned.append(os.path.basename(path)) or D.count_samples(path)
+cfg = Config(dataset='wds', metadata=f'{tmp}/{{0..7}}.tar', output_dir=f'{tmp}/out', workers=1)
+first = D.read_shards(cfg, 1, rank, 2)[1]
+mine, scanned = scanned, []
+cached = D.read_shards(cfg, 1, rank, 2)[1]
+print(json.dumps({'first': first, 'cached': cached, 'scanned': mine, 'rescanned': scanned}))
+"""
+
+
+def test_shard_counts_are_split_across_ranks_and_read_back_by_all(tmp_path):
+    for s in range(8):
+        write_tar(tmp_path / f'{s}.tar', [(f'{j}.{ext}', b'x') for j in range(s + 2) for ext in ('jpg', 'txt')])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'LOCAL_WORLD_SIZE': '2'}
+    procs = [subprocess.Popen([sys.executable, '-c', DDP_COUNT, str(rank), str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    counts = list(range(2, 10))
+    assert all(r['first'] == r['cached'] == counts and r['rescanned'] == [] for r in results)
+    scanned = [set(r['scanned']) for r in results]
+    assert not scanned[0] & scanned[1] and scanned[0] | scanned[1] == {f'{s}.tar' for s in range(8)}
+    assert len(json.loads((tmp_path / D.SHARD_INDEX).read_text())) == 8
 
 def test_zip_members_are_read_without_parsing_the_whole_archive(tmp_path):
     payloads = {f'{i:03d}.jpg': jpeg(i) * (i + 1) for i in range(5)}
