@@ -3,6 +3,7 @@ import argparse
 import bisect
 import collections
 import csv
+import gc
 import gzip
 import heapq
 import io
@@ -298,14 +299,25 @@ def utf8(text):
 class Strings:
     """A read-only list of str as one UTF-8 byte buffer plus int64 offsets (8 bytes per item beyond the text)."""
 
-    def __init__(self, encoded):
-        self.offsets = np.zeros(len(encoded) + 1, np.int64)
-        self.offsets[1:] = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        self.data = np.frombuffer(b''.join(encoded), np.uint8)
+    def __init__(self, data, offsets):
+        self.data, self.offsets = data, offsets
+
+    @classmethod
+    def pack(cls, encoded):
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        offsets[1:] = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        return cls(np.frombuffer(b''.join(encoded), np.uint8), offsets)
 
     @classmethod
     def of(cls, texts):
-        return cls([utf8(t) for t in texts])
+        return cls.pack([utf8(t) for t in texts])
+
+    def arrays(self, name):
+        return {f'{name}.data': self.data, f'{name}.offsets': self.offsets}
+
+    @classmethod
+    def load(cls, arrays, name):
+        return cls(arrays[f'{name}.data'], arrays[f'{name}.offsets'])
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -335,7 +347,7 @@ class CaptionLists(Strings):
 
     @classmethod
     def of(cls, values):
-        return cls([join_captions(v) for v in values])
+        return cls.pack([join_captions(v) for v in values])
 
     def __getitem__(self, i):
         raw = self.raw(i)
@@ -348,6 +360,46 @@ def compact_ids(ids):
     """Integer ids as a numpy array of the narrowest of uint32 / int64 that holds them."""
     ids = np.asarray(ids, np.int64)
     return ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids
+
+
+def cached_arrays(metadata, output_dir, how, build):
+    """The arrays {name: array} that build() makes from the file metadata, cached as name.npy files in a folder
+    metadata.arrays beside it (in output_dir when that folder is read-only) and memory-mapped by later runs
+    while the file's size and mtime and `how` it is read are unchanged: a restart skips the parsing, and the
+    ranks of a node share the pages. Every writer replaces each file atomically and the stamp last."""
+    st, source = os.stat(metadata), Path(metadata).resolve()
+    stamp = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'how': how}
+    folders = [source.with_name(source.name + '.arrays'), Path(output_dir).resolve() / (source.name + '.arrays')]
+    for folder in folders:
+        try:
+            if json.loads((folder / 'stamp.json').read_text()) == stamp:
+                return {f.stem: np.load(f, mmap_mode='r') for f in folder.glob('*.npy')}
+        except (OSError, ValueError):
+            pass
+    arrays = build()
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, array in arrays.items():
+                write_atomically(folder / f'{name}.npy', lambda f: np.save(f, array))
+            write_atomically(folder / 'stamp.json', lambda f: f.write(json.dumps(stamp).encode()))
+            break
+        except OSError:
+            continue
+    return arrays
+
+
+def write_atomically(path, write):
+    """write(file) into a temporary file beside path, then rename it to path: readers never see half a file."""
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 class FileReader:
@@ -487,34 +539,41 @@ def check_format(path, dataset, name=None):
                         f"{FORMATS[dataset]}")
 
 
-def read_npy(metadata, root, dataset):
+def read_npy(metadata, root, dataset, output_dir):
     """CC3M ('image_id') or CC12M ('image_name') NumPy metadata."""
     path, key = _existing(metadata, 'metadata', FORMATS[dataset]), 'image_id' if dataset == 'cc3m' else 'image_name'
     check_format(path, dataset)
-    try:
-        meta = np.load(path, allow_pickle=True)
-        paths, captions = Strings.of([str(d[key]) for d in meta]), CaptionLists.of([d['captions'] for d in meta])
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError, KeyError, IndexError) as e:
-        raise _bad_format(metadata, dataset, f'{type(e).__name__}: {e}') from None
-    del meta  # before any worker forks: only the compact arrays remain
-    return FileReader(_existing(root, 'root', 'the folder holding the images'), paths, captions)
+
+    def build():
+        try:
+            meta = np.load(path, allow_pickle=True)
+            paths, captions = Strings.of([str(d[key]) for d in meta]), CaptionLists.of([d['captions'] for d in meta])
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError, KeyError, IndexError) as e:
+            raise _bad_format(metadata, dataset, f'{type(e).__name__}: {e}') from None
+        return {**paths.arrays('paths'), **captions.arrays('captions')}
+    arrays = cached_arrays(path, output_dir, dataset, build)
+    return FileReader(_existing(root, 'root', 'the folder holding the images'), Strings.load(arrays, 'paths'),
+                      CaptionLists.load(arrays, 'captions'))
 
 
-def read_yfcc(metadata, root):
+def read_yfcc(metadata, root, output_dir):
     """YFCC15M pickle of (image_id, title, description)."""
     path = _existing(metadata, 'metadata', FORMATS['yfcc15m'])
     check_format(path, 'yfcc15m')
-    try:
-        with open(path, 'rb') as f:
-            items = pickle.load(f)
-    except Exception as e:  # unpickling foreign data can raise almost any exception type
-        raise _bad_format(metadata, 'yfcc15m', f'{type(e).__name__}: {e}') from None
-    if not isinstance(items, (list, tuple, np.ndarray)) or not all(
-            isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
-        raise _bad_format(metadata, 'yfcc15m', 'entries are not (int, str, str) triples')
-    ids, captions = compact_ids([t[0] for t in items]), CaptionLists.of([t[1:] for t in items])
-    del items
-    return YfccReader(_existing(root, 'root', 'the folder holding images/XX/YYY.zip'), ids, captions)
+
+    def build():
+        try:
+            with open(path, 'rb') as f:
+                items = pickle.load(f)
+        except Exception as e:  # unpickling foreign data can raise almost any exception type
+            raise _bad_format(metadata, 'yfcc15m', f'{type(e).__name__}: {e}') from None
+        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
+                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
+            raise _bad_format(metadata, 'yfcc15m', 'entries are not (int, str, str) triples')
+        return {'ids': compact_ids([t[0] for t in items]), **CaptionLists.of([t[1:] for t in items]).arrays('captions')}
+    arrays = cached_arrays(path, output_dir, 'yfcc15m', build)
+    return YfccReader(_existing(root, 'root', 'the folder holding images/XX/YYY.zip'), arrays['ids'],
+                      CaptionLists.load(arrays, 'captions'))
 
 
 def read_csv(cfg):
@@ -522,20 +581,25 @@ def read_csv(cfg):
     path = _existing(cfg.metadata, 'metadata', FORMATS['csv'])
     check_format(path, 'csv')
     keys = cfg.csv_image_key, cfg.csv_caption_key
-    try:
-        with open(path, newline='', encoding='utf-8') as f:
-            rows = csv.reader(f, delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
-            header = next(rows, [])
-            missing = [k for k in keys if k not in header]
-            if missing:
-                raise _bad_format(cfg.metadata, 'csv', f"no column {missing[0]!r} among {header}")
-            a, b = map(header.index, keys)
-            rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
-    except UnicodeDecodeError as e:
-        raise _bad_format(cfg.metadata, 'csv', f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") \
-            from None
+
+    def build():
+        try:
+            with open(path, newline='', encoding='utf-8') as f:
+                rows = csv.reader(f, delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
+                header = next(rows, [])
+                missing = [k for k in keys if k not in header]
+                if missing:
+                    raise _bad_format(cfg.metadata, 'csv', f"no column {missing[0]!r} among {header}")
+                a, b = map(header.index, keys)
+                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
+        except UnicodeDecodeError as e:
+            raise _bad_format(cfg.metadata, 'csv', f"not UTF-8 text: {e.reason} in "
+                                                   f"{e.object[e.start:e.start + 8]!r}") from None
+        return {**Strings.of([r[0] for r in rows]).arrays('paths'),
+                **CaptionLists.of([r[1] for r in rows]).arrays('captions')}
+    arrays = cached_arrays(path, cfg.output_dir, ['csv', *keys, path.suffix.lower()], build)
     root = _existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else path.parent
-    return FileReader(root, Strings.of([r[0] for r in rows]), CaptionLists.of([r[1] for r in rows]))
+    return FileReader(root, Strings.load(arrays, 'paths'), CaptionLists.load(arrays, 'captions'))
 
 
 def build_reader(cfg):
@@ -543,9 +607,9 @@ def build_reader(cfg):
     if cfg.dataset == 'demo':
         return DemoReader(cfg)
     if cfg.dataset in ('cc3m', 'cc12m'):
-        reader = read_npy(cfg.metadata, cfg.root, cfg.dataset)
+        reader = read_npy(cfg.metadata, cfg.root, cfg.dataset, cfg.output_dir)
     elif cfg.dataset == 'yfcc15m':
-        reader = read_yfcc(cfg.metadata, cfg.root)
+        reader = read_yfcc(cfg.metadata, cfg.root, cfg.output_dir)
     elif cfg.dataset == 'csv':
         reader = read_csv(cfg)
     elif cfg.dataset == 'merged29m':
@@ -553,8 +617,9 @@ def build_reader(cfg):
         if len(metadata) != 3 or len(roots) != 3:
             raise ValueError("--dataset=merged29m needs three --metadata and three --root values joined by '---', "
                              "in the order cc3m---cc12m---yfcc15m")
-        reader = MergedReader([read_npy(metadata[0], roots[0], 'cc3m'), read_npy(metadata[1], roots[1], 'cc12m'),
-                               read_yfcc(metadata[2], roots[2])])
+        reader = MergedReader([read_npy(metadata[0], roots[0], 'cc3m', cfg.output_dir),
+                               read_npy(metadata[1], roots[1], 'cc12m', cfg.output_dir),
+                               read_yfcc(metadata[2], roots[2], cfg.output_dir)])
     else:
         raise ValueError(f"--dataset={cfg.dataset} has no map-style reader")
     if len(reader) == 0:
@@ -760,7 +825,8 @@ def count_shard(path):
 def count_in_parallel(paths):
     """count_shard of each path, over this rank's share of the CPUs (forked processes: tarfile holds the GIL)."""
     local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    procs = min(len(paths), max(1, len(os.sched_getaffinity(0)) // local))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    procs = min(len(paths), max(1, cpus // local))
     if procs <= 1 or len(paths) < 4:
         return [count_shard(p) for p in paths]
     with multiprocessing.get_context('fork').Pool(procs) as pool:
@@ -817,16 +883,12 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
 
 def write_index(index, files):
     """Write the index atomically to the first writable place of files; say where when it is not the first."""
-    data = json.dumps(index, separators=(',', ':'))
+    data = json.dumps(index, separators=(',', ':')).encode()
     for file in files:
-        tmp = file.with_name(f'.{file.name}.{os.getpid()}.tmp')
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(data)
-            os.replace(tmp, file)
+            write_atomically(file, lambda f: f.write(data))
         except OSError:
-            if tmp.exists():
-                tmp.unlink()
             continue
         if file != files[0]:
             print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
@@ -1113,10 +1175,13 @@ class ShardLoader:
         return iter(self.loader)
 
 
-def ignore_stop_signals(worker_id):
-    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before exiting (SLURM)."""
+def init_worker(worker_id):
+    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before exiting (SLURM), and
+    freeze the objects inherited from it: the garbage collector then never writes to (and so copies) their pages
+    (measured: ~80 MB per worker with torch alone, all of a metadata list's objects; python -m bench.metadata)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    gc.freeze()
 
 
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
@@ -1128,14 +1193,14 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         dataset = TarShards(*read_shards(cfg, max(1, cfg.workers), rank, world_size), make_sample, cfg, rank,
                             world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                             drop_last=True, worker_init_fn=ignore_stop_signals)
+                                             drop_last=True, worker_init_fn=init_worker)
         loader = ShardLoader(dataset, loader)
     else:
         dataset = TrainDataset(build_reader(cfg), make_sample)
         sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
         loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                              pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
-                                             worker_init_fn=ignore_stop_signals)
+                                             worker_init_fn=init_worker)
     if len(loader) == 0:
         raise ValueError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")

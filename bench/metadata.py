@@ -2,11 +2,14 @@
 
 python -m bench.metadata [--entries=2000000] [--batches=200]
 Writes a pickle of --entries YFCC-style triples (titles of 1-8 words, half the descriptions empty, the
-others 5-40 words, 5% non-ASCII), then in one fresh process per layout: seconds to load it, bytes per
-entry, and the summed proportional set size (PSS, /proc/PID/smaps_rollup) of the main process and 2
+others 5-40 words, 5% non-ASCII), then in one fresh process per layout (before: the unpickled list; now:
+parsed into arrays and cached beside the pickle; now again: the cached arrays, memory-mapped): seconds to
+load, bytes per entry, and the summed proportional set size (PSS, /proc/PID/smaps_rollup) of the main process and 2
 DataLoader workers after their first batch and after --batches batches of 256 random entries, each entry's
 id and captions read in a worker, as a training step reads them. Python objects are copied into each
-worker page by page as their reference counts are written (copy-on-read); numpy arrays are shared.
+worker page by page as their reference counts are written (copy-on-read), and every object the garbage
+collector tracks when it runs, unless the worker froze them (data.init_worker's gc.freeze; rows without it
+show what it saves); numpy arrays are shared.
 """
 import json
 import os
@@ -88,7 +91,7 @@ class New:
         return self.reader.ids[i], self.reader.captions[i]
 
 
-def child(layout, path, batches):
+def child(layout, path, batches, freeze):
     base = rss_mb()
     t = time.perf_counter()
     if layout == 'old':
@@ -96,13 +99,14 @@ def child(layout, path, batches):
             get = Old(pickle.load(f))
         n, nbytes = len(get.items), None
     else:
-        reader = D.read_yfcc(path, Path(path).parent)
+        reader = D.read_yfcc(path, Path(path).parent, Path(path).parent)
         get, n = New(reader), len(reader)
         nbytes = reader.ids.nbytes + reader.captions.data.nbytes + reader.captions.offsets.nbytes
     seconds = time.perf_counter() - t
     grown = rss_mb() - base
     order = torch.randint(n, (batches * 256,), generator=torch.Generator().manual_seed(0)).tolist()
-    loader = torch.utils.data.DataLoader(Touch(get, n), 256, sampler=order, num_workers=2)
+    loader = torch.utils.data.DataLoader(Touch(get, n), 256, sampler=order, num_workers=2,
+                                         worker_init_fn=D.init_worker if freeze else None)
     it = iter(loader)
     next(it)
     pids = [os.getpid(), *(w.pid for w in it._workers)]
@@ -119,22 +123,25 @@ def main(argv):
         sys.exit('usage: python -m bench.metadata [--entries=2000000] [--batches=200]')
     args = dict(a[2:].split('=', 1) for a in argv)
     if 'child' in args:
-        return child(args['child'], args['path'], int(args['batches']))
+        return child(args['child'], args['path'], int(args['batches']), args['freeze'] == '1')
     n, batches = int(args.get('entries', 2_000_000)), int(args.get('batches', 200))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'yfcc.pkl'
         raw = write_metadata(path, n)
         rows = {}
-        for layout in ('old', 'new'):
+        # 'new' parses the pickle and caches the arrays beside it; 'cached' maps them
+        for layout, freeze in (('old', 0), ('old', 1), ('new', 1), ('cached', 1), ('cached', 0)):
             out = subprocess.run([sys.executable, '-m', 'bench.metadata', f'--child={layout}', f'--path={path}',
-                                  f'--batches={batches}'], capture_output=True, text=True, check=True)
-            rows[layout] = json.loads(out.stdout.strip().splitlines()[-1])
+                                  f'--batches={batches}', f'--freeze={freeze}'], capture_output=True, text=True,
+                                 check=True)
+            rows[layout, freeze] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{n:,} YFCC-style entries, raw UTF-8 {raw / n:.1f} bytes per entry (title + description); "
           f"main + 2 workers, {batches} batches of 256 random entries")
-    for layout, what in (('old', 'Python list of tuples'), ('new', 'ids + CaptionLists arrays')):
-        r = rows[layout]
+    for (layout, freeze), r in rows.items():
+        what = {'old': 'before: list of tuples', 'new': 'now: arrays, first run', 'cached': 'now: arrays, cached'}[
+            layout] + ('' if freeze else ', no gc.freeze')
         size = r['nbytes'] if r['nbytes'] is not None else r['rss_growth_mb'] * 2 ** 20
-        print(f"  {what:<26} load {r['seconds']:6.2f} s  {size / n:6.1f} bytes/entry "
+        print(f"  {what:<38} load {r['seconds']:6.2f} s  {size / n:6.1f} bytes/entry "
               f"({'array bytes' if r['nbytes'] else 'RSS growth'}, raw + {size / n - raw / n:.1f})  "
               f"PSS at start {r['start']:7.1f} MB, after {batches} batches {r['end']:7.1f} MB "
               f"(+{r['end'] - r['start']:.1f})")

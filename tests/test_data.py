@@ -261,14 +261,34 @@ def test_metadata_arrays_give_back_exactly_the_source_captions_paths_and_ids(tmp
     ids = [12345000 + i for i in range(len(texts))]
     with open(tmp_path / 'y.pkl', 'wb') as f:
         pickle.dump([(i, t, texts[-1 - k]) for k, (i, t) in enumerate(zip(ids, texts))], f)
-    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path)
+    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')
     assert yfcc.ids.dtype == np.uint32 and yfcc.ids.tolist() == ids
     assert [yfcc.captions[k] for k in range(len(texts))] == [(t, texts[-1 - k]) for k, t in enumerate(texts)]
+    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')  # again, from the cached arrays
+    assert isinstance(yfcc.ids, np.memmap) and yfcc.ids.tolist() == ids and yfcc.captions[2] == (texts[2], texts[-3])
     rows = [(f'img/{t[:3]}.jpg', t) for t in texts if '\x00' not in t and '\ud800' not in t and '\n' not in t]
     with open(tmp_path / 'u.csv', 'w', encoding='utf-8', newline='') as f:
         csv.writer(f).writerows([('filepath', 'title'), *rows])
     csv_reader = D.read_csv(cfg_for(dataset='csv', metadata=str(tmp_path / 'u.csv')))
     assert [(csv_reader.paths[i], csv_reader.captions[i]) for i in range(len(rows))] == [(p, (t,)) for p, t in rows]
+
+
+def test_metadata_arrays_are_cached_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    cfg = write_formats(tmp_path)['cc3m']
+    first = D.build_reader(cfg)
+    assert (tmp_path / 'cc3m.npy.arrays' / 'stamp.json').is_file()
+    parsed, load = [], np.load
+    monkeypatch.setattr(np, 'load', lambda *a, **k: parsed.append(k.get('allow_pickle')) or load(*a, **k))
+    second = D.build_reader(cfg)
+    assert True not in parsed and isinstance(second.paths.data, np.memmap)  # the metadata was not parsed again
+    assert all((second.paths[i], second.captions[i]) == (first.paths[i], first.captions[i]) for i in range(N))
+    np.save(tmp_path / 'cc3m.npy', np.array([{'image_id': 'img/1.jpg', 'captions': ['changed']}]))
+    third = D.build_reader(cfg)
+    assert True in parsed and len(third) == 1 and third.captions[0] == ('changed',)
+    # the folder beside the metadata cannot be made (here: a file has its name): the arrays go to output_dir
+    (tmp_path / 'pairs.csv.arrays').write_text('')
+    reader = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'pairs.csv'), output_dir=str(tmp_path / 'out')))
+    assert (tmp_path / 'out' / 'pairs.csv.arrays' / 'stamp.json').is_file() and reader.captions[5] == (CAPTIONS[5],)
 
 
 def test_wrong_format_and_missing_bpe_path_give_one_line(tmp_path):
