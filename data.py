@@ -430,7 +430,7 @@ def read_zip_member(path, name):
         if sig != b'PK\x05\x06' or comment or entries == 0xFFFF or dir_offset == 0xFFFFFFFF:
             with zipfile.ZipFile(f) as zf:
                 return zf.read(name)
-        start = size - ZIP_END.size - dir_size  # data prepended to the archive shifts every offset by start - dir_offset
+        start = size - ZIP_END.size - dir_size  # data prepended to the archive shifts offsets by start - dir_offset
         directory, needle, pos = os.pread(f.fileno(), dir_size, start), name.encode(), -1
         while True:  # the entry whose name field is exactly `name`
             pos = directory.find(needle, pos + 1)

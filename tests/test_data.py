@@ -236,7 +236,6 @@ def test_bad_paths_and_formats_raise_one_line_before_loading(tmp_path):
         assert message in str(info.value) and '\n' not in str(info.value), str(info.value)
 
 
-
 def test_metadata_arrays_give_back_exactly_the_source_captions_paths_and_ids(tmp_path):
     texts = ['plain', '', 'émoji 🚀 and 漢字', 'combining e\u0301', 'nul \x00 inside', 'tab\tnew\nline', 'lone \ud800']
     (tmp_path / 'img').mkdir()
@@ -287,7 +286,8 @@ def test_metadata_arrays_are_cached_reused_and_rebuilt_on_change(tmp_path, monke
     assert True in parsed and len(third) == 1 and third.captions[0] == ('changed',)
     # the folder beside the metadata cannot be made (here: a file has its name): the arrays go to output_dir
     (tmp_path / 'pairs.csv.arrays').write_text('')
-    reader = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'pairs.csv'), output_dir=str(tmp_path / 'out')))
+    reader = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'pairs.csv'),
+                                    output_dir=str(tmp_path / 'out')))
     assert (tmp_path / 'out' / 'pairs.csv.arrays' / 'stamp.json').is_file() and reader.captions[5] == (CAPTIONS[5],)
 
 
@@ -300,8 +300,10 @@ def test_wrong_format_and_missing_bpe_path_give_one_line(tmp_path):
     cases = [(r(cfgs['csv'], metadata=cfgs['cc3m'].metadata), 'looks like a NumPy .npy array', 'a UTF-8 .csv'),
              (r(cfgs['cc3m'], metadata=cfgs['csv'].metadata), "looks like text starting 'filepath,title'",
               'a .npy object array'),
-             (r(cfgs['wds'], metadata=str(tmp_path / 'list.tar')), "looks like text starting '00000.jpg'", 'tar shards'),
-             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'img' / '0.jpg')), 'looks like a JPEG image', 'a pickled list'),
+             (r(cfgs['wds'], metadata=str(tmp_path / 'list.tar')), "looks like text starting '00000.jpg'",
+              'tar shards'),
+             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'img' / '0.jpg')), 'looks like a JPEG image',
+              'a pickled list'),
              (r(cfgs['csv'], metadata=str(tmp_path / 'latin.csv')), "non-UTF-8 text starting 'filepath,title'",
               'a UTF-8 .csv'),
              (r(cfgs['csv'], metadata=str(tmp_path / 'late.csv')), "not UTF-8 text: invalid continuation byte in "
@@ -321,13 +323,13 @@ def test_wrong_format_and_missing_bpe_path_give_one_line(tmp_path):
 def test_exif_orientation_is_applied_in_training_and_evaluation(tmp_path):
     import evaluate
     stored = Image.fromarray(np.kron(np.array([[[250, 0, 0], [0, 250, 0], [0, 0, 250]]], np.uint8),
-                                     np.ones((8, 8, 1), np.uint8)))  # 24 x 8: red, green, blue blocks left to right
+                                     np.ones((8, 8, 1), np.uint8)))  # (8, 24): red, green, blue blocks left to right
     plain, rotated = io.BytesIO(), io.BytesIO()
     stored.save(plain, 'JPEG', quality=95)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     stored.save(rotated, 'JPEG', quality=95, exif=exif)
-    upright = np.rot90(np.asarray(Image.open(plain)), k=-1)  # the stored pixels turned clockwise: 8 x 24
+    upright = np.rot90(np.asarray(Image.open(plain)), k=-1)  # the stored pixels turned clockwise: (24, 8)
     (tmp_path / 'r.jpg').write_bytes(rotated.getvalue())
     (tmp_path / 'r.csv').write_text('filepath,title\nr.jpg,sideways\n')
     train = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'r.csv'))).load(0)[0]
