@@ -1,5 +1,6 @@
 """data.py datasets and loaders: every format from small fixtures, rank/worker splits, bad samples, the demo set."""
 import collections
+import contextlib
 import csv
 import dataclasses
 import io
@@ -360,6 +361,37 @@ def test_shard_counts_come_from_img2dataset_stats_then_a_cached_index(tmp_path, 
     assert D.write_index({'a': [1, 2, 3]}, files) == files[1] and json.loads(files[1].read_text()) == {'a': [1, 2, 3]}
 
 
+
+
+def test_header_scan_counts_as_tarfile_does(tmp_path):
+    members = [(f'{k}.{ext}', b'x' * k) for k in range(5) for ext in ('jpg', 'txt')]
+    long = [(f'{"d" * 90}/{"n" * 60}{k}.{ext}', b'y') for k in range(3) for ext in ('jpg', 'txt')]  # ustar prefix
+    pax = [('é' * 120 + '.jpg', b'z'), ('é' * 120 + '.txt', b'z')]  # a pax header: left to tarfile
+    cases = {'plain': (members, tarfile.USTAR_FORMAT), 'prefix': (long, tarfile.USTAR_FORMAT),
+             'gnu': (members, tarfile.GNU_FORMAT), 'gnu_long_names': (long, tarfile.GNU_FORMAT),
+             'pax': (members + pax, tarfile.PAX_FORMAT)}
+    for name, (content, form) in cases.items():
+        with tarfile.open(tmp_path / f'{name}.tar', 'w', format=form) as tar:
+            folder = tarfile.TarInfo('folder')
+            folder.type = tarfile.DIRTYPE  # not a sample
+            tar.addfile(folder)
+            for member, payload in content:
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(tmp_path / 'plain.tar.gz', 'w:gz') as tar:
+        tar.add(tmp_path / 'plain.tar', 'a.jpg')
+    data = (tmp_path / 'plain.tar').read_bytes()
+    (tmp_path / 'cut.tar').write_bytes(data[:512 * 12 + 1])  # inside 3.jpg's data (blocks: 1 + 1 + 1 + 2 + 2 ...)
+    expected = {'plain': 5, 'prefix': 3, 'gnu': 5, 'gnu_long_names': 3, 'pax': 6, 'plain.tar.gz': 1, 'cut': 4}
+    for name, count in expected.items():
+        path = tmp_path / (name if name.endswith('.gz') else f'{name}.tar')
+        keys = set()  # tarfile's reading: the keys before a broken tail
+        with pytest.raises(tarfile.ReadError) if name == 'cut' else contextlib.nullcontext():
+            with tarfile.open(path) as tar:
+                keys.update(D.member_key(m.name)[0] for m in tar if m.isfile())
+        assert D.count_samples(path) == len(keys) == count, name
+        assert (D.scan_keys(path) is None) == (name in ('gnu_long_names', 'pax', 'plain.tar.gz')), name
 
 DDP_COUNT = """
 import json, os, sys
