@@ -852,12 +852,15 @@ def count_shard(path):
     return count_samples(path) if count is None else count
 
 
-def count_in_parallel(paths):
-    """count_shard of each path, over this rank's share of the CPUs (forked processes: tarfile holds the GIL)."""
+PARALLEL_BYTES = 64 << 20  # shards smaller than this in all are counted in-process: a pool would cost more
+
+
+def count_in_parallel(paths, nbytes):
+    """count_shard of each path, over this rank's share of the CPUs (forked processes: the scan holds the GIL)."""
     local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     procs = min(len(paths), max(1, cpus // local))
-    if procs <= 1 or len(paths) < 4:
+    if procs <= 1 or nbytes < PARALLEL_BYTES:
         return [count_shard(p) for p in paths]
     with multiprocessing.get_context('fork').Pool(procs) as pool:
         return pool.map(count_shard, paths, chunksize=max(1, len(paths) // (4 * procs)))
@@ -894,7 +897,7 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
         torch.distributed.broadcast_object_list(box, src=0)
         todo = box[0]
     mine = todo[rank::world_size] if distributed else todo
-    counted = dict(zip(mine, count_in_parallel([shards[i] for i in mine])))
+    counted = dict(zip(mine, count_in_parallel([shards[i] for i in mine], sum(stats[i].st_size for i in mine))))
     if distributed:
         parts = [None] * world_size
         torch.distributed.all_gather_object(parts, counted)
