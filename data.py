@@ -584,7 +584,7 @@ def read_csv(cfg):
 
     def build():
         try:
-            with open(path, newline='', encoding='utf-8') as f:
+            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
                 rows = csv.reader(f, delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
                 header = next(rows, [])
                 missing = [k for k in keys if k not in header]

@@ -271,6 +271,8 @@ def test_metadata_arrays_give_back_exactly_the_source_captions_paths_and_ids(tmp
         csv.writer(f).writerows([('filepath', 'title'), *rows])
     csv_reader = D.read_csv(cfg_for(dataset='csv', metadata=str(tmp_path / 'u.csv')))
     assert [(csv_reader.paths[i], csv_reader.captions[i]) for i in range(len(rows))] == [(p, (t,)) for p, t in rows]
+    (tmp_path / 'bom.csv').write_bytes('\ufefffilepath,title\nimg/x.jpg,café\n'.encode())  # as Excel saves UTF-8
+    assert D.read_csv(cfg_for(dataset='csv', metadata=str(tmp_path / 'bom.csv'))).captions[0] == ('café',)
 
 
 def test_metadata_arrays_are_cached_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
