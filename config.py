@@ -102,7 +102,7 @@ class Config:
     # --- data ---
     root: str = _f('', 'image root directory (or three joined by --- for merged29m)')
     metadata: str = _f('', 'metadata file: .npy (cc3m/cc12m), .pkl (yfcc15m), .csv/.tsv (csv), shard pattern (wds)')
-    bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); empty = the demo vocabulary')
+    bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); required but for the demo dataset')
     caption_sampling: str = _f('single', "'single' (one caption for all views) or 'multi' (each view draws)")
     csv_image_key: str = _f('filepath', 'CSV column of image paths')
     csv_caption_key: str = _f('title', 'CSV column of captions')

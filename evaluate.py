@@ -21,12 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 
 from augment import eval_transform
 from config import DATASETS, Config, ConfigError
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
-from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval
+from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval, load_image
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -334,8 +333,7 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as img:
-            return self.transform(img), self.labels[i]
+        return self.transform(load_image(self.paths[i])), self.labels[i]
 
 
 def read_json(path, what):
@@ -376,7 +374,7 @@ def build_dataset(name, root, transform, classnames):
     else:
         folder = root / split
         try:
-            dataset = torchvision.datasets.ImageFolder(folder, transform=transform)
+            dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
         except (FileNotFoundError, OSError):
             raise ValueError(f"{name}: expected {folder}/ with one sub-folder of images per class "
                              f"(ImageFolder layout)") from None

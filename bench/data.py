@@ -74,7 +74,8 @@ def main(argv):
         rows = [f'{i}.jpg,{" ".join(rng.choices(WORDS, k=rng.randint(6, 16)))}' for i in range(n)]
         (Path(tmp) / 'train.csv').write_text('filepath,title\n' + '\n'.join(rows) + '\n')
         cfg = Config(dataset='csv', metadata=str(Path(tmp) / 'train.csv'), image_size=224, local_crop_size=224,
-                     num_augs=2, bpe_path=bpe, workers=0, batch_size=32)
+                     num_augs=2, bpe_path=bpe or str(D.DEMO_BPE_PATH),
+                     workers=0, batch_size=32)
         tokenizer = D.build_tokenizer(cfg)
         loader = D.build_train_loader(cfg, tokenizer)
         report(f"CSV of {n} JPEGs (500x375), 224 px, {'CLIP' if bpe else 'demo'} vocabulary, 1 thread, "

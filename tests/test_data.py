@@ -1,11 +1,18 @@
 """data.py datasets and loaders: every format from small fixtures, rank/worker splits, bad samples, the demo set."""
 import collections
+import contextlib
+import csv
 import dataclasses
 import io
+import json
+import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +22,8 @@ from PIL import Image
 from config import Config, UserError
 
 import data as D
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cfg_for(**overrides):
@@ -217,10 +226,10 @@ def test_bad_paths_and_formats_raise_one_line_before_loading(tmp_path):
     cases = [(r(cfgs['cc3m'], metadata=str(tmp_path / 'nope.npy')), FileNotFoundError, 'nope.npy not found'),
              (r(cfgs['cc3m'], root=str(tmp_path / 'nowhere')), FileNotFoundError, 'nowhere not found'),
              (r(cfgs['cc3m'], root=str(tmp_path / 'shards')), ValueError, 'none of the first 6 samples'),
-             (r(cfgs['cc12m'], metadata=str(tmp_path / 'ints.npy')), ValueError, "{'image_name'"),
-             (r(cfgs['cc12m'], metadata=str(tmp_path / 'cc3m.npy')), ValueError, "{'image_name'"),
-             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'dict.pkl')), ValueError, 'pickled list'),
-             (r(cfgs['csv'], csv_caption_key='caption'), ValueError, "no column 'caption'"),
+             (r(cfgs['cc12m'], metadata=str(tmp_path / 'ints.npy')), UserError, "{'image_name'"),
+             (r(cfgs['cc12m'], metadata=str(tmp_path / 'cc3m.npy')), UserError, "{'image_name'"),
+             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'dict.pkl')), UserError, 'pickled list'),
+             (r(cfgs['csv'], csv_caption_key='caption'), UserError, "no column 'caption'"),
              (r(cfgs['wds'], metadata=str(tmp_path / 'shards' / '{00..02}.tar')), FileNotFoundError, '1 of 3 shards'),
              (r(cfgs['wds'], workers=3), ValueError, '2 shards cannot feed'),
              (r(cfgs['cc3m'], dataset='merged29m'), ValueError, "joined by '---'"),
@@ -230,6 +239,223 @@ def test_bad_paths_and_formats_raise_one_line_before_loading(tmp_path):
             D.build_train_loader(cfg, chars)
         assert message in str(info.value) and '\n' not in str(info.value), str(info.value)
 
+
+def test_metadata_arrays_give_back_exactly_the_source_captions_paths_and_ids(tmp_path):
+    texts = ['plain', '', 'émoji 🚀 and 漢字', 'combining e\u0301', 'nul \x00 inside', 'tab\tnew\nline', 'lone \ud800']
+    (tmp_path / 'img').mkdir()
+    (tmp_path / 'img' / 'x.jpg').write_bytes(jpeg(0))  # build_reader needs one readable sample
+    captions = [[t] for t in texts] + [texts[:3], ['', ''], None, [3], []]
+    paths = ['img/x.jpg'] + [f'dir/ünï/{i} {t[:4]}.jpg' for i, t in enumerate(texts + ['a'] * 5)][1:]
+    np.save(tmp_path / 'm.npy', np.array([{'image_id': p, 'captions': c} for p, c in zip(paths, captions)]))
+    reader = D.build_reader(cfg_for(dataset='cc3m', metadata=str(tmp_path / 'm.npy'), root=str(tmp_path)))
+    assert [reader.paths[i] for i in range(len(paths))] == paths
+    assert [reader.captions[i] for i in range(len(texts) + 2)] == [tuple(c) for c in captions[:len(texts) + 2]]
+    for i in range(len(texts) + 2, len(paths)):  # not text: a bad sample when read, as before
+        with pytest.raises(ValueError, match='not text'):
+            reader.captions[i]
+    # memory: the UTF-8 text plus one int64 offset per entry and field, the separators of multi-caption entries
+    raw = sum(len(p.encode()) for p in paths) + sum(len(t.encode('utf-8', 'surrogatepass')) for c in captions[:-3]
+                                                    for t in c)
+    separators = 2 + 1 + 3  # two multi-caption entries (3 and 2 captions), 3 entries marked not-text (1 byte)
+    size = sum(a.nbytes for a in (reader.paths.data, reader.paths.offsets, reader.captions.data,
+                                  reader.captions.offsets))
+    assert size == raw + separators + 2 * 8 * (len(paths) + 1)
+    # YFCC: ids and (title, description); CSV, Unicode too
+    ids = [12345000 + i for i in range(len(texts))]
+    with open(tmp_path / 'y.pkl', 'wb') as f:
+        pickle.dump([(i, t, texts[-1 - k]) for k, (i, t) in enumerate(zip(ids, texts))], f)
+    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')
+    assert yfcc.ids.dtype == np.uint32 and yfcc.ids.tolist() == ids
+    assert [yfcc.captions[k] for k in range(len(texts))] == [(t, texts[-1 - k]) for k, t in enumerate(texts)]
+    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')  # again, from the cached arrays
+    assert isinstance(yfcc.ids, np.memmap) and yfcc.ids.tolist() == ids and yfcc.captions[2] == (texts[2], texts[-3])
+    rows = [(f'img/{t[:3]}.jpg', t) for t in texts if '\x00' not in t and '\ud800' not in t and '\n' not in t]
+    with open(tmp_path / 'u.csv', 'w', encoding='utf-8', newline='') as f:
+        csv.writer(f).writerows([('filepath', 'title'), *rows])
+    csv_reader = D.read_csv(cfg_for(dataset='csv', metadata=str(tmp_path / 'u.csv')))
+    assert [(csv_reader.paths[i], csv_reader.captions[i]) for i in range(len(rows))] == [(p, (t,)) for p, t in rows]
+    (tmp_path / 'bom.csv').write_bytes('\ufefffilepath,title\nimg/x.jpg,café\n'.encode())  # as Excel saves UTF-8
+    assert D.read_csv(cfg_for(dataset='csv', metadata=str(tmp_path / 'bom.csv'))).captions[0] == ('café',)
+
+
+def test_metadata_arrays_are_cached_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    cfg = write_formats(tmp_path)['cc3m']
+    first = D.build_reader(cfg)
+    assert (tmp_path / 'cc3m.npy.arrays' / 'stamp.json').is_file()
+    parsed, load = [], np.load
+    monkeypatch.setattr(np, 'load', lambda *a, **k: parsed.append(k.get('allow_pickle')) or load(*a, **k))
+    second = D.build_reader(cfg)
+    assert True not in parsed and isinstance(second.paths.data, np.memmap)  # the metadata was not parsed again
+    assert all((second.paths[i], second.captions[i]) == (first.paths[i], first.captions[i]) for i in range(N))
+    np.save(tmp_path / 'cc3m.npy', np.array([{'image_id': 'img/1.jpg', 'captions': ['changed']}]))
+    third = D.build_reader(cfg)
+    assert True in parsed and len(third) == 1 and third.captions[0] == ('changed',)
+    # the folder beside the metadata cannot be made (here: a file has its name): the arrays go to output_dir
+    (tmp_path / 'pairs.csv.arrays').write_text('')
+    reader = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'pairs.csv'),
+                                    output_dir=str(tmp_path / 'out')))
+    assert (tmp_path / 'out' / 'pairs.csv.arrays' / 'stamp.json').is_file() and reader.captions[5] == (CAPTIONS[5],)
+
+
+def test_wrong_format_and_missing_bpe_path_give_one_line(tmp_path):
+    cfgs = write_formats(tmp_path)
+    (tmp_path / 'list.tar').write_text('00000.jpg\n00001.jpg\n')
+    (tmp_path / 'late.csv').write_bytes(b'filepath,title\n' + b'x.jpg,cafe\n' * 500 + b'x.jpg,caf\xe9\n')
+    (tmp_path / 'latin.csv').write_bytes(b'filepath,title\nx.jpg,caf\xe9\n')
+    r = dataclasses.replace
+    cases = [(r(cfgs['csv'], metadata=cfgs['cc3m'].metadata), 'looks like a NumPy .npy array', 'a UTF-8 .csv'),
+             (r(cfgs['cc3m'], metadata=cfgs['csv'].metadata), "looks like text starting 'filepath,title'",
+              'a .npy object array'),
+             (r(cfgs['wds'], metadata=str(tmp_path / 'list.tar')), "looks like text starting '00000.jpg'",
+              'tar shards'),
+             (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'img' / '0.jpg')), 'looks like a JPEG image',
+              'a pickled list'),
+             (r(cfgs['csv'], metadata=str(tmp_path / 'latin.csv')), "non-UTF-8 text starting 'filepath,title'",
+              'a UTF-8 .csv'),
+             (r(cfgs['csv'], metadata=str(tmp_path / 'late.csv')), "not UTF-8 text: invalid continuation byte in "
+              "b'\\xe9\\n'", 'a UTF-8 .csv')]
+    for cfg, looks, expected in cases:
+        with pytest.raises(UserError) as info:
+            D.build_train_loader(cfg, chars)
+        message = str(info.value)
+        assert cfg.metadata in message and looks in message and expected in message and '\n' not in message
+    for dataset in ('cc3m', 'csv', 'wds'):
+        with pytest.raises(UserError, match=r'--dataset=\w+ needs --bpe_path: .*open_clip.*build-vocab') as info:
+            D.build_tokenizer(cfgs[dataset])
+        assert '\n' not in str(info.value)
+    assert D.build_tokenizer(r(cfgs['csv'], bpe_path=str(D.DEMO_BPE_PATH))).vocab_size < 2000
+
+
+def test_exif_orientation_is_applied_in_training_and_evaluation(tmp_path):
+    import evaluate
+    stored = Image.fromarray(np.kron(np.array([[[250, 0, 0], [0, 250, 0], [0, 0, 250]]], np.uint8),
+                                     np.ones((8, 8, 1), np.uint8)))  # (8, 24): red, green, blue blocks left to right
+    plain, rotated = io.BytesIO(), io.BytesIO()
+    stored.save(plain, 'JPEG', quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(rotated, 'JPEG', quality=95, exif=exif)
+    upright = np.rot90(np.asarray(Image.open(plain)), k=-1)  # the stored pixels turned clockwise: (24, 8)
+    (tmp_path / 'r.jpg').write_bytes(rotated.getvalue())
+    (tmp_path / 'r.csv').write_text('filepath,title\nr.jpg,sideways\n')
+    train = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'r.csv'))).load(0)[0]
+    evaluation = evaluate.ImageList([str(tmp_path / 'r.jpg')], [0], np.asarray)[0][0]
+    for pixels in (np.asarray(train), evaluation):
+        assert pixels.shape == upright.shape == (24, 8, 3) and np.array_equal(pixels, upright)
+    assert np.asarray(D.open_image(plain.getvalue())).shape == (8, 24, 3)  # no tag: untouched
+
+
+def test_shard_counts_come_from_img2dataset_stats_then_a_cached_index(tmp_path, monkeypatch):
+    for s in range(6):
+        write_tar(tmp_path / f'{s:05d}.tar', [(f'{s}_{j}.{ext}', b'x') for j in range(s + 1) for ext in ('jpg', 'txt')])
+    (tmp_path / '00002_stats.json').write_text(json.dumps({'count': 10, 'successes': 9, 'failed_to_download': 1}))
+    cfg = cfg_for(dataset='wds', metadata=str(tmp_path / '{00000..00005}.tar'), output_dir=str(tmp_path / 'out'))
+    monkeypatch.setattr(D, 'PARALLEL_BYTES', 0)
+    shards, counts = D.read_shards(cfg, 1)
+    assert counts == [1, 2, 9, 4, 5, 6]  # shard 2 as its stats file says, the others scanned (in a process pool)
+    index = json.loads((tmp_path / D.SHARD_INDEX).read_text())
+    assert sorted(index) == sorted(str(Path(s).resolve()) for s in shards)
+    scanned = []
+    monkeypatch.setattr(D, 'count_shard', lambda path: scanned.append(Path(path).name) or D.count_samples(path))
+    assert D.read_shards(cfg, 1)[1] == counts and scanned == []  # reused: nothing read
+    write_tar(tmp_path / '00004.tar', [(f'new_{j}.jpg', b'xy') for j in range(3)])  # size and mtime change
+    assert D.read_shards(cfg, 1)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
+    assert D.read_shards(cfg, 1)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
+    # a read-only shard folder: the index goes to the next place (output_dir)
+    (tmp_path / 'file').write_text('')
+    files = [tmp_path / 'file' / D.SHARD_INDEX, tmp_path / 'out' / D.SHARD_INDEX]
+    assert D.write_index({'a': [1, 2, 3]}, files) == files[1] and json.loads(files[1].read_text()) == {'a': [1, 2, 3]}
+
+
+
+
+def test_header_scan_counts_as_tarfile_does(tmp_path):
+    members = [(f'{k}.{ext}', b'x' * k) for k in range(5) for ext in ('jpg', 'txt')]
+    long = [(f'{"d" * 90}/{"n" * 60}{k}.{ext}', b'y') for k in range(3) for ext in ('jpg', 'txt')]  # ustar prefix
+    pax = [('é' * 120 + '.jpg', b'z'), ('é' * 120 + '.txt', b'z')]  # a pax header: left to tarfile
+    cases = {'plain': (members, tarfile.USTAR_FORMAT), 'prefix': (long, tarfile.USTAR_FORMAT),
+             'gnu': (members, tarfile.GNU_FORMAT), 'gnu_long_names': (long, tarfile.GNU_FORMAT),
+             'pax': (members + pax, tarfile.PAX_FORMAT)}
+    for name, (content, form) in cases.items():
+        with tarfile.open(tmp_path / f'{name}.tar', 'w', format=form) as tar:
+            folder = tarfile.TarInfo('folder')
+            folder.type = tarfile.DIRTYPE  # not a sample
+            tar.addfile(folder)
+            for member, payload in content:
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(tmp_path / 'plain.tar.gz', 'w:gz') as tar:
+        tar.add(tmp_path / 'plain.tar', 'a.jpg')
+    data = (tmp_path / 'plain.tar').read_bytes()
+    (tmp_path / 'cut.tar').write_bytes(data[:512 * 12 + 1])  # inside 3.jpg's data (blocks: 1 + 1 + 1 + 2 + 2 ...)
+    expected = {'plain': 5, 'prefix': 3, 'gnu': 5, 'gnu_long_names': 3, 'pax': 6, 'plain.tar.gz': 1, 'cut': 4}
+    for name, count in expected.items():
+        path = tmp_path / (name if name.endswith('.gz') else f'{name}.tar')
+        keys = set()  # tarfile's reading: the keys before a broken tail
+        with pytest.raises(tarfile.ReadError) if name == 'cut' else contextlib.nullcontext():
+            with tarfile.open(path) as tar:
+                keys.update(D.member_key(m.name)[0] for m in tar if m.isfile())
+        assert D.count_samples(path) == len(keys) == count, name
+        assert (D.scan_keys(path) is None) == (name in ('gnu_long_names', 'pax', 'plain.tar.gz')), name
+
+DDP_COUNT = """
+import json, os, sys
+import torch.distributed as dist
+from config import Config
+import data as D
+rank, tmp = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=rank, world_size=2)
+scanned = []
+D.count_shard = lambda path: scanned.append(os.path.basename(path)) or D.count_samples(path)
+cfg = Config(dataset='wds', metadata=f'{tmp}/{{0..7}}.tar', output_dir=f'{tmp}/out', workers=1)
+first = D.read_shards(cfg, 1, rank, 2)[1]
+mine, scanned = scanned, []
+cached = D.read_shards(cfg, 1, rank, 2)[1]
+dist.barrier()  # neither rank leaves while the other still talks to it
+dist.destroy_process_group()
+print(json.dumps({'first': first, 'cached': cached, 'scanned': mine, 'rescanned': scanned}))
+"""
+
+
+def test_shard_counts_are_split_across_ranks_and_read_back_by_all(tmp_path):
+    for s in range(8):
+        write_tar(tmp_path / f'{s}.tar', [(f'{j}.{ext}', b'x') for j in range(s + 2) for ext in ('jpg', 'txt')])
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'LOCAL_WORLD_SIZE': '2'}
+    procs = [subprocess.Popen([sys.executable, '-c', DDP_COUNT, str(rank), str(tmp_path)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    counts = list(range(2, 10))
+    assert all(r['first'] == r['cached'] == counts and r['rescanned'] == [] for r in results)
+    scanned = [set(r['scanned']) for r in results]
+    assert not scanned[0] & scanned[1] and scanned[0] | scanned[1] == {f'{s}.tar' for s in range(8)}
+    assert len(json.loads((tmp_path / D.SHARD_INDEX).read_text())) == 8
+
+def test_zip_members_are_read_without_parsing_the_whole_archive(tmp_path):
+    payloads = {f'{i:03d}.jpg': jpeg(i) * (i + 1) for i in range(5)}
+    path = tmp_path / 'a.zip'
+    with zipfile.ZipFile(path, 'w') as zf:
+        for k, (name, payload) in enumerate(payloads.items()):
+            zf.writestr(name, payload, zipfile.ZIP_DEFLATED if k % 2 else zipfile.ZIP_STORED)
+        zf.writestr('sub/001.jpg', b'another member ending with a requested name')
+    for name, payload in payloads.items():
+        assert D.read_zip_member(path, name) == payload
+    with pytest.raises(KeyError):
+        D.read_zip_member(path, '01.jpg')  # a suffix of member names, not a member
+    (tmp_path / 'b.zip').write_bytes(b'prefix data' + path.read_bytes())  # offsets shifted, as zipfile allows
+    assert D.read_zip_member(tmp_path / 'b.zip', '003.jpg') == payloads['003.jpg']
+    with zipfile.ZipFile(tmp_path / 'c.zip', 'w') as zf:  # a comment: read by zipfile
+        zf.writestr('000.jpg', payloads['000.jpg'])
+        zf.comment = b'yfcc'
+    assert D.read_zip_member(tmp_path / 'c.zip', '000.jpg') == payloads['000.jpg']
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo('002.jpg')
+    data[info.header_offset + 30 + len('002.jpg') + 100] ^= 0xFF  # one flipped byte in a stored member
+    (tmp_path / 'd.zip').write_bytes(bytes(data))
+    with pytest.raises(zipfile.BadZipFile, match='CRC'):
+        D.read_zip_member(tmp_path / 'd.zip', '002.jpg')
 
 # --- Loaders ---
 @pytest.mark.parametrize('size,world_size', [(10, 1), (10, 2), (7, 3), (2, 3)])
