@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import config
-from data import build_tokenizer, build_train_loader, check_bad_fraction
+from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
 from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
 from model import autocast_dtype, build_model, compute_loss
 
@@ -164,7 +164,8 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
     ckpt = {'format': CHECKPOINT_FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
-            'epoch': position['epoch'], 'step': step, 'rng': rngs, 'data': position, 'metrics': metrics}
+            'epoch': position['epoch'], 'step': step, 'rng': rngs, 'data': position, 'metrics': metrics,
+            'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
     out = Path(cfg.output_dir)
     atomic_save(ckpt, out / 'checkpoint.pt')
     numbered = out / f'checkpoint_{step:08d}.pt'

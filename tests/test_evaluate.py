@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 evaluate = pytest.importorskip('evaluate', exc_type=ImportError)  # needs model.py / data.py / augment.py
-from config import Config  # noqa: E402
+from config import Config, UserError  # noqa: E402
 from evaluate import (CATALOGUE, ENSEMBLE_WEIGHTS, build_dataset, class_counts, class_embeddings,  # noqa: E402
                       accuracy_metrics, main, read_checkpoint, recall_at_k, retrieval, roc_auc, similarities,
                       zero_shot)
@@ -152,7 +152,7 @@ def test_agreeing_model_is_perfect_and_shuffled_is_chance():
     assert {out[f'{m}_{k}'] for m in ('acc1', 'acc5', 'mean_per_class') for k in keys} == {100.0}
     shuffled = TensorDataset(coded_images(ids), ids[torch.randperm(1000, generator=torch.Generator().manual_seed(0))])
     out = zero_shot(Agree(heads=('z',)), tokenize, cfg_for_tests(), shuffled, CLASSES, TEMPLATES, 'acc')
-    assert set(out) == {'acc1_z', 'acc5_z'}
+    assert set(out) == {'acc1_z', 'acc5_z', 'images', 'skipped'} and (out['images'], out['skipped']) == (1000, 0)
     # P(hit) = 1/10 and 5/10; 1000 samples: sd 0.95 and 1.6 points, bounds at > 5 sd
     assert 5 < out['acc1_z'] < 15 and 42 < out['acc5_z'] < 58
 
@@ -174,8 +174,9 @@ def _distributed_worker(rank, world_size, tmp):
     out = zero_shot(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), TensorDataset(coded_images(ids), labels),
                     CLASSES[:3], TEMPLATES, 'mean_per_class', rank, world_size)
     images = TensorDataset(coded_images(torch.arange(5)), torch.arange(5))
-    out.update(retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), images, [f'c{i % 5}' for i in range(7)],
-                         [i % 5 for i in range(7)], rank, world_size))
+    found = retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), images, [f'c{i % 5}' for i in range(7)],
+                      [i % 5 for i in range(7)], rank, world_size)
+    out.update({f'retrieval_{k}' if k in ('images', 'captions', 'skipped') else k: v for k, v in found.items()})
     Path(tmp, f'rank{rank}.json').write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -192,6 +193,7 @@ def test_data_parallel_counts_are_exact(tmp_path):
         got = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert {k: got[k] for k in single} == pytest.approx(single)
         assert got['i2t_r1_z'] == got['t2i_r1_z'] == 100
+        assert (got['retrieval_images'], got['retrieval_captions'], got['retrieval_skipped']) == (5, 7, 0)
 
 
 # --- Retrieval ---
@@ -211,6 +213,7 @@ def test_retrieval_perfect_for_agreeing_model_and_chance_for_random():
     captions = [f'c{i % 12} again' if i >= 12 else f'c{i}' for i in range(30)]
     out = retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=5), images, captions,
                     [i % 12 for i in range(30)])
+    assert (out.pop('images'), out.pop('captions'), out.pop('skipped')) == (12, 30, 0)
     assert set(out.values()) == {100.0} and len(out) == 12  # 2 heads x 2 directions x k in 1, 5, 10
     g = torch.Generator().manual_seed(0)
     n = 400
@@ -228,14 +231,17 @@ def save_images(folder, count, size=8):
 
 
 def test_dataset_layout_errors(tmp_path):
-    with pytest.raises(ValueError, match=r'dtd: expected .*/test/ with one sub-folder'):
+    with pytest.raises(UserError, match=r'dtd: expected .*/test/ with one sub-folder'):
         build_dataset('dtd', tmp_path, None, ['a', 'b'])
     save_images(tmp_path / 'test' / 'a', 1)
     save_images(tmp_path / 'test' / 'b', 1)
-    with pytest.raises(ValueError, match='the data has 2 classes but the labels file lists 3'):
+    with pytest.raises(UserError, match='the data has 2 classes but the labels file lists 3'):
         build_dataset('dtd', tmp_path, None, ['a', 'b', 'c'])
-    assert build_dataset('dtd', tmp_path, None, ['a', 'b']).classes == ['a', 'b']
-    with pytest.raises(ValueError, match="cifar10: .* does not hold torchvision's CIFAR10 test set"):
+    assert build_dataset('dtd', tmp_path, None, ['a', 'b']).labels == [0, 1]
+    (tmp_path / 'test' / 'c').mkdir()
+    with pytest.raises(UserError, match=r'dtd: .*/test/ needs one sub-folder of images per class \(Found no valid'):
+        build_dataset('dtd', tmp_path, None, ['a', 'b', 'c'])
+    with pytest.raises(UserError, match=r"cifar10: expected .*/cifar-10-batches-py/test_batch \(the test files"):
         build_dataset('cifar10', tmp_path, None, list(range(10)))
 
 
@@ -262,24 +268,24 @@ def test_clevr_counts_file_list(tmp_path):
     data = build_dataset('clevr_counts', tmp_path, lambda img: img.size, names)
     assert [data[i] for i in range(3)] == [((8, 8), 1), ((8, 8), 0), ((8, 8), 7)]
     np.save(tmp_path / 'val_labels.npy', np.array(['count_3', 'count_11', 'count_9']))
-    with pytest.raises(ValueError, match=r"labels \['count_11'\] are not among"):
+    with pytest.raises(UserError, match=r"labels \['count_11'\] are not among"):
         build_dataset('clevr_counts', tmp_path, None, names)
 
 
 def test_read_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='not found'):
+    with pytest.raises(UserError, match='not found'):
         read_checkpoint(tmp_path / 'nope.pt')
     (tmp_path / 'junk.pt').write_bytes(b'not a zip at all')
-    with pytest.raises(ValueError, match='corrupt or unreadable'):
+    with pytest.raises(UserError, match='corrupt or unreadable'):
         read_checkpoint(tmp_path / 'junk.pt')
     torch.save({'visual.proj': torch.zeros(2)}, tmp_path / 'raw.pt')
-    with pytest.raises(ValueError, match=r"raw state_dict of 1 tensors \(e.g. 'visual.proj'\)"):
+    with pytest.raises(UserError, match=r"raw state_dict of 1 tensors \(e.g. 'visual.proj'\)"):
         read_checkpoint(tmp_path / 'raw.pt')
     torch.save({'epoch': 3, 'name': 'RN50', 'state_dict': {}}, tmp_path / 'openclip.pt')
-    with pytest.raises(ValueError, match=r"keys \['epoch', 'name', 'state_dict'\]"):
+    with pytest.raises(UserError, match=r"keys \['epoch', 'name', 'state_dict'\]"):
         read_checkpoint(tmp_path / 'openclip.pt')
     torch.save({'format': 'rocket-clip/0'}, tmp_path / 'old.pt')
-    with pytest.raises(ValueError, match="found format='rocket-clip/0'"):
+    with pytest.raises(UserError, match="found format='rocket-clip/0'"):
         read_checkpoint(tmp_path / 'old.pt')
 
 
@@ -295,7 +301,10 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     cases = [([tmp_path / 'missing.pt'], 1, 'not found'), ([tmp_path / 'foreign.pt'], 1, 'not a rocket-clip'),
              ([tmp_path / 'x.pt', '--dataset=cifar10'], 2, 'did you mean --datasets'),
              ([tmp_path / 'x.pt', '--datasets=cifar11'], 2, 'did you mean cifar10'),
-             ([tmp_path / 'x.pt', '--batch_size=0'], 2, 'positive integer'), (['--out=x.json'], 2, 'usage')]
+             ([tmp_path / 'x.pt', '--batch_size=0'], 2, 'integer >= 1'), (['--out=x.json'], 2, 'usage'),
+             ([tmp_path / 'x.pt', '--workers=-1'], 2, 'integer >= 0'),
+             ([tmp_path / 'x.pt', '--precision=fp64'], 2, 'choose fp32, bf16'),
+             (['--check_data'], 2, 'needs --data_root'), ([tmp_path / 'x.pt', '--check_data'], 2, 'no checkpoint')]
     for argv, status, message in cases:
         code, err = run_main(argv, capsys)
         assert code == status and message in err and len(err.strip().splitlines()) == 1, (argv, err)
@@ -320,6 +329,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 HEADS = ['z', 'h'] + [f'ens{w}' for w in ENSEMBLE_WEIGHTS]
 RECALLS = {f'{d}_r{k}_{h}' for d in ('i2t', 't2i') for k in (1, 5, 10) for h in ('z', 'h')}
+COUNTS = {'images', 'skipped'}
 
 
 def test_end_to_end_image_folder_and_csv(tiny_checkpoint, tmp_path, capsys):
@@ -336,27 +346,30 @@ def test_end_to_end_image_folder_and_csv(tiny_checkpoint, tmp_path, capsys):
             f'--retrieval={tmp_path / "pairs.csv"}', '--device=cpu']
     records = main([str(a) for a in argv])
     out = capsys.readouterr().out
-    assert f"skip cifar10: no data at {tmp_path / 'data' / 'cifar10'}" in out and 'dtd' in out.splitlines()[-2]
+    assert f"skip cifar10: no data at {tmp_path / 'data' / 'cifar10'}" in out and 'dtd' in out.splitlines()[-3]
+    assert re.search(r'^dtd: start\ndtd: done, 7 images in [\d.]+ s \([\d.]+ images/s\), acc1_z [\d.]+$', out, re.M)
     saved = json.loads((tmp_path / 'ckpt_eval.json').read_text())
     assert saved == json.loads(json.dumps(records[0]))
     assert (saved['epoch'], saved['step'], sorted(saved['results'])) == (2, 10, ['dtd', 'retrieval'])
-    assert set(saved['results']['dtd']) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS}
-    assert set(saved['results']['retrieval']) == RECALLS
+    assert set(saved['results']['dtd']) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS} | COUNTS
+    assert set(saved['results']['retrieval']) == RECALLS | COUNTS | {'captions'}
     assert saved['results']['dtd']['acc5_z'] == 100  # 3 classes: every label is in the top 5
     assert saved['results']['retrieval']['i2t_r5_z'] == 100  # 2 images
     main([str(a) for a in argv + [ckpt, f'--out={tmp_path / "both.json"}']])
     both = json.loads((tmp_path / 'both.json').read_text())
     assert len(both) == 2 and both[0]['results'] == both[1]['results'] == saved['results']
-    assert capsys.readouterr().out.splitlines()[-3].startswith('ckpt.pt')  # a row per checkpoint, then 'wrote'
+    assert capsys.readouterr().out.splitlines()[-2].startswith('ckpt.pt')  # a row per checkpoint, then 'wrote'
 
 
 def test_end_to_end_demo_tasks(tiny_checkpoint, tmp_path, capsys):
     results = main([str(tiny_checkpoint), '--datasets=demo', f'--out={tmp_path / "demo.json"}'])[0]['results']
     assert json.loads((tmp_path / 'demo.json').read_text())[0]['results'] == results
     tasks = {f'demo_{t.name}': t for t in evaluate.demo_eval_tasks(Config(demo_val_size=12))}
-    assert set(results) == set(tasks) | {'demo_retrieval'} and set(results['demo_retrieval']) == RECALLS
+    assert set(results) == set(tasks) | {'demo_retrieval'}
+    assert set(results['demo_retrieval']) == RECALLS | COUNTS | {'captions'}
     for name, task in tasks.items():
-        assert set(results[name]) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS}
-        assert all(0 <= v <= 100 for v in results[name].values())
+        assert set(results[name]) == {f'{m}_{k}' for m in ('acc1', 'acc5') for k in HEADS} | COUNTS
+        assert results[name]['images'] == len(task.dataset) and results[name]['skipped'] == 0
+        assert all(0 <= v <= 100 for k, v in results[name].items() if k not in COUNTS)
         if len(task.classnames) <= 5:
             assert results[name]['acc5_z'] == 100
