@@ -124,8 +124,9 @@ def model_from_checkpoint(ckpt, path, device, bpe_path=None):
     try:
         model.load_state_dict(ckpt.get('model', {}))
     except RuntimeError as e:
+        hint = f"; --bpe_path={bpe_path} gives {tokenizer.vocab_size} tokens" if bpe_path else ''
         raise UserError(f"{path}: weights do not fit the model built from its own config "
-                        f"({_state_dict_problems(e)})") from None
+                        f"({_state_dict_problems(e)}){hint}") from None
     return cfg, model.to(device).eval(), tokenizer
 
 
@@ -523,17 +524,18 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
     results, no_root = {}, []
 
-    def run(name, build, measure):
-        """results[name] = measure(build()), between a start and a finish line; a UserError is its result."""
+    def run(name, compute):
+        """results[name] = compute(), between a start and a finish line; a UserError is its result."""
         say(f"{name}: start", flush=True)
         start = time.perf_counter()
         try:
-            results[name] = measure(build())
+            results[name] = compute()
         except UserError as e:
-            results[name] = {'error': ' '.join(str(e).split())}
-            say(f"{name}: failed: {results[name]['error']}", flush=True)
+            reason = ' '.join(str(e).split())
+            results[name] = {'error': reason if reason.startswith(f'{name}: ') else f'{name}: {reason}'}
+            say(f"{name}: failed: {results[name]['error'].removeprefix(f'{name}: ')}", flush=True)
         else:
-            out, seconds = results[name], time.perf_counter() - start
+            out, seconds = results[name], max(time.perf_counter() - start, 1e-6)
             shown = ''.join(f", {k} {'null' if out[k] is None else f'{out[k]:.2f}'}" for k in headline(out))
             skipped = f", {out['skipped']} undecodable images skipped" if out['skipped'] else ''
             say(f"{name}: done, {out['images']} images in {seconds:.1f} s ({out['images'] / seconds:.1f} images/s)"
@@ -544,10 +546,9 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     for name in check_datasets(datasets or default_datasets(cfg)):
         if name == 'demo':
             for task in demo_eval_tasks(cfg):
-                run(f'demo_{task.name}', lambda: task.dataset, lambda data: zero_shot(
-                    model, tokenizer, cfg, data, task.classnames, task.templates, task.metric, rank, world_size))
-            run('demo_retrieval', lambda: demo_retrieval(cfg),
-                lambda data: retrieval(model, tokenizer, cfg, *data, rank, world_size))
+                run(f'demo_{task.name}', lambda: zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
+                                                           task.templates, task.metric, rank, world_size))
+            run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
             continue
         root = _dataset_path(name, cfg.data_root, catalog or {})
         if root is None:
@@ -559,13 +560,13 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
         if name not in labels or name not in templates:
             say(f"skip {name}: no entry for it in the labels or templates file")
             continue
-        run(name, lambda: build_dataset(name, root, transform, labels[name]), lambda data: zero_shot(
-            model, tokenizer, cfg, data, labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
+        run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
+                                    labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
     if no_root:
         say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
     if retrieval_csv:
-        run('retrieval', lambda: read_retrieval_csv(retrieval_csv, transform),
-            lambda data: retrieval(model, tokenizer, cfg, *data, rank, world_size))
+        run('retrieval', lambda: retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
+                                           rank, world_size))
     model.train(was_training)
     return results
 
