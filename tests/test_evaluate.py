@@ -181,6 +181,10 @@ def _distributed_worker(rank, world_size, tmp):
     found = retrieval(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), images, [f'c{i % 5}' for i in range(7)],
                       [i % 5 for i in range(7)], rank, world_size)
     out.update({f'retrieval_{k}' if k in ('images', 'captions', 'skipped') else k: v for k, v in found.items()})
+    undecoded = torch.tensor([0, -1, 2, 0, -1, 2, 1, 0, -1, 0, 2, 1, 1])  # -1: what ImageList gives a broken file
+    partial = zero_shot(Agree(), tokenize, cfg_for_tests(eval_batch_size=2), TensorDataset(coded_images(ids),
+                        undecoded), CLASSES[:3], TEMPLATES, 'acc', rank, world_size)
+    out.update(partial_images=partial['images'], partial_skipped=partial['skipped'], partial_acc1=partial['acc1_z'])
     Path(tmp, f'rank{rank}.json').write_text(json.dumps(out))
     dist.destroy_process_group()
 
@@ -198,6 +202,8 @@ def test_data_parallel_counts_are_exact(tmp_path):
         assert {k: got[k] for k in single} == pytest.approx(single)
         assert got['i2t_r1_z'] == got['t2i_r1_z'] == 100
         assert (got['retrieval_images'], got['retrieval_captions'], got['retrieval_skipped']) == (5, 7, 0)
+        # skipped samples are counted over both ranks and left out of the metrics: 10 kept, 5 of them right
+        assert (got['partial_images'], got['partial_skipped']) == (10, 3) and got['partial_acc1'] == 50
 
 
 # --- Retrieval ---
