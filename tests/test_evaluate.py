@@ -2,10 +2,13 @@
 answers, the catalogue files against SPEC.md 6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
 import io
 import json
+import os
 import pickle
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -613,3 +616,32 @@ def test_retrieval_ties_count_against_the_hit():
     assert out['i2t_r1'] == 100
     out = recall_at_k(torch.ones(3, 3), torch.arange(3), torch.arange(3), ks=(1, 3))
     assert out == {'i2t_r1': 0, 'i2t_r3': 100, 't2i_r1': 0, 't2i_r3': 100}
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_report_a_failing_dataset_once(tiny_checkpoint, tmp_path):
+    """evaluate.py as torchrun starts it (RANK, WORLD_SIZE, MASTER_* set), without torchrun's own report."""
+    root = tmp_path / 'data'
+    for c, n in (('banded', 3), ('dotted', 2)):
+        save_images(root / 'dtd' / 'test' / c, n, size=20)
+    save_images(root / 'pets' / 'test' / 'cat', 1, size=20)  # one folder for two labels
+    (root / 'dtd' / 'test' / 'dotted' / 'broken.png').write_bytes(b'\x89PNG but no more')
+    argv = [sys.executable, 'evaluate.py', str(tiny_checkpoint), f'--data_root={root}', '--datasets=dtd,pets',
+            '--device=cpu', f'--out={tmp_path / "out.json"}',
+            *label_files(tmp_path, {'dtd': ['banded', 'dotted'], 'pets': ['cat', 'dog']})]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'WORLD_SIZE': '2', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(free_port())}
+    ranks = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}) for r in range(2)]
+    (out0, err0), (out1, err1) = [p.communicate(timeout=300) for p in ranks]
+    assert [p.returncode for p in ranks] == [1, 1] and err1 == '' and 'dtd: start' not in out1, err1
+    assert err0.splitlines() == ['error: pets failed (reasons above and in the JSON); the other results are written']
+    assert out0.count('dtd: done, 5 images') == 1 and 'pets: failed: the data has 1 classes' in out0
+    results = strict_json(tmp_path / 'out.json')[0]['results']
+    assert (results['dtd']['images'], results['dtd']['skipped']) == (5, 1) and 'error' in results['pets']
