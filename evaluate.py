@@ -12,6 +12,7 @@ prints one table row per checkpoint. Metrics go to <ckpt>_eval.json beside each 
 a list to --out, rewritten as each dataset finishes. Data-parallel under torchrun.
 """
 import csv
+import dataclasses
 import difflib
 import gzip
 import io
@@ -216,8 +217,7 @@ def _drop_undecoded(images, labels):
 
 
 def _autocast(cfg, device):
-    """Autocast to cfg.precision (model.autocast_dtype): the run's own during training; evaluate.py's
-    --precision, fp32 by default like the official evaluation, from the command line."""
+    """Autocast to cfg.precision (model.autocast_dtype); evaluate() sets it, fp32 unless asked otherwise."""
     dtype = autocast_dtype(cfg, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -509,13 +509,16 @@ def default_datasets(cfg):
 
 
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
-             retrieval_csv=None, on_result=None):
+             retrieval_csv=None, on_result=None, precision='fp32'):
     """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line,
     a failing one gives {'error': reason} and the others still run. on_result(results) follows each dataset.
 
     catalog maps names to folders (default <cfg.data_root>/<name>); labels/templates default to assets/.
+    precision: fp32 like the official evaluation, whatever the training run's, so that the per-epoch table and
+    evaluate.py agree; bf16/fp16 on request.
     """
     model = getattr(model, 'module', model)  # a DDP-wrapped model from train.py
+    cfg = dataclasses.replace(cfg, precision=precision)
     was_training = model.training
     model.eval()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -684,7 +687,6 @@ def _run(argv):
         cfg.data_root = flags.get('data_root', cfg.data_root)
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
         cfg.workers = int(flags.get('workers', cfg.workers))
-        cfg.precision = flags.get('precision', 'fp32')  # the official evaluation's; not the training run's
         cfg.device = device.type
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
@@ -698,7 +700,7 @@ def _run(argv):
                 _write_json(records if 'out' in flags else record, out)
 
         evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
-                 flags.get('retrieval'), on_result=save)
+                 flags.get('retrieval'), on_result=save, precision=flags.get('precision', 'fp32'))
         save(record['results'])
         written.append(out)
     if rank == 0:
