@@ -170,16 +170,16 @@ def similarities(model, images, classifiers):
 @torch.no_grad()
 def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, rank=0, world_size=1):
     """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set,
-    plus 'images' (evaluated) and 'skipped' (undecodable, label -1 from ImageList)."""
+    plus 'images' (evaluated) and 'skipped' (undecodable: a negative label from ImageList)."""
     device, keys, num_classes = next(model.parameters()).device, score_keys(model.heads), len(classnames)
     counts = torch.zeros(len(keys), 3, num_classes, dtype=torch.long, device=device)
-    skipped = torch.zeros((), dtype=torch.long, device=device)
+    undecoded = []  # dataset indices of the samples ImageList could not decode
     scores, targets = [], []  # binary sets only: score sim[:, 1] - sim[:, 0] of every key, and the labels
     with _autocast(cfg, device):
         classifiers = class_embeddings(model, tokenizer, classnames, templates, device)
         for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
             images, labels, bad = _drop_undecoded(images, labels)
-            skipped += bad
+            undecoded.append(bad)
             if not len(labels):
                 continue
             labels = labels.to(device)
@@ -190,10 +190,10 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
                 targets.append(labels.cpu())
     if world_size > 1:
         dist.all_reduce(counts)
-        dist.all_reduce(skipped)
+    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
     images = int(counts[0, 2].sum())
     if images == 0:
-        raise UserError(f"no image of the {int(skipped)} in the split could be decoded" if skipped else
+        raise UserError(f"no image of the {len(undecoded)} in the split could be decoded" if len(undecoded) else
                         "the split holds no images")
     out = {}
     for i, key in enumerate(keys):
@@ -205,15 +205,22 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
         out.update({f'roc_auc_{key}': None if np.isnan(a) else 100 * a for key, a in zip(keys, auc)})
         if np.isnan(auc[0]):
             out['note'] = 'roc_auc is undefined (null): the split holds images of one class only'
-    return {**out, 'images': images, 'skipped': int(skipped)}
+    return {**out, 'images': images, **_skipped(dataset, undecoded)}
 
 
 def _drop_undecoded(images, labels):
-    """(images, labels, count) without the samples ImageList could not decode (label -1)."""
+    """(images, labels, dataset indices of the dropped) without the samples ImageList could not decode."""
     decoded = labels >= 0
     if decoded.all():
-        return images, labels, 0
-    return images[decoded], labels[decoded], int((~decoded).sum())
+        return images, labels, torch.zeros(0, dtype=torch.long)
+    return images[decoded], labels[decoded], -1 - labels[~decoded]
+
+
+def _skipped(dataset, indices, shown=5):
+    """{'skipped': count} and, when there are some, the first few files by path (for the user to look at)."""
+    paths = getattr(dataset, 'images', None)
+    files = [str(paths[i]) for i in sorted(indices.tolist())[:shown]] if isinstance(paths, list) else []
+    return {'skipped': len(indices), **({'skipped_files': files} if files else {})}
 
 
 def _autocast(cfg, device):
@@ -283,14 +290,14 @@ def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
 @torch.no_grad()
 def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, world_size=1):
     """Recall@1/5/10 per head; images yields (image, image_id), captions[j] describes image caption_ids[j].
-    An undecodable image (id -1 from ImageList) is skipped with its captions and counted."""
+    An undecodable image (a negative id from ImageList) is skipped with its captions and counted."""
     device, heads = next(model.parameters()).device, list(model.heads)
-    image_emb, image_ids, text_emb, skipped = {h: [] for h in heads}, [], {h: [] for h in heads}, 0
+    image_emb, image_ids, text_emb, undecoded = {h: [] for h in heads}, [], {h: [] for h in heads}, []
     mine = list(range(rank, len(captions), world_size))  # this rank's captions; the gathers bring back all
     with _autocast(cfg, device):
         for x, ids in build_eval_loader(images, cfg, rank, world_size):
             x, ids, bad = _drop_undecoded(x, torch.as_tensor(ids))
-            skipped += bad
+            undecoded.append(bad)
             if not len(ids):
                 continue
             for h, emb in model.encode_image_heads(x.to(device)).items():
@@ -303,16 +310,16 @@ def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, worl
     empty = torch.zeros(0, cfg.embed_dim)  # a rank with an empty shard still joins the gathers
     image_ids = _gather(torch.cat(image_ids or [torch.zeros(0, dtype=torch.long)]), world_size)
     text_ids = _gather(torch.as_tensor([caption_ids[j] for j in mine], dtype=torch.long), world_size)
-    skipped = int(_gather(torch.tensor([skipped]), world_size).sum())
+    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
     if not len(image_ids):
-        raise UserError(f"no image of the {skipped} could be decoded" if skipped else "no images")
+        raise UserError(f"no image of the {len(undecoded)} could be decoded" if len(undecoded) else "no images")
     kept = torch.isin(text_ids, image_ids)  # the captions of skipped images have nothing to find
     out = {}
     for h in heads:
         sim = _gather(torch.cat(image_emb[h] or [empty]), world_size) @ \
             _gather(torch.cat(text_emb[h] or [empty]), world_size)[kept].T  # (N images, M captions)
         out.update({f'{k}_{h}': v for k, v in recall_at_k(sim, image_ids, text_ids[kept]).items()})
-    return {**out, 'images': len(image_ids), 'captions': int(kept.sum()), 'skipped': skipped}
+    return {**out, 'images': len(image_ids), 'captions': int(kept.sum()), **_skipped(images, undecoded)}
 
 
 def read_retrieval_csv(path, transform):
@@ -351,7 +358,8 @@ def decode_image(source):
 
 class ImageList(torch.utils.data.Dataset):
     """(image, label) pairs from image paths or an (N, H, W[, 3]) uint8 array. A file that does not decode gives
-    (a blank image, -1): the evaluation loops drop and count it instead of ending the run."""
+    (a blank image, -1 - i): the evaluation loops drop and count it, and name it by index, instead of ending
+    the run."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -363,7 +371,7 @@ class ImageList(torch.utils.data.Dataset):
         try:
             img = decode_image(self.images[i])
         except Exception:  # Pillow raises many types on broken files (OSError, SyntaxError, struct.error, ...)
-            return self.transform(Image.new('RGB', (1, 1))), -1
+            return self.transform(Image.new('RGB', (1, 1))), -1 - i
         return self.transform(img), self.labels[i]
 
 
@@ -541,6 +549,7 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
             out, seconds = results[name], max(time.perf_counter() - start, 1e-6)
             shown = ''.join(f", {k} {'null' if out[k] is None else f'{out[k]:.2f}'}" for k in headline(out))
             skipped = f", {out['skipped']} undecodable images skipped" if out['skipped'] else ''
+            skipped += f" (e.g. {out['skipped_files'][0]})" if out.get('skipped_files') else ''
             say(f"{name}: done, {out['images']} images in {seconds:.1f} s ({out['images'] / seconds:.1f} images/s)"
                 f"{shown}{skipped}", flush=True)
         if on_result:

@@ -460,10 +460,12 @@ def test_truncated_images_load_and_undecodable_ones_are_skipped(tiny_checkpoint,
                     f'--retrieval={tmp_path / "pairs.csv"}', f'--out={tmp_path / "out.json"}',
                     *label_files(tmp_path, {'pets': ['cat', 'dog']})])
     pets, found = records[0]['results']['pets'], records[0]['results']['retrieval']
-    assert (pets['images'], pets['skipped']) == (5, 1) and 0 <= pets['mean_per_class_z'] <= 100
+    assert (pets['images'], pets['skipped'], pets['skipped_files']) == (5, 1, [str(broken)])
+    assert 0 <= pets['mean_per_class_z'] <= 100
     assert (found['images'], found['captions'], found['skipped']) == (1, 2, 1) and found['i2t_r1_z'] == 100
+    assert found['skipped_files'] == [str(tmp_path / 'data/pets/test/dog/broken.jpg')]
     out = capsys.readouterr().out
-    assert re.search(r'^pets: done, 5 images in .*, 1 undecodable images skipped$', out, re.M)
+    assert f'pets: done, 5 images in ' in out and f', 1 undecodable images skipped (e.g. {broken})\n' in out
     assert not evaluate.ImageFile.LOAD_TRUNCATED_IMAGES
 
 
@@ -631,7 +633,8 @@ def test_two_ranks_report_a_failing_dataset_once(tiny_checkpoint, tmp_path):
     for c, n in (('banded', 3), ('dotted', 2)):
         save_images(root / 'dtd' / 'test' / c, n, size=20)
     save_images(root / 'pets' / 'test' / 'cat', 1, size=20)  # one folder for two labels
-    (root / 'dtd' / 'test' / 'dotted' / 'broken.png').write_bytes(b'\x89PNG but no more')
+    broken = root / 'dtd' / 'test' / 'dotted' / 'broken.png'
+    broken.write_bytes(b'\x89PNG but no more')
     argv = [sys.executable, 'evaluate.py', str(tiny_checkpoint), f'--data_root={root}', '--datasets=dtd,pets',
             '--device=cpu', f'--out={tmp_path / "out.json"}',
             *label_files(tmp_path, {'dtd': ['banded', 'dotted'], 'pets': ['cat', 'dog']})]
@@ -645,3 +648,4 @@ def test_two_ranks_report_a_failing_dataset_once(tiny_checkpoint, tmp_path):
     assert out0.count('dtd: done, 5 images') == 1 and 'pets: failed: the data has 1 classes' in out0
     results = strict_json(tmp_path / 'out.json')[0]['results']
     assert (results['dtd']['images'], results['dtd']['skipped']) == (5, 1) and 'error' in results['pets']
+    assert results['dtd']['skipped_files'] == [str(broken)]  # found by rank 1 (the second half), gathered
