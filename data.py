@@ -71,13 +71,14 @@ def _symbols(word):
 
 
 def load_merges(path):
-    """The first MAX_MERGES merges of a CLIP-format file, plain or gzip: a header line, then one 'a b' per line."""
-    path = Path(path)
-    if not path.is_file():
+    """The first MAX_MERGES merges of a CLIP-format file, plain or gzip: a header line, then one 'a b' per line.
+    path may also be the file's bytes (the copy a checkpoint carries)."""
+    data, path = (path, 'in the checkpoint') if isinstance(path, bytes) else (None, Path(path))
+    if data is None and not path.is_file():
         raise UserError(f"BPE merges file {path} not found; expected a CLIP merges file (.txt or .txt.gz) "
                         f"such as bpe_simple_vocab_16e6.txt.gz")
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
         lines = (gzip.decompress(data) if data[:2] == b'\x1f\x8b' else data).decode('utf-8').split('\n')
     except (OSError, EOFError, zlib.error, UnicodeError) as e:
         raise UserError(f"cannot read BPE merges file {path} ({e}); expected UTF-8 text, optionally gzipped") from None
@@ -233,9 +234,14 @@ def learn_bpe(texts, vocab_size):
     return merges
 
 
+def merges_text(merges):
+    """Merges in CLIP's file format (a header line, then 'a b' per line), as UTF-8 bytes."""
+    return '\n'.join(['#version: 0.2', *(f'{a} {b}' for a, b in merges), '']).encode('utf-8')
+
+
 def save_merges(merges, path):
-    """Write merges in CLIP's format (a header line, then 'a b' per line), gzipped when path ends with .gz."""
-    data = '\n'.join(['#version: 0.2', *(f'{a} {b}' for a, b in merges), '']).encode('utf-8')
+    """Write merges in CLIP's format, gzipped when path ends with .gz."""
+    data = merges_text(merges)
     Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith('.gz') else data)
 
 DEMO_BPE_PATH = Path(__file__).resolve().parent / 'assets' / 'demo_bpe.txt.gz'
@@ -1186,6 +1192,13 @@ def build_tokenizer(cfg):
     if not path.is_file():
         raise UserError(f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
     return Tokenizer(str(path), cfg.context_length)
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_merges(bpe_path):
+    """The merges a tokenizer of bpe_path uses (empty: the demo vocabulary), gzipped (~210 KB for CLIP's), read
+    once per run: checkpoints carry them so that they evaluate on any machine."""
+    return gzip.compress(merges_text(load_merges(Path(bpe_path or DEMO_BPE_PATH).expanduser())), mtime=0)
 
 
 # --- Loaders ---

@@ -2,18 +2,26 @@
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
-        [--batch_size=N] [--device=cpu|cuda]
+        [--batch_size=N] [--workers=N] [--precision=fp32|bf16|fp16] [--bpe_path=FILE] [--device=cpu|cuda]
+    python evaluate.py --check_data --data_root=DIR [--catalog=paths.json]   # which sets are there; no model
 
-Rebuilds each model from its checkpoint's config, runs every catalogue dataset found under --data_root
-(<data_root>/<name>, or the per-dataset paths of a {name: path} JSON catalogue), the demo held-out tasks
-and retrieval for demo models, and prints one table row per checkpoint. Metrics go to <ckpt>_eval.json
-beside each checkpoint, or all of them as a list to --out. Data-parallel under torchrun.
+Rebuilds each model from its checkpoint alone (config, weights and the tokenizer's merges), runs every
+catalogue dataset found under --data_root (<data_root>/<name>, or the per-dataset paths of a {name: path}
+JSON catalogue; layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and
+prints one table row per checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as
+a list to --out, rewritten as each dataset finishes. Data-parallel under torchrun.
 """
 import csv
+import dataclasses
 import difflib
+import gzip
+import io
 import json
 import os
+import pickle
+import struct
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import DATASETS, Config, ConfigError
+from config import DATASETS, Config, ConfigError, UserError, run_cli
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
-from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval, load_image
+from data import Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval, open_image
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -65,17 +74,21 @@ def read_checkpoint(path, overrides=None, defaults=None):
     (import_checkpoint); missing, corrupt or foreign files raise one line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass a .pt file written by train.py")
+        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
     try:
         ckpt = load_weights_file(path)
     except Exception as e:  # truncated zip, bad pickle, foreign pickled classes: all mean "not loadable"
-        first = (str(e).strip().splitlines() or [''])[0]
-        first = first if len(first) <= 160 else first[:160].rsplit(' ', 1)[0] + ' ...'  # whole words
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); "
-                         f"re-copy it or pick another epoch") from None
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); "
+                        f"re-copy it or pick another epoch") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         ckpt = import_checkpoint(ckpt, path, overrides, defaults)
     return ckpt
+
+
+def _first_line(e, limit=160):
+    """An exception's first line, cut at a word boundary."""
+    line = (str(e).strip().splitlines() or [''])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
 
 
 IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path')
@@ -100,9 +113,9 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     try:
         imported = convert_weights(obj)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     if imported is None:
-        raise ValueError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
+        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
                          f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
     overrides, arch = overrides or {}, imported['arch']
     what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
@@ -110,7 +123,7 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
     missing = [k for k in heads if k not in fields]
     if missing:
-        raise ValueError(f"{path}: a {what} checkpoint without an official model name, so its head counts are "
+        raise UserError(f"{path}: a {what} checkpoint without an official model name, so its head counts are "
                          f"unknown (no shape shows them): pass {' '.join(f'--{k}=N' for k in missing)}")
     args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
     found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
@@ -140,25 +153,51 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
             'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
 
 
-def load_model(path, device='cpu'):
-    """Rebuild (cfg, model in eval mode, tokenizer) from a checkpoint's config and weights alone."""
-    return model_from_checkpoint(read_checkpoint(path), path, device)
+def load_model(path, device='cpu', bpe_path=None):
+    """Rebuild (cfg, model in eval mode, tokenizer) from a checkpoint alone."""
+    return model_from_checkpoint(read_checkpoint(path), path, device, bpe_path)
 
 
-def model_from_checkpoint(ckpt, path, device):
+def checkpoint_tokenizer(ckpt, cfg, path, bpe_path=None):
+    """The checkpoint's tokenizer: from bpe_path (--bpe_path) if given, else the merges the checkpoint carries,
+    else its config's bpe_path (checkpoints written before the merges travelled with them)."""
+    if not bpe_path and ckpt.get('bpe_merges') is not None:
+        try:
+            return Tokenizer(ckpt['bpe_merges'], cfg.context_length)
+        except ValueError as e:
+            raise UserError(f"{path}: its BPE merges are unreadable ({_first_line(e)}); pass --bpe_path=FILE, "
+                            f"the merges file it was trained with") from None
+    cfg.bpe_path = bpe_path or cfg.bpe_path
+    try:
+        return build_tokenizer(cfg)
+    except (OSError, ValueError, UserError) as e:
+        hint = '' if bpe_path else ("; this checkpoint predates bundled merges: pass --bpe_path=FILE, the merges "
+                                    "file it was trained with")
+        raise UserError(f"{path}: {_first_line(e, 240)}{hint}") from None
+
+
+def model_from_checkpoint(ckpt, path, device, bpe_path=None):
     """(cfg, model, tokenizer) from an already-read checkpoint dict; path only names it in errors."""
     try:
         cfg = Config.from_dict(ckpt['config'])
     except (KeyError, TypeError, ConfigError) as e:
-        raise ValueError(f"{path}: the saved config is missing or invalid ({e})") from None
-    tokenizer = build_tokenizer(cfg)
+        raise UserError(f"{path}: the saved config is missing or invalid ({e})") from None
+    tokenizer = checkpoint_tokenizer(ckpt, cfg, path, bpe_path)
     model = build_model(cfg, tokenizer.vocab_size)
     try:
         model.load_state_dict(ckpt.get('model', {}))
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model built from its own config "
-                         f"({str(e).strip().splitlines()[0][:160]})") from None
+        hint = f"; --bpe_path={bpe_path} gives {tokenizer.vocab_size} tokens" if bpe_path else ''
+        raise UserError(f"{path}: weights do not fit the model built from its own config "
+                        f"({_state_dict_problems(e)}){hint}") from None
     return cfg, model.to(device).eval(), tokenizer
+
+
+def _state_dict_problems(e, lines=3, width=300):
+    """torch's load_state_dict problems (tensor names and shapes), the first few, each cut after a name."""
+    problems = [p.strip() for p in str(e).strip().splitlines()[1:] if p.strip()] or [_first_line(e)]
+    short = [p if len(p) <= width else p[:width].rsplit(', ', 1)[0] + ', ...' for p in problems[:lines]]
+    return '; '.join(short) + (f'; and {len(problems) - lines} more' if len(problems) > lines else '')
 
 
 # --- Zero-shot classification ---
@@ -192,13 +231,19 @@ def similarities(model, images, classifiers):
 
 @torch.no_grad()
 def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, rank=0, world_size=1):
-    """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set."""
+    """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set,
+    plus 'images' (evaluated) and 'skipped' (undecodable: a negative label from ImageList)."""
     device, keys, num_classes = next(model.parameters()).device, score_keys(model.heads), len(classnames)
     counts = torch.zeros(len(keys), 3, num_classes, dtype=torch.long, device=device)
+    undecoded = []  # dataset indices of the samples ImageList could not decode
     scores, targets = [], []  # binary sets only: score sim[:, 1] - sim[:, 0] of every key, and the labels
     with _autocast(cfg, device):
         classifiers = class_embeddings(model, tokenizer, classnames, templates, device)
         for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
+            images, labels, bad = _drop_undecoded(images, labels)
+            undecoded.append(bad)
+            if not len(labels):
+                continue
             labels = labels.to(device)
             sims = similarities(model, images.to(device), classifiers)
             counts += torch.stack([class_counts(sims[k], labels, num_classes) for k in keys])
@@ -207,18 +252,41 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
                 targets.append(labels.cpu())
     if world_size > 1:
         dist.all_reduce(counts)
+    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
+    images = int(counts[0, 2].sum())
+    if images == 0:
+        raise UserError(f"no image of the {len(undecoded)} in the split could be decoded" if len(undecoded) else
+                        "the split holds no images")
     out = {}
     for i, key in enumerate(keys):
         out.update(accuracy_metrics(counts[i], key, per_class=metric == 'mean_per_class'))
     if metric == 'roc_auc':
         scores = _gather(torch.cat(scores or [torch.zeros(0, len(keys))]), world_size)
         targets = _gather(torch.cat(targets or [torch.zeros(0, dtype=torch.long)]), world_size)
-        out.update({f'roc_auc_{key}': 100 * roc_auc(scores[:, i], targets) for i, key in enumerate(keys)})
-    return out
+        auc = [roc_auc(scores[:, i], targets) for i in range(len(keys))]
+        out.update({f'roc_auc_{key}': None if np.isnan(a) else 100 * a for key, a in zip(keys, auc)})
+        if np.isnan(auc[0]):
+            out['note'] = 'roc_auc is undefined (null): the split holds images of one class only'
+    return {**out, 'images': images, **_skipped(dataset, undecoded)}
+
+
+def _drop_undecoded(images, labels):
+    """(images, labels, dataset indices of the dropped) without the samples ImageList could not decode."""
+    decoded = labels >= 0
+    if decoded.all():
+        return images, labels, torch.zeros(0, dtype=torch.long)
+    return images[decoded], labels[decoded], -1 - labels[~decoded]
+
+
+def _skipped(dataset, indices, shown=5):
+    """{'skipped': count} and, when there are some, the first few files by path (for the user to look at)."""
+    paths = getattr(dataset, 'images', None)
+    files = [str(paths[i]) for i in sorted(indices.tolist())[:shown]] if isinstance(paths, list) else []
+    return {'skipped': len(indices), **({'skipped_files': files} if files else {})}
 
 
 def _autocast(cfg, device):
-    """The training run's precision (model.autocast_dtype), so evaluate.py reproduces its table."""
+    """Autocast to cfg.precision (model.autocast_dtype); evaluate() sets it, fp32 unless asked otherwise."""
     dtype = autocast_dtype(cfg, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -267,13 +335,15 @@ def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
     """Recall@k in percent both ways; sim (N images, M texts); a pair matches when the ids are equal.
 
     image->text: an image is correct when any of its captions is in its top k; text->image: the caption's
-    image is in its top k. Rank = number of candidates scoring strictly higher (ties count as correct).
+    image is in its top k. Rank = number of non-matching candidates scoring at least as high as the best
+    match: a tie with a wrong candidate is broken against the hit (the pessimistic rule; index order is
+    arbitrary, and counting ties as hits would reward a model that scores everything equal).
     """
     match = image_ids[:, None] == text_ids[None, :]  # (N, M)
     best_caption = sim.masked_fill(~match, float('-inf')).max(1).values  # (N,)
-    i2t_rank = (sim > best_caption[:, None]).sum(1)
+    i2t_rank = ((sim >= best_caption[:, None]) & ~match).sum(1)
     own_image = sim.masked_fill(~match, float('-inf')).max(0).values  # (M,)
-    t2i_rank = (sim > own_image[None, :]).sum(0)
+    t2i_rank = ((sim >= own_image[None, :]) & ~match).sum(0)
     out = {f'i2t_r{k}': 100 * (i2t_rank < k).double().mean().item() for k in ks}
     out.update({f't2i_r{k}': 100 * (t2i_rank < k).double().mean().item() for k in ks})
     return out
@@ -281,15 +351,20 @@ def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
 
 @torch.no_grad()
 def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, world_size=1):
-    """Recall@1/5/10 per head; images yields (image, image_id), captions[j] describes image caption_ids[j]."""
+    """Recall@1/5/10 per head; images yields (image, image_id), captions[j] describes image caption_ids[j].
+    An undecodable image (a negative id from ImageList) is skipped with its captions and counted."""
     device, heads = next(model.parameters()).device, list(model.heads)
-    image_emb, image_ids, text_emb = {h: [] for h in heads}, [], {h: [] for h in heads}
+    image_emb, image_ids, text_emb, undecoded = {h: [] for h in heads}, [], {h: [] for h in heads}, []
     mine = list(range(rank, len(captions), world_size))  # this rank's captions; the gathers bring back all
     with _autocast(cfg, device):
         for x, ids in build_eval_loader(images, cfg, rank, world_size):
+            x, ids, bad = _drop_undecoded(x, torch.as_tensor(ids))
+            undecoded.append(bad)
+            if not len(ids):
+                continue
             for h, emb in model.encode_image_heads(x.to(device)).items():
                 image_emb[h].append(F.normalize(emb.float(), dim=-1).cpu())
-            image_ids.append(torch.as_tensor(ids))
+            image_ids.append(ids)
         for i in range(0, len(mine), cfg.eval_batch_size):
             tokens = tokenizer([captions[j] for j in mine[i:i + cfg.eval_batch_size]]).to(device)
             for h, emb in model.encode_text_heads(tokens).items():
@@ -297,23 +372,27 @@ def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, worl
     empty = torch.zeros(0, cfg.embed_dim)  # a rank with an empty shard still joins the gathers
     image_ids = _gather(torch.cat(image_ids or [torch.zeros(0, dtype=torch.long)]), world_size)
     text_ids = _gather(torch.as_tensor([caption_ids[j] for j in mine], dtype=torch.long), world_size)
+    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
+    if not len(image_ids):
+        raise UserError(f"no image of the {len(undecoded)} could be decoded" if len(undecoded) else "no images")
+    kept = torch.isin(text_ids, image_ids)  # the captions of skipped images have nothing to find
     out = {}
     for h in heads:
         sim = _gather(torch.cat(image_emb[h] or [empty]), world_size) @ \
-            _gather(torch.cat(text_emb[h] or [empty]), world_size).T  # (N images, M captions)
-        out.update({f'{k}_{h}': v for k, v in recall_at_k(sim, image_ids, text_ids).items()})
-    return out
+            _gather(torch.cat(text_emb[h] or [empty]), world_size)[kept].T  # (N images, M captions)
+        out.update({f'{k}_{h}': v for k, v in recall_at_k(sim, image_ids, text_ids[kept]).items()})
+    return {**out, 'images': len(image_ids), 'captions': int(kept.sum()), **_skipped(images, undecoded)}
 
 
 def read_retrieval_csv(path, transform):
     """(images dataset, captions, caption image ids) from a CSV with columns image, caption; paths relative to it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"retrieval CSV {path} not found")
+        raise UserError(f"retrieval CSV {path} not found; give a CSV with columns image,caption")
     with open(path, newline='') as f:
         rows = list(csv.DictReader(f))
     if not rows or not {'image', 'caption'} <= rows[0].keys():
-        raise ValueError(f"retrieval CSV {path}: needs a header with columns image,caption and at least one row")
+        raise UserError(f"retrieval CSV {path}: needs a header with columns image,caption and at least one row")
     index = {}
     for row in rows:
         index.setdefault(row['image'], len(index))
@@ -323,17 +402,39 @@ def read_retrieval_csv(path, transform):
 
 
 # --- Datasets ---
-class ImageList(torch.utils.data.Dataset):
-    """(image, label) pairs from a list of image paths."""
+def decode_image(source):
+    """A loaded PIL image from a file path or an (H, W[, 3]) uint8 array. Truncated files load as far as their
+    data goes, as in the official evaluation (Pillow's LOAD_TRUNCATED_IMAGES, set only around this decode:
+    training keeps skipping them)."""
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(np.ascontiguousarray(source))
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try:
+        with open(source, 'rb') as f:
+            img = open_image(f.read())  # upright by its EXIF orientation, as in training
+        img.load()
+        return img
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
-    def __init__(self, paths, labels, transform):
-        self.paths, self.labels, self.transform = paths, labels, transform
+
+class ImageList(torch.utils.data.Dataset):
+    """(image, label) pairs from image paths or an (N, H, W[, 3]) uint8 array. A file that does not decode gives
+    (a blank image, -1 - i): the evaluation loops drop and count it, and name it by index, instead of ending
+    the run."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i])), self.labels[i]
+        try:
+            img = decode_image(self.images[i])
+        except Exception:  # Pillow raises many types on broken files (OSError, SyntaxError, struct.error, ...)
+            return self.transform(Image.new('RGB', (1, 1))), -1 - i
+        return self.transform(img), self.labels[i]
 
 
 def read_json(path, what):
@@ -342,55 +443,122 @@ def read_json(path, what):
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
+        raise UserError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
 
 
-def build_dataset(name, root, transform, classnames):
-    """The eval split of catalogue dataset `name` stored at root; wrong layouts raise one line."""
-    reader, split, _ = CATALOGUE[name]
-    root = Path(root)
-    if reader in ('MNIST', 'CIFAR10', 'CIFAR100', 'STL10'):
-        split_arg = {'split': 'test'} if reader == 'STL10' else {'train': False}
-        try:
-            dataset = getattr(torchvision.datasets, reader)(root, transform=transform, download=False, **split_arg)
-        except RuntimeError:
-            raise ValueError(f"{name}: {root} does not hold torchvision's {reader} test set "
-                             f"(the layout torchvision.datasets.{reader}(root, download=True) writes)") from None
-        n = len(dataset.classes)
-    elif reader == 'filelist':
+def _read_split_file(name, path):
+    """Bytes of one file of a torchvision-format split (or of its .gz), or one line naming it."""
+    for candidate in (path, path.with_name(path.name + '.gz')):
+        if candidate.is_file():
+            data = candidate.read_bytes()
+            return gzip.decompress(data) if candidate.suffix == '.gz' else data
+    raise UserError(f"{name}: expected {path} (the test files of torchvision's layout; see docs/datasets.md)")
+
+
+def read_idx(name, path, ndim):
+    """An IDX array (MNIST's format): magic 0x08 0x<ndim> for unsigned bytes, ndim big-endian sizes, the data."""
+    data = _read_split_file(name, path)
+    head = 4 + 4 * ndim
+    if len(data) < head or struct.unpack('>I', data[:4])[0] != 0x800 + ndim:
+        raise UserError(f"{name}: {path} is not an IDX file of {ndim}-D unsigned bytes; re-download it")
+    shape = struct.unpack(f'>{ndim}I', data[4:head])
+    if len(data) - head != np.prod(shape):
+        raise UserError(f"{name}: {path} holds {len(data) - head} bytes for shape {shape}; re-download it")
+    return np.frombuffer(data, np.uint8, offset=head).reshape(shape)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's batches (dicts of lists, strings and numpy arrays) and refuses any other global, so that
+    a crafted file cannot run code."""
+    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar(name, path, label_key):
+    """(N, 32, 32, 3) images and labels of a CIFAR python-version batch file."""
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(_read_split_file(name, path)), encoding='latin1').load()
+        images = np.asarray(batch['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, H, W, C)
+        labels = list(batch[label_key])
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{name}: {path} is not a CIFAR python batch ({type(e).__name__}: {_first_line(e)}); "
+                        f"re-download it") from None
+    if len(images) != len(labels):
+        raise UserError(f"{name}: {path} has {len(images)} images but {len(labels)} labels; re-download it")
+    return images, labels
+
+
+def read_stl10(name, folder):
+    """(N, 96, 96, 3) images and 0-based labels of STL-10's test_X.bin / test_y.bin (column-major planes)."""
+    pixels = np.frombuffer(_read_split_file(name, folder / 'test_X.bin'), np.uint8)
+    labels = np.frombuffer(_read_split_file(name, folder / 'test_y.bin'), np.uint8).astype(int) - 1
+    if pixels.size != len(labels) * 3 * 96 * 96:
+        raise UserError(f"{name}: {folder}/test_X.bin holds {pixels.size} bytes for {len(labels)} labels of "
+                        f"3x96x96 images; re-download it")
+    return pixels.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1), labels.tolist()  # (N, C, W, H) -> (N, H, W, C)
+
+
+def read_split(name, root, split, classnames):
+    """(images: paths or an array, labels, number of classes in the data) of the eval split of `name` at root."""
+    reader = CATALOGUE[name][0]
+    if reader == 'MNIST':
+        raw = root / 'MNIST' / 'raw'
+        return read_idx(name, raw / 't10k-images-idx3-ubyte', 3), \
+            read_idx(name, raw / 't10k-labels-idx1-ubyte', 1).tolist(), 10
+    if reader in ('CIFAR10', 'CIFAR100'):
+        path = root / 'cifar-10-batches-py' / 'test_batch' if reader == 'CIFAR10' else root / 'cifar-100-python' / 'test'
+        images, labels = read_cifar(name, path, 'labels' if reader == 'CIFAR10' else 'fine_labels')
+        return images, labels, 10 if reader == 'CIFAR10' else 100
+    if reader == 'STL10':
+        return (*read_stl10(name, root / 'stl10_binary'), 10)
+    if reader == 'filelist':
         try:
             paths, labels = np.load(root / f'{split}_images.npy'), np.load(root / f'{split}_labels.npy')
         except (OSError, ValueError):
-            raise ValueError(f"{name}: expected {root}/{split}_images.npy and {split}_labels.npy "
-                             f"(arrays of strings)") from None
+            raise UserError(f"{name}: expected {root}/{split}_images.npy and {split}_labels.npy "
+                            f"(arrays of strings)") from None
         index = {f'count_{c}': i for i, c in enumerate(classnames)}  # SPEC.md 6.2: labels 'count_10', 'count_3', ...
         unknown = sorted(set(map(str, labels)) - index.keys())
         if unknown:
-            raise ValueError(f"{name}: labels {unknown[:3]} are not among {list(index)}; check labels.json")
+            raise UserError(f"{name}: labels {unknown[:3]} are not among {list(index)}; check labels.json")
         if len(paths) != len(labels):
-            raise ValueError(f"{name}: {len(paths)} image paths but {len(labels)} labels in {root}")
+            raise UserError(f"{name}: {len(paths)} image paths but {len(labels)} labels in {root}")
         paths = [p if os.path.isabs(p) else str(root / p) for p in map(str, paths)]
-        dataset, n = ImageList(paths, [index[str(y)] for y in labels], transform), len(classnames)
-    else:
-        folder = root / split
-        try:
-            dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
-        except (FileNotFoundError, OSError):
-            raise ValueError(f"{name}: expected {folder}/ with one sub-folder of images per class "
-                             f"(ImageFolder layout)") from None
-        n = len(dataset.classes)
+        return paths, [index[str(y)] for y in labels], len(classnames)
+    folder = root / split
+    if not folder.is_dir():
+        raise UserError(f"{name}: expected {folder}/ with one sub-folder of images per class (ImageFolder layout)")
+    try:
+        found = torchvision.datasets.ImageFolder(folder)
+    except (FileNotFoundError, OSError) as e:  # no class folders, or a class folder without images
+        raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({_first_line(e)})") from None
+    return [p for p, _ in found.samples], found.targets, len(found.classes)
+
+
+def build_dataset(name, root, transform, classnames):
+    """The eval split of catalogue dataset `name` stored at root as an ImageList; wrong layouts raise one line."""
+    images, labels, n = read_split(name, Path(root), CATALOGUE[name][1], classnames)
     if n != len(classnames):
-        raise ValueError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
-                         f"fix the labels file or the dataset folder")
-    return dataset
+        raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
+                        f"fix the labels file or the dataset folder")
+    if not len(labels):
+        raise UserError(f"{name}: the {CATALOGUE[name][1]} split under {root} holds no images")
+    if min(labels) < 0 or max(labels) >= n:
+        raise UserError(f"{name}: labels outside 0..{n - 1} under {root}; re-download it")
+    return ImageList(images, labels, transform)
 
 
 # --- Main ---
-def _dataset_path(name, cfg, catalog):
+def _dataset_path(name, data_root, catalog):
     if name in catalog:
         entry = catalog[name]
         return Path(entry['path'] if isinstance(entry, dict) else entry)  # SLIP's {"path": ...} entries also work
-    return Path(cfg.data_root) / name if cfg.data_root else None
+    return Path(data_root) / name if data_root else None
 
 
 def check_datasets(names):
@@ -411,27 +579,52 @@ def default_datasets(cfg):
 
 
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
-             retrieval_csv=None):
-    """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line.
+             retrieval_csv=None, on_result=None, precision='fp32'):
+    """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line,
+    a failing one gives {'error': reason} and the others still run. on_result(results) follows each dataset.
 
     catalog maps names to folders (default <cfg.data_root>/<name>); labels/templates default to assets/.
+    precision: fp32 like the official evaluation, whatever the training run's, so that the per-epoch table and
+    evaluate.py agree; bf16/fp16 on request.
     """
     model = getattr(model, 'module', model)  # a DDP-wrapped model from train.py
+    cfg = dataclasses.replace(cfg, precision=precision)
     was_training = model.training
     model.eval()
-    say = print if rank == 0 else (lambda *a: None)
+    say = print if rank == 0 else (lambda *a, **k: None)
     labels = labels or read_json(ASSETS / 'labels.json', 'labels file')
     templates = templates or read_json(ASSETS / 'templates.json', 'templates file')
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
     results, no_root = {}, []
+
+    def run(name, compute):
+        """results[name] = compute(), between a start and a finish line; a UserError is its result."""
+        say(f"{name}: start", flush=True)
+        start = time.perf_counter()
+        try:
+            results[name] = compute()
+        except UserError as e:
+            reason = ' '.join(str(e).split())
+            results[name] = {'error': reason if reason.startswith(f'{name}: ') else f'{name}: {reason}'}
+            say(f"{name}: failed: {results[name]['error'].removeprefix(f'{name}: ')}", flush=True)
+        else:
+            out, seconds = results[name], max(time.perf_counter() - start, 1e-6)
+            shown = ''.join(f", {k} {'null' if out[k] is None else f'{out[k]:.2f}'}" for k in headline(out))
+            skipped = f", {out['skipped']} undecodable images skipped" if out['skipped'] else ''
+            skipped += f" (e.g. {out['skipped_files'][0]})" if out.get('skipped_files') else ''
+            say(f"{name}: done, {out['images']} images in {seconds:.1f} s ({out['images'] / seconds:.1f} images/s)"
+                f"{shown}{skipped}", flush=True)
+        if on_result:
+            on_result(results)
+
     for name in check_datasets(datasets or default_datasets(cfg)):
         if name == 'demo':
             for task in demo_eval_tasks(cfg):
-                results[f'demo_{task.name}'] = zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
-                                                         task.templates, task.metric, rank, world_size)
-            results['demo_retrieval'] = retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size)
+                run(f'demo_{task.name}', lambda: zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
+                                                           task.templates, task.metric, rank, world_size))
+            run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
             continue
-        root = _dataset_path(name, cfg, catalog or {})
+        root = _dataset_path(name, cfg.data_root, catalog or {})
         if root is None:
             no_root.append(name)
             continue
@@ -441,25 +634,47 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
         if name not in labels or name not in templates:
             say(f"skip {name}: no entry for it in the labels or templates file")
             continue
-        try:
-            dataset = build_dataset(name, root, transform, labels[name])
-        except ValueError as e:
-            say(f"skip {e}")
-            continue
-        results[name] = zero_shot(model, tokenizer, cfg, dataset, labels[name], templates[name], CATALOGUE[name][2],
-                                  rank, world_size)
+        run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
+                                    labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
     if no_root:
         say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
     if retrieval_csv:
-        results['retrieval'] = retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
-                                         rank, world_size)
+        run('retrieval', lambda: retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
+                                           rank, world_size))
     model.train(was_training)
     return results
 
 
-FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'device',
-         *IMPORT_FLAGS)
+def check_data(data_root, catalog, labels):
+    """Print one line per catalogue dataset: found (images, classes), missing, or malformed (why); no model and
+    no decoding, so it takes seconds. Returns {name: status}."""
+    print(f"{'dataset':<16}{'split':<6}{'status':<11}{'images':>8}{'classes':>8}  path or problem")
+    statuses = {}
+    for name, (_, split, _) in CATALOGUE.items():
+        root = _dataset_path(name, data_root, catalog)
+        count, detail = '-', str(root)
+        if root is None or not root.exists():
+            statuses[name] = 'missing'
+            detail = detail if root else 'no --data_root or catalogue entry'
+        else:
+            try:
+                count, statuses[name] = len(build_dataset(name, root, None, labels.get(name, []))), 'found'
+            except UserError as e:
+                statuses[name], detail = 'malformed', ' '.join(str(e).split()).removeprefix(f'{name}: ')
+        classes = len(labels.get(name, [])) if statuses[name] == 'found' else '-'
+        print(f"{name:<16}{split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
+    print(', '.join(f"{list(statuses.values()).count(s)} {s}" for s in ('found', 'missing', 'malformed')) +
+          " (layouts: docs/datasets.md)")
+    return statuses
+
+
+FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'workers',
+         'precision', 'device', 'check_data', *IMPORT_FLAGS)
+SWITCHES = ('check_data',)  # flags that may stand alone
+PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
 HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}
+USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] [--out=results.json], "
+         "or python evaluate.py --check_data --data_root=DIR (see the module docstring)")
 
 
 def parse_argv(argv):
@@ -475,14 +690,24 @@ def parse_argv(argv):
             close = difflib.get_close_matches(key, FLAGS, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else
                                                             f"; options: {', '.join('--' + f for f in FLAGS)}"))
-        if not eq or not value:
+        if key in SWITCHES and not eq:
+            value = 'true'
+        elif not eq or not value:
             raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         flags[key] = value
-    if not paths:
-        raise ConfigError("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] "
-                          "[--out=results.json] (see the module docstring)")
-    if not flags.get('batch_size', '1').isdigit() or int(flags.get('batch_size', '1')) < 1:
-        raise ConfigError(f"--batch_size={flags['batch_size']}: expected a positive integer")
+    if 'check_data' in flags:
+        if flags['check_data'] not in ('true', '1') or paths:
+            raise ConfigError("--check_data takes no value and no checkpoint: python evaluate.py --check_data "
+                              "--data_root=DIR")
+        if 'data_root' not in flags and 'catalog' not in flags:
+            raise ConfigError("--check_data needs --data_root=DIR (or --catalog=paths.json)")
+    elif not paths:
+        raise ConfigError(USAGE)
+    for key, least in (('batch_size', 1), ('workers', 0)):
+        if key in flags and not (flags[key].isdigit() and int(flags[key]) >= least):
+            raise ConfigError(f"--{key}={flags[key]}: expected an integer >= {least}")
+    if flags.get('precision', 'fp32') not in PRECISIONS:
+        raise ConfigError(f"--precision={flags['precision']}: choose {', '.join(PRECISIONS)}")
     if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
         raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
     check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [])
@@ -490,10 +715,11 @@ def parse_argv(argv):
 
 
 def headline(metrics):
-    """The metric keys a table shows for one dataset: its SPEC.md 6.2 metric of the z head, or R@1 both ways."""
+    """The metric keys a table shows for one dataset: its SPEC.md 6.2 metric of the z head, or R@1 both ways;
+    none for a dataset that failed."""
     if 'i2t_r1_z' in metrics:
         return ['i2t_r1_z', 't2i_r1_z']
-    return [next(k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics)]
+    return [k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics][:1]
 
 
 def print_table(records):
@@ -511,6 +737,12 @@ def _run(argv):
     if argv and argv[0].partition('=')[0] == '--convert':
         return convert(argv)
     paths, flags = parse_argv(argv)
+    catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
+    labels = read_json(flags['labels'], 'labels file') if 'labels' in flags else None
+    templates = read_json(flags['templates'], 'templates file') if 'templates' in flags else None
+    if 'check_data' in flags:
+        return check_data(flags.get('data_root', ''), catalog, labels or read_json(ASSETS / 'labels.json',
+                                                                                    'labels file'))
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     device = torch.device(flags.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -521,29 +753,40 @@ def _run(argv):
             device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
             torch.cuda.set_device(device)
     rank = dist.get_rank() if world_size > 1 else 0
-    catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
-    labels = read_json(flags['labels'], 'labels file') if 'labels' in flags else None
-    templates = read_json(flags['templates'], 'templates file') if 'templates' in flags else None
-    records = []
+    records, written = [], []
     for path in paths:
         ckpt = read_checkpoint(path, import_overrides(flags))
-        cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device)
+        cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device, flags.get('bpe_path'))
         cfg.data_root = flags.get('data_root', cfg.data_root)
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
+        cfg.workers = int(flags.get('workers', cfg.workers))
+        cfg.device = device.type
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
-        results = evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
-                           flags.get('retrieval'))
-        records.append({'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'),
-                        'results': results})
-        if rank == 0 and 'out' not in flags:
-            _write_json(records[-1], Path(path).with_name(Path(path).stem + '_eval.json'))
+        record = {'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'), 'results': {}}
+        records.append(record)
+        out = Path(flags['out']) if 'out' in flags else Path(path).with_name(Path(path).stem + '_eval.json')
+
+        def save(results, record=record, out=out):  # after each dataset: finished results survive a crash
+            record['results'] = results
+            if rank == 0:
+                _write_json(records if 'out' in flags else record, out)
+
+        evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
+                 flags.get('retrieval'), on_result=save, precision=flags.get('precision', 'fp32'))
+        save(record['results'])
+        written.append(out)
     if rank == 0:
         print_table(records)
-        if 'out' in flags:
-            _write_json(records, Path(flags['out']))
+        for out in dict.fromkeys(written):
+            print(f"wrote {out}")
     if world_size > 1:
         dist.destroy_process_group()
+    failed = sorted({d for r in records for d, m in r['results'].items() if 'error' in m})
+    if failed and rank == 0:
+        raise UserError(f"{', '.join(failed)} failed (reasons above and in the JSON); the other results are written")
+    if failed:
+        sys.exit(1)  # every rank saw the same failures; rank 0 has said so once
     return records
 
 
@@ -561,16 +804,16 @@ def convert(argv):
                           "[--vision_act=gelu|quickgelu] [--text_act=gelu|quickgelu] [--bpe_path=FILE]")
     out = Path(flags['out'])
     if out.exists():
-        raise ValueError(f"--out={out} already exists; give a new path (nothing is overwritten)")
+        raise UserError(f"--out={out} already exists; give a new path (nothing is overwritten)")
     ckpt = read_checkpoint(flags['convert'], import_overrides(flags))
     if 'source' not in ckpt:
-        raise ValueError(f"{flags['convert']} is already a rocket-clip checkpoint; nothing to convert")
+        raise UserError(f"{flags['convert']} is already a rocket-clip checkpoint; nothing to convert")
     with torch.device('meta'):  # the weights must fit the model of the new config exactly
         model = CLIPModel(Config.from_dict(ckpt['config']), ckpt['model']['text.token_embedding.weight'].shape[0])
     try:
         model.load_state_dict(ckpt['model'], assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{flags['convert']}: the weights do not fit the model of their config "
+        raise UserError(f"{flags['convert']}: the weights do not fit the model of their config "
                          f"({str(e).strip().splitlines()[0][:160]})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + '.tmp')
@@ -581,22 +824,17 @@ def convert(argv):
 
 
 def _write_json(obj, path):
+    """Strict JSON (an undefined metric is null, so a NaN here is a bug), replaced atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(obj, f, indent=2)
-    print(f"wrote {path}")
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     """CLI entry; bad input exits with one line: status 2 for usage errors, 1 for bad files or data."""
-    try:
-        return _run(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    return run_cli(_run, argv)
 
 
 if __name__ == '__main__':

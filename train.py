@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import config
 from augment import finish_views
-from data import build_tokenizer, build_train_loader, check_bad_fraction
+from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
 from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
 from model import autocast_dtype, build_model, compute_loss
 
@@ -218,7 +218,8 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
             'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
-            'epoch_sums': [s[1] for s in states], 'metrics': metrics}
+            'epoch_sums': [s[1] for s in states], 'metrics': metrics,
+            'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
     out = Path(cfg.output_dir)
     atomic_save(ckpt, out / 'checkpoint.pt')
     # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad

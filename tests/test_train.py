@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import config
+import data
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,7 @@ def test_demo_steps_lower_the_loss(tmp_path):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
     ckpt = load(tmp_path / 'checkpoint.pt')  # weights_only=True: tensors and plain data only
     assert ckpt['format'] == train.CHECKPOINT_FORMAT and ckpt['step'] == 16
+    assert data.load_merges(ckpt['bpe_merges']) == data.load_merges(data.DEMO_BPE_PATH)  # evaluates anywhere
     assert ckpt['data'] == {'epoch': 2, 'batch': 0, 'world_size': 1, 'batch_size': 8}
     assert sorted(p.name for p in tmp_path.glob('checkpoint_*.pt')) == ['checkpoint_00000008.pt',
                                                                         'checkpoint_00000016.pt']

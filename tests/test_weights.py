@@ -11,7 +11,7 @@ import torch
 
 import model as model_module
 import train
-from config import Config, ConfigError
+from config import Config, ConfigError, UserError
 from evaluate import main, read_checkpoint
 from model import CLIPModel, ResNet50, convert_weights
 
@@ -204,7 +204,7 @@ def test_bad_files_give_one_line(tmp_path, capsys):
 def test_heads_without_a_model_name_must_be_given(tmp_path):
     ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
     torch.save(ckpt['state_dict'], tmp_path / 'raw.pt')  # a bare state_dict: no args.model
-    with pytest.raises(ValueError, match='head counts are unknown .* pass --text_heads=N --vision_heads=N'):
+    with pytest.raises(UserError, match='head counts are unknown .* pass --text_heads=N --vision_heads=N'):
         read_checkpoint(tmp_path / 'raw.pt')
     assert Config.from_dict(read_checkpoint(tmp_path / 'raw.pt', SMALL_HEADS['rocket_vit'])['config']).vision_heads == 3
 
