@@ -715,8 +715,9 @@ def main(argv=None):
                 dist.distributed_c10d._get_default_store().set(FAILED_KEY, str(rank))
         raise
     except Exception:
-        if world_size > 1 and peer_failed():
-            raise SystemExit(1) from None  # a failed collective, echoing the error that the failed rank printed
+        if world_size > 1 and peer_failed():  # a failed collective, echoing the error that the failed rank printed
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)  # not sys.exit: tearing down a process group whose peer is gone can abort (SIGABRT)
         raise
     finally:
         if world_size == 1:

@@ -24,6 +24,8 @@ TINY = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_wid
         '--local_crop_size=32', '--patch_size=16', '--embed_dim=16', '--mlp_hidden_dim=32', '--demo_train_size=64',
         '--batch_size=8', '--workers=0', '--eval_every=0', '--log_every=1', '--epochs=4']
 TINY_FLAGS = dict(f[2:].split('=') for f in TINY)
+# a hang guard in seconds, far above what any run here takes on a slow, busy machine (never a speed limit)
+HANG = 1200
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}  # one thread: bit-reproducible CPU maths
 
 
@@ -32,7 +34,7 @@ def run_train(out, *flags, wait=True):
     cmd = [sys.executable, str(ROOT / 'train.py'), *TINY, f'--output_dir={out}', *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
-        output = proc.communicate(timeout=120)[0]
+        output = proc.communicate(timeout=HANG)[0]
         assert proc.returncode == 0, output
     return proc
 
@@ -214,7 +216,7 @@ def test_resume_across_precisions(tmp_path):
     assert load(tmp_path / 'checkpoint.pt')['step'] == 6
 
 
-def wait_for(predicate, proc, timeout=90):
+def wait_for(predicate, proc, timeout=HANG):
     end = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, proc.communicate()[0]
@@ -226,7 +228,7 @@ def test_sigterm_saves_and_kill9_keeps_the_last_checkpoint(tmp_path):
     proc = run_train(tmp_path, '--epochs=1000', '--save_every=3', wait=False)
     wait_for(lambda: (tmp_path / 'log.jsonl').exists() and len(log_records(tmp_path)) >= 4, proc)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=60)[0]
+    output = proc.communicate(timeout=HANG)[0]
     assert proc.returncode == 0, output
     stopped = load(tmp_path / 'checkpoint.pt')
     assert stopped['step'] == log_records(tmp_path)[-1]['step'] >= 4  # saved at the step boundary it stopped on
@@ -246,7 +248,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     run_train(tmp_path / 'one', *flags)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
            str(ROOT / 'train.py'), *TINY, *flags, '--batch_size=4', f'--output_dir={tmp_path / "two"}']
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 0, result.stdout + result.stderr
     one, two = load(tmp_path / 'one' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
     assert two['data']['world_size'] == 2 and len(two['rng']) == 2
