@@ -649,9 +649,9 @@ def train(cfg, rank, world_size, device):
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
     if rank == 0:
-        print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {steps_per_epoch} steps/epoch, "
-              f"steps {loop.step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}",
-              flush=True)
+        print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
+              f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
+              f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
