@@ -11,9 +11,11 @@ beside each checkpoint, or all of them as a list to --out. Data-parallel under t
 """
 import csv
 import difflib
+import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from PIL import Image
 from augment import eval_transform
 from config import Config, ConfigError
 from model import autocast_dtype, build_model
-from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval
+from data import build_eval_loader, build_tokenizer, demo_eval_tasks, demo_probe_train, demo_retrieval
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -284,16 +286,16 @@ def read_json(path, what):
         raise ValueError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
 
 
-def build_dataset(name, root, transform, classnames):
-    """The eval split of catalogue dataset `name` stored at root; wrong layouts raise one line."""
-    reader, split, _ = CATALOGUE[name]
-    root = Path(root)
+def build_dataset(name, root, transform, classnames, split=None):
+    """The eval split (or split='train') of catalogue dataset `name` stored at root; wrong layouts raise one line."""
+    reader, eval_split, _ = CATALOGUE[name]
+    root, split = Path(root), split or eval_split
     if reader in ('MNIST', 'CIFAR10', 'CIFAR100', 'STL10'):
-        split_arg = {'split': 'test'} if reader == 'STL10' else {'train': False}
+        split_arg = {'split': split} if reader == 'STL10' else {'train': split == 'train'}
         try:
             dataset = getattr(torchvision.datasets, reader)(root, transform=transform, download=False, **split_arg)
         except RuntimeError:
-            raise ValueError(f"{name}: {root} does not hold torchvision's {reader} test set "
+            raise ValueError(f"{name}: {root} does not hold torchvision's {reader} {split} set "
                              f"(the layout torchvision.datasets.{reader}(root, download=True) writes)") from None
         n = len(dataset.classes)
     elif reader == 'filelist':
@@ -324,6 +326,231 @@ def build_dataset(name, root, transform, classnames):
     return dataset
 
 
+# --- Linear probe ---
+# Frozen image features -> L2-regularised multinomial logistic regression, CLIP's protocol: the strength is
+# chosen on a validation split held out of the training split, then the classifier is refit on all of it.
+PROBE_GRID = tuple(10.0 ** k for k in range(0, -9, -1))  # coarse strengths, strongest first (warm starts)
+PROBE_REFINE = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # log10 offsets tried around the best coarse strength
+PROBE_PATIENCE = 2  # the coarse sweep stops after this many strengths in a row score below the best
+PROBE_VAL_FRACTION = 0.2
+
+
+def fit_logistic(x, y, l2, num_classes, scale=None, init=None, max_iter=1000, tol=1e-6):
+    """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised)
+    by full-batch L-BFGS in x's dtype; scale (D,) preconditions, W = scale * V, without moving the optimum."""
+    n, d = x.shape
+    scale = x.new_ones(d) if scale is None else scale
+    v = (init[0] / scale[:, None] if init else x.new_zeros(d, num_classes)).requires_grad_()
+    b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_()
+    rows = torch.arange(n, device=x.device)
+
+    def closure():  # loss and gradient in closed form: no autograd graph over the n x D features
+        with torch.no_grad():
+            w = scale[:, None] * v
+            logits = torch.addmm(b, x, w)  # (n, C)
+            lse = logits.logsumexp(1)
+            loss = (lse - logits[rows, y]).mean() + l2 / 2 * w.square().sum()
+            residual = (logits - lse[:, None]).exp_()  # softmax - one_hot = n * d loss / d logits
+            residual[rows, y] -= 1
+            v.grad = (scale[:, None] * ((residual.T @ x).T / n + l2 * w)).contiguous()  # r.T @ x: x.T @ r is slow on CPU
+            b.grad = residual.mean(0)
+        return loss
+
+    opt = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
+                            tolerance_change=0, history_size=20, line_search_fn='strong_wolfe')
+    opt.step(closure)
+    return (scale[:, None] * v).detach(), b.detach(), opt.state[v]['n_iter']
+
+
+def fit_present(x, y, l2, num_classes, scale=None, init=None):
+    """fit_logistic over the classes present in y (an absent class's unpenalised bias would run to -inf), as
+    (W (D, num_classes), b) with -inf bias for the absent classes; init: a previous (W, b) to start from."""
+    present = torch.unique(y)
+    if init is not None:
+        init = init[0][:, present], init[1][present].nan_to_num(0, 0, 0)  # a class absent before starts at 0
+    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), scale, init)
+    full_w, full_b = x.new_zeros(x.shape[1], num_classes), x.new_full((num_classes,), float('-inf'))
+    full_w[:, present], full_b[present] = w, b
+    return full_w, full_b
+
+
+def probe_metrics(logits, labels, metric, key):
+    """Top-1 (and mean per class or ROC-AUC where that is the dataset's metric) of classifier logits (N, C)."""
+    counts = class_counts(logits, labels, logits.shape[1])
+    out = accuracy_metrics(counts, key, per_class=metric == 'mean_per_class')
+    del out[f'acc5_{key}']  # top-1 is the probe's protocol
+    if metric == 'roc_auc':
+        out[f'roc_auc_{key}'] = 100 * roc_auc((logits[:, 1] - logits[:, 0]).cpu(), labels.cpu())
+    return out
+
+
+def select_strength(fit_and_score):
+    """(best strength, {strength: validation score}, best solution); fit_and_score(l2, init) -> (score, solution).
+    The coarse
+    PROBE_GRID runs strongest first, each fit starting from the last, and stops PROBE_PATIENCE strengths past
+    the best; then PROBE_REFINE around the best. Ties go to the stronger regularisation."""
+    scores, solutions = {}, {}
+    best = lambda: max(scores, key=lambda l2: (scores[l2], l2))  # noqa: E731
+    for i, l2 in enumerate(PROBE_GRID):
+        scores[l2], solutions[l2] = fit_and_score(l2, solutions[PROBE_GRID[i - 1]] if i else None)
+        if i - PROBE_GRID.index(best()) >= PROBE_PATIENCE:
+            break
+    coarse = best()
+    for step in PROBE_REFINE:
+        l2 = coarse * 10 ** step
+        scores[l2], solutions[l2] = fit_and_score(l2, solutions[coarse])
+    return best(), scores, solutions[best()]
+
+
+def probe_basis(x):
+    """(mean, rotation, variances) of train features x, scaled to a total variance of 1: the probe works on
+    (x - mean) @ rotation, whose columns are uncorrelated, which preconditions L-BFGS by 1 / sqrt(variance)."""
+    mean = x.mean(0)
+    variances, rotation = torch.linalg.eigh(torch.cov((x - mean).T, correction=0))  # (D,), (D, D)
+    total = variances.sum().clamp_min(1e-30)
+    return mean, rotation / total.sqrt(), (variances / total).clamp_min(0)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='trunk', seed=0, device='cpu'):
+    """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
+    split held out (seeded), the classifier refit on the whole train split and scored on the test split.
+
+    The classifier is fit on centred, rotated (PCA) features scaled to unit total variance: the rotation and
+    centring leave the regularised optimum's predictions unchanged; the scale fixes the units of l2."""
+    x = train_x.to(device, torch.float64)
+    mean, rotation, variances = probe_basis(x)
+    x, test_x = (x - mean) @ rotation, (test_x.to(device, torch.float64) - mean) @ rotation
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
+    n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
+    val, fit = order[:n_val], order[n_val:]
+    score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
+    precondition = lambda l2: 1 / (variances / num_classes + l2).sqrt()  # noqa: E731  ~ 1 / sqrt(Hessian diagonal)
+
+    def fit_and_score(l2, init):
+        w, b = fit_present(x[fit], train_y[fit], l2, num_classes, precondition(l2), init)
+        return probe_metrics(x[val] @ w + b, train_y[val], metric, key)[score_key], (w, b)
+
+    l2, scores, solution = select_strength(fit_and_score)
+    w, b = fit_present(x, train_y, l2, num_classes, precondition(l2), solution)
+    return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes: the feature cache's key to the checkpoint (~1 s per GB, once per run)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_identity(dataset):
+    """What the feature cache knows of a dataset: its type, size, plain attributes (root, split, seed, ...), and
+    the first and last of its file lists."""
+    fields = {k: str(v) for k, v in vars(dataset).items() if isinstance(v, (str, int, float, bool, Path))}
+    fields.update({k: str((len(v), v[0], v[-1])) for k, v in vars(dataset).items()
+                   if k in ('paths', 'samples') and isinstance(v, list) and v})
+    return f"{type(dataset).__name__}[{len(dataset)}]{sorted(fields.items())}"
+
+
+@torch.no_grad()
+def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
+    """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)) on the CPU in float32: the image
+    encoder's output before the heads; each rank encodes its slice, the gathers concatenate them unpadded."""
+    device = next(model.parameters()).device
+    keys = ['trunk'] + (list(model.heads) if heads else [])
+    parts, labels = {k: [] for k in keys}, []
+    with _autocast(cfg, device):
+        for images, y in build_eval_loader(dataset, cfg, rank, world_size):
+            trunk = model.visual(images.to(device))
+            out = {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
+            for k in keys:
+                parts[k].append(out[k].float().cpu())
+            labels.append(torch.as_tensor(y))
+    empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
+    return ({k: _gather(torch.cat(parts[k] or [empty]), world_size) for k in keys},
+            _gather(torch.cat(labels or [torch.zeros(0, dtype=torch.long)]), world_size))
+
+
+def cached_features(model, cfg, dataset, path, key, heads, rank=0, world_size=1):
+    """Extract a dataset's features into the cache file `path` unless it already holds them under `key`
+    (rank 0 decides and writes, atomically; all ranks extract)."""
+    hit = [False]
+    if rank == 0 and path.is_file():
+        try:  # mmap: comparing the key does not read the features
+            hit[0] = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('key') == key
+        except Exception:  # a truncated or foreign file is a miss; it is overwritten below
+            pass
+    if world_size > 1:
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
+        return
+    features, labels = image_features(model, cfg, dataset, heads, rank, world_size)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + '.tmp')
+        torch.save({'key': key, 'features': features, 'labels': labels}, tmp)
+        os.replace(tmp, path)
+
+
+def probe_features(model, cfg, name, train, test, classnames, metric, probe, rank=0, world_size=1):
+    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache beside the
+    checkpoint, keyed by its content, the data, the transform, the precision and the features kept. Returns the
+    job fit_probes runs."""
+    paths = {split: probe['cache'] / f'{name}_{split}.pt' for split in ('train', 'test')}
+    device = next(model.parameters()).device
+    for split, dataset in (('train', train), ('test', test)):
+        key = {'checkpoint_sha256': probe['sha256'], 'dataset': name, 'split': split, 'data': data_identity(dataset),
+               'transform': repr(getattr(dataset, 'transform', None)), 'precision': str(autocast_dtype(cfg, device)),
+               'heads': probe['heads']}
+        cached_features(model, cfg, dataset, paths[split], key, probe['heads'], rank, world_size)
+    return {'paths': paths, 'num_classes': len(classnames), 'metric': metric}
+
+
+def _true(flags, key):
+    return flags.get(key, 'false').lower() in ('true', '1')
+
+
+def check_probe_flags(flags):
+    """Raise ConfigError for a bad --linear_probe, --probe_heads or --probe_seed."""
+    for key in SWITCHES:
+        if flags.get(key, 'false').lower() not in ('true', 'false', '1', '0'):
+            raise ConfigError(f"--{key}={flags[key]}: expected true or false (or a bare --{key})")
+    if not flags.get('probe_seed', '0').isdigit():
+        raise ConfigError(f"--probe_seed={flags['probe_seed']}: expected a non-negative integer")
+    if (_true(flags, 'probe_heads') or 'probe_seed' in flags) and not _true(flags, 'linear_probe'):
+        raise ConfigError("--probe_heads and --probe_seed set up the linear probe; add --linear_probe")
+
+
+def probe_settings(path, flags, device, rank=0):
+    """The probe's settings for checkpoint `path`, None without --linear_probe. Features are cached in
+    <checkpoint stem>_features/ beside it, keyed by the SHA-256 of its bytes (computed on rank 0)."""
+    if not _true(flags, 'linear_probe'):
+        return None
+    path = Path(path)
+    return {'cache': path.with_name(path.stem + '_features'), 'sha256': file_sha256(path) if rank == 0 else None,
+            'heads': _true(flags, 'probe_heads'), 'seed': int(flags.get('probe_seed', 0)), 'device': device}
+
+
+def fit_probes(jobs, probe, say=print):
+    """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
+    results = {}
+    for name, job in jobs.items():
+        start = time.time()
+        train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True) for s in ('train', 'test'))
+        results[name] = {}
+        for key in train['features']:
+            results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
+                                              test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
+                                              probe['device']))
+        metrics = results[name]
+        say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
+            f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
+            for k in train['features']) + f", {time.time() - start:.1f}s")
+    return results
+
+
 # --- Main ---
 def _dataset_path(name, cfg, catalog):
     if name in catalog:
@@ -350,10 +577,11 @@ def default_datasets(cfg):
 
 
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
-             retrieval_csv=None):
+             retrieval_csv=None, probe=None):
     """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line.
 
     catalog maps names to folders (default <cfg.data_root>/<name>); labels/templates default to assets/.
+    probe (probe_settings): the linear probe instead of zero-shot; its results are on rank 0 only.
     """
     model = getattr(model, 'module', model)  # a DDP-wrapped model from train.py
     was_training = model.training
@@ -367,8 +595,12 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
         if name == 'demo':
             for task in demo_eval_tasks(cfg):
                 results[f'demo_{task.name}'] = zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
-                                                         task.templates, task.metric, rank, world_size)
-            results['demo_retrieval'] = retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size)
+                                                         task.templates, task.metric, rank, world_size) \
+                    if probe is None else probe_features(model, cfg, f'demo_{task.name}', demo_probe_train(cfg, task),
+                                                         task.dataset, task.classnames, task.metric, probe, rank,
+                                                         world_size)
+            if probe is None:
+                results['demo_retrieval'] = retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size)
             continue
         root = _dataset_path(name, cfg, catalog or {})
         if root is None:
@@ -382,22 +614,29 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
             continue
         try:
             dataset = build_dataset(name, root, transform, labels[name])
+            train = build_dataset(name, root, transform, labels[name], 'train') if probe else None
         except ValueError as e:
             say(f"skip {e}")
             continue
         results[name] = zero_shot(model, tokenizer, cfg, dataset, labels[name], templates[name], CATALOGUE[name][2],
-                                  rank, world_size)
+                                  rank, world_size) if probe is None else \
+            probe_features(model, cfg, name, train, dataset, labels[name], CATALOGUE[name][2], probe, rank, world_size)
     if no_root:
         say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
-    if retrieval_csv:
+    if retrieval_csv and probe is None:
         results['retrieval'] = retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
                                          rank, world_size)
+    if probe is not None:  # fits after the last collective, so no rank waits in one while rank 0 fits
+        results = fit_probes(results, probe, say) if rank == 0 else {}
     model.train(was_training)
     return results
 
 
-FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'device')
-HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}
+FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'device',
+         'linear_probe', 'probe_heads', 'probe_seed')
+SWITCHES = ('linear_probe', 'probe_heads')  # a bare --flag means true
+HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
+             'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}
 
 
 def parse_argv(argv):
@@ -409,6 +648,7 @@ def parse_argv(argv):
             continue
         key, eq, value = arg[2:].partition('=')
         key = key.replace('-', '_')
+        eq, value = ('=', 'true') if key in SWITCHES and not eq else (eq, value)
         if key not in FLAGS:
             close = difflib.get_close_matches(key, FLAGS, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else
@@ -424,6 +664,7 @@ def parse_argv(argv):
     if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
         raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
     check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [])
+    check_probe_flags(flags)
     return paths, flags
 
 
@@ -431,6 +672,8 @@ def headline(metrics):
     """The metric keys a table shows for one dataset: its SPEC.md 6.2 metric of the z head, or R@1 both ways."""
     if 'i2t_r1_z' in metrics:
         return ['i2t_r1_z', 't2i_r1_z']
+    if 'l2_trunk' in metrics:  # linear probe: the trunk features' metric and the chosen strength
+        return [next(k for k in ('roc_auc_trunk', 'mean_per_class_trunk', 'acc1_trunk') if k in metrics), 'l2_trunk']
     return [next(k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics)]
 
 
@@ -442,7 +685,8 @@ def print_table(records):
     for r in records:
         values = [r['results'].get(d, {}).get(k) for d, k in columns]
         print(f"{Path(r['checkpoint']).name[-28:]:<28}{str(r['epoch']):>6}" + ''.join(
-            f"  {'-' if v is None else f'{v:.2f}':>{max(len(n), 6)}}" for n, v in zip(names, values)))
+            f"  {'-' if v is None else f'{v:.0e}' if k.startswith('l2_') else f'{v:.2f}':>{max(len(n), 6)}}"
+            for n, v, (_, k) in zip(names, values, columns)))
 
 
 def _run(argv):
@@ -468,12 +712,15 @@ def _run(argv):
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
+        probe = probe_settings(path, flags, device, rank)
         results = evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
-                           flags.get('retrieval'))
+                           flags.get('retrieval'), probe)
         records.append({'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'),
                         'results': results})
+        if probe:
+            records[-1]['linear_probe'] = {'seed': probe['seed'], 'val_fraction': PROBE_VAL_FRACTION}
         if rank == 0 and 'out' not in flags:
-            _write_json(records[-1], Path(path).with_name(Path(path).stem + '_eval.json'))
+            _write_json(records[-1], Path(path).with_name(Path(path).stem + ('_probe.json' if probe else '_eval.json')))
     if rank == 0:
         print_table(records)
         if 'out' in flags:
