@@ -329,9 +329,8 @@ def build_dataset(name, root, transform, classnames, split=None):
 # --- Linear probe ---
 # Frozen image features -> L2-regularised multinomial logistic regression, CLIP's protocol: the strength is
 # chosen on a validation split held out of the training split, then the classifier is refit on all of it.
-PROBE_GRID = tuple(10.0 ** k for k in range(0, -9, -1))  # coarse strengths, strongest first (warm starts)
+PROBE_GRID = tuple(10.0 ** k for k in range(0, -11, -1))  # coarse strengths, strongest first (warm starts)
 PROBE_REFINE = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # log10 offsets tried around the best coarse strength
-PROBE_PATIENCE = 2  # the coarse sweep stops after this many strengths in a row score below the best
 PROBE_VAL_FRACTION = 0.2
 
 
@@ -386,15 +385,13 @@ def probe_metrics(logits, labels, metric, key):
 
 def select_strength(fit_and_score):
     """(best strength, {strength: validation score}, best solution); fit_and_score(l2, init) -> (score, solution).
-    The coarse
-    PROBE_GRID runs strongest first, each fit starting from the last, and stops PROBE_PATIENCE strengths past
-    the best; then PROBE_REFINE around the best. Ties go to the stronger regularisation."""
+    The whole coarse PROBE_GRID, strongest first, each fit starting from the last (no early stop: the score need
+    not be unimodal, overfitting nuisance dimensions can come before a weak signal is fit), then PROBE_REFINE
+    around the best. Ties go to the stronger regularisation."""
     scores, solutions = {}, {}
     best = lambda: max(scores, key=lambda l2: (scores[l2], l2))  # noqa: E731
     for i, l2 in enumerate(PROBE_GRID):
         scores[l2], solutions[l2] = fit_and_score(l2, solutions[PROBE_GRID[i - 1]] if i else None)
-        if i - PROBE_GRID.index(best()) >= PROBE_PATIENCE:
-            break
     coarse = best()
     for step in PROBE_REFINE:
         l2 = coarse * 10 ** step
