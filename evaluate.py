@@ -1,13 +1,15 @@
-"""Zero-shot classification and image-text retrieval (SPEC.md section 6).
+"""Zero-shot classification and image-text retrieval (SPEC.md section 6), and the linear probe.
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
-        [--batch_size=N] [--device=cpu|cuda]
+        [--batch_size=N] [--device=cpu|cuda] [--linear_probe [--probe_heads] [--probe_seed=0]]
 
 Rebuilds each model from its checkpoint's config, runs every catalogue dataset found under --data_root
 (<data_root>/<name>, or the per-dataset paths of a {name: path} JSON catalogue), the demo held-out tasks
 and retrieval for demo models, and prints one table row per checkpoint. Metrics go to <ckpt>_eval.json
 beside each checkpoint, or all of them as a list to --out. Data-parallel under torchrun.
+--linear_probe fits a logistic-regression probe on frozen image features of each dataset's train split instead
+(features cached in <ckpt>_features/, results in <ckpt>_probe.json); see the Linear probe section.
 """
 import csv
 import difflib
@@ -351,7 +353,8 @@ def fit_logistic(x, y, l2, num_classes, scale=None, init=None, max_iter=1000, to
             loss = (lse - logits[rows, y]).mean() + l2 / 2 * w.square().sum()
             residual = (logits - lse[:, None]).exp_()  # softmax - one_hot = n * d loss / d logits
             residual[rows, y] -= 1
-            v.grad = (scale[:, None] * ((residual.T @ x).T / n + l2 * w)).contiguous()  # r.T @ x: x.T @ r is slow on CPU
+            # (r.T @ x).T, not x.T @ r: the transposed-left product runs several times slower on CPU
+            v.grad = (scale[:, None] * ((residual.T @ x).T / n + l2 * w)).contiguous()
             b.grad = residual.mean(0)
         return loss
 

@@ -145,7 +145,8 @@ class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.visual, self.image_heads = nn.Sequential(nn.Flatten(), nn.Linear(12, 6)), nn.ModuleDict({'z': nn.Linear(6, 3)})
+        self.visual = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        self.image_heads = nn.ModuleDict({'z': nn.Linear(6, 3)})
         self.heads, self.seen = ('z',), 0
         self.visual.register_forward_hook(lambda m, i, o: setattr(self, 'seen', self.seen + len(o)))
 
@@ -163,12 +164,11 @@ def test_features_cached_and_invalidated(tmp_path):
     ckpt = tmp_path / 'ckpt.pt'
     ckpt.write_bytes(b'weights v1')
     model, cfg, train, test = Encoder(), cfg_for_tests(), images(10, 0), images(7, 1)
-    settings = lambda heads=False: probe_settings(ckpt, {'linear_probe': 'true', 'probe_heads': str(heads)}, 'cpu')  # noqa: E731
     encoded = []
 
     def run(heads=False):  # images encoded by one probe_features call
-        seen = model.seen
-        job = probe_features(model, cfg, 'set', train, test, ['a', 'b', 'c'], 'acc', settings(heads))
+        seen, settings = model.seen, probe_settings(ckpt, {'linear_probe': 'true', 'probe_heads': str(heads)}, 'cpu')
+        job = probe_features(model, cfg, 'set', train, test, ['a', 'b', 'c'], 'acc', settings)
         encoded.append(model.seen - seen)
         return job
 
@@ -196,13 +196,15 @@ def _distributed_worker(rank, world_size, tmp):
 
 
 def test_data_parallel_features_are_exact(tmp_path):
-    # 3 images on 2 ranks (padding would show as a 4th row); an empty rank is covered by the CLI's gathers
+    # 3 images on 2 ranks: padding would show as a 4th row
     torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2)
     single = image_features(Encoder(), cfg_for_tests(), images(3, 0), True)
     for rank in range(2):
         got = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)
         assert torch.equal(got['labels'], single[1]) and got['features'].keys() == single[0].keys()
         assert all(torch.allclose(got['features'][k], single[0][k]) for k in single[0])
+    # a rank with an empty slice sends a 1-D empty tensor, which the concatenation of the gathers skips
+    assert torch.cat([torch.zeros(0), single[0]['trunk']]).shape == single[0]['trunk'].shape
 
 
 # --- CLI ---
