@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -234,6 +235,30 @@ def test_cli_demo_probe(tiny_checkpoint, capsys):
     header = out.splitlines()[-2]
     assert 'demo_shape' in header and 'demo_shape l2' in header
     assert len(list(tiny_checkpoint.with_name('ckpt_features').glob('*.pt'))) == 6
+
+
+def save_images(folder, count, colour):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new('RGB', (20, 20), tuple((c + 9 * i) % 256 for c in colour)).save(folder / f'{i}.png')
+
+
+def test_cli_image_folder_train_split(tiny_checkpoint, tmp_path, capsys):
+    """pets (mean per class) has train/ and test/; dtd has no train/ and is skipped with one line."""
+    for split, n in (('train', 6), ('test', 3)):
+        save_images(tmp_path / 'pets' / split / 'cat', n, (200, 30, 30))
+        save_images(tmp_path / 'pets' / split / 'dog', n, (30, 30, 200))
+    save_images(tmp_path / 'dtd' / 'test' / 'woven', 2, (90, 90, 90))
+    (tmp_path / 'labels.json').write_text(json.dumps({'pets': ['cat', 'dog'], 'dtd': ['woven']}))
+    (tmp_path / 'templates.json').write_text(json.dumps({'pets': ['a {}.'], 'dtd': ['a {}.']}))
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    results = main([str(ckpt), f'--data_root={tmp_path}', f'--labels={tmp_path / "labels.json"}',
+                    f'--templates={tmp_path / "templates.json"}', '--datasets=pets,dtd', '--linear_probe'])[0]['results']
+    assert f"skip dtd: expected {tmp_path / 'dtd' / 'train'}/" in capsys.readouterr().out
+    assert set(results) == {'pets'}
+    assert set(results['pets']) == {'acc1_trunk', 'mean_per_class_trunk', 'l2_trunk', 'val_trunk'}
+    assert results['pets']['mean_per_class_trunk'] == 100  # two flat colours
 
 
 @pytest.mark.parametrize('argv,message', [(['--probe_heads'], 'add --linear_probe'),
