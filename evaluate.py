@@ -336,41 +336,39 @@ PROBE_REFINE = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # log10 offsets tried arou
 PROBE_VAL_FRACTION = 0.2
 
 
-def fit_logistic(x, y, l2, num_classes, scale=None, init=None, max_iter=1000, tol=1e-6):
+def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-6):
     """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised)
-    by full-batch L-BFGS in x's dtype; scale (D,) preconditions, W = scale * V, without moving the optimum."""
+    by full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol."""
     n, d = x.shape
-    scale = x.new_ones(d) if scale is None else scale
-    v = (init[0] / scale[:, None] if init else x.new_zeros(d, num_classes)).requires_grad_()
+    w = (init[0].clone() if init else x.new_zeros(d, num_classes)).requires_grad_()
     b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_()
     rows = torch.arange(n, device=x.device)
 
     def closure():  # loss and gradient in closed form: no autograd graph over the n x D features
         with torch.no_grad():
-            w = scale[:, None] * v
             logits = torch.addmm(b, x, w)  # (n, C)
             lse = logits.logsumexp(1)
             loss = (lse - logits[rows, y]).mean() + l2 / 2 * w.square().sum()
             residual = (logits - lse[:, None]).exp_()  # softmax - one_hot = n * d loss / d logits
             residual[rows, y] -= 1
             # (r.T @ x).T, not x.T @ r: the transposed-left product runs several times slower on CPU
-            v.grad = (scale[:, None] * ((residual.T @ x).T / n + l2 * w)).contiguous()
+            w.grad = ((residual.T @ x).T / n + l2 * w).contiguous()
             b.grad = residual.mean(0)
         return loss
 
-    opt = torch.optim.LBFGS([v, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
                             tolerance_change=0, history_size=20, line_search_fn='strong_wolfe')
     opt.step(closure)
-    return (scale[:, None] * v).detach(), b.detach(), opt.state[v]['n_iter']
+    return w.detach(), b.detach(), opt.state[w]['n_iter']
 
 
-def fit_present(x, y, l2, num_classes, scale=None, init=None):
+def fit_present(x, y, l2, num_classes, init=None):
     """fit_logistic over the classes present in y (an absent class's unpenalised bias would run to -inf), as
     (W (D, num_classes), b) with -inf bias for the absent classes; init: a previous (W, b) to start from."""
     present = torch.unique(y)
     if init is not None:
         init = init[0][:, present], init[1][present].nan_to_num(0, 0, 0)  # a class absent before starts at 0
-    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), scale, init)
+    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), init)
     full_w, full_b = x.new_zeros(x.shape[1], num_classes), x.new_full((num_classes,), float('-inf'))
     full_w[:, present], full_b[present] = w, b
     return full_w, full_b
@@ -402,37 +400,32 @@ def select_strength(fit_and_score):
     return best(), scores, solutions[best()]
 
 
-def probe_basis(x):
-    """(mean, rotation, variances) of train features x, scaled to a total variance of 1: the probe works on
-    (x - mean) @ rotation, whose columns are uncorrelated, which preconditions L-BFGS by 1 / sqrt(variance)."""
+def standardise(x, *others):
+    """x and others centred by x's mean and scaled by one number to x's total variance 1 (the units of l2;
+    centring only moves the unpenalised bias, and speeds up L-BFGS)."""
     mean = x.mean(0)
-    variances, rotation = torch.linalg.eigh(torch.cov((x - mean).T, correction=0))  # (D,), (D, D)
-    total = variances.sum().clamp_min(1e-30)
-    return mean, rotation / total.sqrt(), (variances / total).clamp_min(0)
+    scale = (x - mean).square().sum(1).mean().sqrt().clamp_min(1e-30)
+    return [(t - mean) / scale for t in (x, *others)]
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='trunk', seed=0, device='cpu'):
     """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
     split held out (seeded), the classifier refit on the whole train split and scored on the test split.
 
-    The classifier is fit on centred, rotated (PCA) features scaled to unit total variance: the rotation and
-    centring leave the regularised optimum's predictions unchanged; the scale fixes the units of l2."""
-    x = train_x.to(device, torch.float64)
-    mean, rotation, variances = probe_basis(x)
-    x, test_x = (x - mean) @ rotation, (test_x.to(device, torch.float64) - mean) @ rotation
+    Features are standardised as a whole (standardise), in float64."""
+    x, test_x = standardise(train_x.to(device, torch.float64), test_x.to(device, torch.float64))
     train_y, test_y = train_y.to(device), test_y.to(device)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
     n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
     val, fit = order[:n_val], order[n_val:]
     score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
-    precondition = lambda l2: 1 / (variances / num_classes + l2).sqrt()  # noqa: E731  ~ 1 / sqrt(Hessian diagonal)
 
     def fit_and_score(l2, init):
-        w, b = fit_present(x[fit], train_y[fit], l2, num_classes, precondition(l2), init)
+        w, b = fit_present(x[fit], train_y[fit], l2, num_classes, init)
         return probe_metrics(x[val] @ w + b, train_y[val], metric, key)[score_key], (w, b)
 
     l2, scores, solution = select_strength(fit_and_score)
-    w, b = fit_present(x, train_y, l2, num_classes, precondition(l2), solution)
+    w, b = fit_present(x, train_y, l2, num_classes, solution)
     return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
 
 
