@@ -196,8 +196,7 @@ def _distributed_worker(rank, world_size, tmp):
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two spawned processes: 30-45 s on the busy 2-core machine
-def test_data_parallel_features_are_exact(tmp_path):
+def test_data_parallel_features_are_exact(tmp_path):  # two spawned processes: 7 s, 30-45 s on a busy 2-core CPU
     # 3 images on 2 ranks: padding would show as a 4th row
     torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path)), nprocs=2)
     single = image_features(Encoder(), cfg_for_tests(), images(3, 0), True)
