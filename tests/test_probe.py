@@ -253,8 +253,9 @@ def test_cli_image_folder_train_split(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / 'templates.json').write_text(json.dumps({'pets': ['a {}.'], 'dtd': ['a {}.']}))
     ckpt = tmp_path / 'ckpt.pt'
     ckpt.write_bytes(tiny_checkpoint.read_bytes())
-    results = main([str(ckpt), f'--data_root={tmp_path}', f'--labels={tmp_path / "labels.json"}',
-                    f'--templates={tmp_path / "templates.json"}', '--datasets=pets,dtd', '--linear_probe'])[0]['results']
+    records = main([str(ckpt), f'--data_root={tmp_path}', f'--labels={tmp_path / "labels.json"}',
+                    f'--templates={tmp_path / "templates.json"}', '--datasets=pets,dtd', '--linear_probe'])
+    results = records[0]['results']
     assert f"skip dtd: expected {tmp_path / 'dtd' / 'train'}/" in capsys.readouterr().out
     assert set(results) == {'pets'}
     assert set(results['pets']) == {'acc1_trunk', 'mean_per_class_trunk', 'l2_trunk', 'val_trunk'}
