@@ -1002,7 +1002,8 @@ RELATIONS = {('left', 'right'): 'to the left of', ('right', 'left'): 'to the rig
              ('top', 'bottom'): 'above', ('bottom', 'top'): 'below'}
 # split: (id, objects per scene, allowed combinations)
 DEMO_SPLITS = {'train': (0, (1, 2), tuple(c for c in COMBOS if c not in HELD_OUT)), 'single': (1, (1,), COMBOS),
-               'unseen': (2, (1,), tuple(c for c in COMBOS if c in HELD_OUT)), 'retrieval': (3, (1, 2), COMBOS)}
+               'unseen': (2, (1,), tuple(c for c in COMBOS if c in HELD_OUT)), 'retrieval': (3, (1, 2), COMBOS),
+               'single_train': (4, (1,), COMBOS), 'unseen_train': (5, (1,), tuple(c for c in COMBOS if c in HELD_OUT))}
 DEMO_CAPTIONS = 3  # candidate captions per image
 DEMO_VOCAB_SIZE = 1024
 
@@ -1164,6 +1165,11 @@ def demo_eval_tasks(cfg):
                      'acc'),
             EvalTask('colour_shape_unseen', [f'{c} {s}' for c, s in COMBOS], ['the {}', 'a photo of the {}', '{}'],
                      DemoImages(cfg, 'unseen', 'colour_shape'), 'acc')]
+
+
+def demo_probe_train(cfg, task):
+    """The train split of a demo eval task for the linear probe: scenes of the same kind from their own stream."""
+    return DemoImages(cfg, f'{task.dataset.split}_train', task.dataset.label)
 
 
 def demo_retrieval(cfg):

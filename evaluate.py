@@ -1,8 +1,9 @@
-"""Zero-shot classification and image-text retrieval (SPEC.md section 6).
+"""Zero-shot classification and image-text retrieval (SPEC.md section 6), and the linear probe.
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
         [--batch_size=N] [--workers=N] [--precision=fp32|bf16|fp16] [--bpe_path=FILE] [--device=cpu|cuda]
+        [--linear_probe [--probe_heads] [--probe_seed=0]]
     python evaluate.py --check_data --data_root=DIR [--catalog=paths.json]   # which sets are there; no model
 
 Rebuilds each model from its checkpoint alone (config, weights and the tokenizer's merges), runs every
@@ -10,11 +11,14 @@ catalogue dataset found under --data_root (<data_root>/<name>, or the per-datase
 JSON catalogue; layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and
 prints one table row per checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as
 a list to --out, rewritten as each dataset finishes. Data-parallel under torchrun.
+--linear_probe fits a logistic-regression probe on frozen image features of each dataset's train split instead
+(features cached in <ckpt>_features/, results in <ckpt>_probe.json); see the Linear probe section.
 """
 import csv
 import dataclasses
 import difflib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -34,7 +38,8 @@ from PIL import Image, ImageFile
 from augment import eval_transform
 from config import DATASETS, Config, ConfigError, UserError, run_cli
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
-from data import Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_retrieval, open_image
+from data import (Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_probe_train, demo_retrieval,
+                  open_image)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -493,29 +498,32 @@ def read_cifar(name, path, label_key):
     return images, labels
 
 
-def read_stl10(name, folder):
-    """(N, 96, 96, 3) images and 0-based labels of STL-10's test_X.bin / test_y.bin (column-major planes)."""
-    pixels = np.frombuffer(_read_split_file(name, folder / 'test_X.bin'), np.uint8)
-    labels = np.frombuffer(_read_split_file(name, folder / 'test_y.bin'), np.uint8).astype(int) - 1
+def read_stl10(name, folder, split='test'):
+    """(N, 96, 96, 3) images and 0-based labels of STL-10's <split>_X.bin / <split>_y.bin (column-major planes)."""
+    pixels = np.frombuffer(_read_split_file(name, folder / f'{split}_X.bin'), np.uint8)
+    labels = np.frombuffer(_read_split_file(name, folder / f'{split}_y.bin'), np.uint8).astype(int) - 1
     if pixels.size != len(labels) * 3 * 96 * 96:
-        raise UserError(f"{name}: {folder}/test_X.bin holds {pixels.size} bytes for {len(labels)} labels of "
+        raise UserError(f"{name}: {folder}/{split}_X.bin holds {pixels.size} bytes for {len(labels)} labels of "
                         f"3x96x96 images; re-download it")
     return pixels.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1), labels.tolist()  # (N, C, W, H) -> (N, H, W, C)
 
 
 def read_split(name, root, split, classnames):
-    """(images: paths or an array, labels, number of classes in the data) of the eval split of `name` at root."""
-    reader = CATALOGUE[name][0]
+    """(images: paths or an array, labels, number of classes in the data) of split `split` of `name` at root; the
+    torchvision-format sets read that split's files alone (the test files, or the train files for the probe)."""
+    reader, train = CATALOGUE[name][0], split == 'train'
     if reader == 'MNIST':
-        raw = root / 'MNIST' / 'raw'
-        return read_idx(name, raw / 't10k-images-idx3-ubyte', 3), \
-            read_idx(name, raw / 't10k-labels-idx1-ubyte', 1).tolist(), 10
-    if reader in ('CIFAR10', 'CIFAR100'):
-        path = root / 'cifar-10-batches-py' / 'test_batch' if reader == 'CIFAR10' else root / 'cifar-100-python' / 'test'
-        images, labels = read_cifar(name, path, 'labels' if reader == 'CIFAR10' else 'fine_labels')
-        return images, labels, 10 if reader == 'CIFAR10' else 100
+        raw, prefix = root / 'MNIST' / 'raw', 'train' if train else 't10k'
+        return read_idx(name, raw / f'{prefix}-images-idx3-ubyte', 3), \
+            read_idx(name, raw / f'{prefix}-labels-idx1-ubyte', 1).tolist(), 10
+    if reader == 'CIFAR10':
+        files = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
+        parts = [read_cifar(name, root / 'cifar-10-batches-py' / f, 'labels') for f in files]
+        return np.concatenate([p[0] for p in parts]), [y for p in parts for y in p[1]], 10
+    if reader == 'CIFAR100':
+        return (*read_cifar(name, root / 'cifar-100-python' / ('train' if train else 'test'), 'fine_labels'), 100)
     if reader == 'STL10':
-        return (*read_stl10(name, root / 'stl10_binary'), 10)
+        return (*read_stl10(name, root / 'stl10_binary', 'train' if train else 'test'), 10)
     if reader == 'filelist':
         try:
             paths, labels = np.load(root / f'{split}_images.npy'), np.load(root / f'{split}_labels.npy')
@@ -540,17 +548,241 @@ def read_split(name, root, split, classnames):
     return [p for p, _ in found.samples], found.targets, len(found.classes)
 
 
-def build_dataset(name, root, transform, classnames):
-    """The eval split of catalogue dataset `name` stored at root as an ImageList; wrong layouts raise one line."""
-    images, labels, n = read_split(name, Path(root), CATALOGUE[name][1], classnames)
+def build_dataset(name, root, transform, classnames, split=None):
+    """The eval split (or `split`, e.g. 'train' for the linear probe) of catalogue dataset `name` stored at root as
+    an ImageList; wrong layouts raise one line."""
+    split = split or CATALOGUE[name][1]
+    images, labels, n = read_split(name, Path(root), split, classnames)
     if n != len(classnames):
         raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
                         f"fix the labels file or the dataset folder")
     if not len(labels):
-        raise UserError(f"{name}: the {CATALOGUE[name][1]} split under {root} holds no images")
+        raise UserError(f"{name}: the {split} split under {root} holds no images")
     if min(labels) < 0 or max(labels) >= n:
         raise UserError(f"{name}: labels outside 0..{n - 1} under {root}; re-download it")
     return ImageList(images, labels, transform)
+
+
+# --- Linear probe ---
+# Frozen image features -> L2-regularised multinomial logistic regression, CLIP's protocol: the strength is
+# chosen on a validation split held out of the training split, then the classifier is refit on all of it.
+# coarse strengths, strongest first (warm starts); below 1e-8 (features of unit total variance) the penalty no
+# longer binds before max_iter does: at 50k x 512 those fits ran to max_iter and took 80% of the probe's time
+PROBE_GRID = tuple(10.0 ** k for k in range(0, -9, -1))
+PROBE_REFINE = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # log10 offsets tried around the best coarse strength
+PROBE_VAL_FRACTION = 0.2
+
+
+def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-6):
+    """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised)
+    by full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol."""
+    n, d = x.shape
+    w = (init[0].clone() if init else x.new_zeros(d, num_classes)).requires_grad_()
+    b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_()
+    rows = torch.arange(n, device=x.device)
+
+    def closure():  # loss and gradient in closed form: no autograd graph over the n x D features
+        with torch.no_grad():
+            logits = torch.addmm(b, x, w)  # (n, C)
+            lse = logits.logsumexp(1)
+            loss = (lse - logits[rows, y]).mean() + l2 / 2 * w.square().sum()
+            residual = (logits - lse[:, None]).exp_()  # softmax - one_hot = n * d loss / d logits
+            residual[rows, y] -= 1
+            # (r.T @ x).T, not x.T @ r: the transposed-left product runs several times slower on CPU
+            w.grad = ((residual.T @ x).T / n + l2 * w).contiguous()
+            b.grad = residual.mean(0)
+        return loss
+
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
+                            tolerance_change=0, history_size=20, line_search_fn='strong_wolfe')
+    opt.step(closure)
+    return w.detach(), b.detach(), opt.state[w]['n_iter']
+
+
+def fit_present(x, y, l2, num_classes, init=None):
+    """fit_logistic over the classes present in y (an absent class's unpenalised bias would run to -inf), as
+    (W (D, num_classes), b) with -inf bias for the absent classes; init: a previous (W, b) to start from."""
+    present = torch.unique(y)
+    if init is not None:
+        init = init[0][:, present], init[1][present].nan_to_num(0, 0, 0)  # a class absent before starts at 0
+    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), init)
+    full_w, full_b = x.new_zeros(x.shape[1], num_classes), x.new_full((num_classes,), float('-inf'))
+    full_w[:, present], full_b[present] = w, b
+    return full_w, full_b
+
+
+def probe_metrics(logits, labels, metric, key):
+    """Top-1 (and mean per class or ROC-AUC where that is the dataset's metric) of classifier logits (N, C)."""
+    counts = class_counts(logits, labels, logits.shape[1])
+    out = accuracy_metrics(counts, key, per_class=metric == 'mean_per_class')
+    del out[f'acc5_{key}']  # top-1 is the probe's protocol
+    if metric == 'roc_auc':
+        out[f'roc_auc_{key}'] = 100 * roc_auc((logits[:, 1] - logits[:, 0]).cpu(), labels.cpu())
+    return out
+
+
+def select_strength(fit_and_score):
+    """(best strength, {strength: validation score}, best solution); fit_and_score(l2, init) -> (score, solution).
+    The whole coarse PROBE_GRID, strongest first, each fit starting from the last (no early stop: the score need
+    not be unimodal, overfitting nuisance dimensions can come before a weak signal is fit), then PROBE_REFINE
+    around the best. Ties go to the stronger regularisation."""
+    scores, solutions = {}, {}
+    best = lambda: max(scores, key=lambda l2: (scores[l2], l2))  # noqa: E731
+    for i, l2 in enumerate(PROBE_GRID):
+        scores[l2], solutions[l2] = fit_and_score(l2, solutions[PROBE_GRID[i - 1]] if i else None)
+    coarse = best()
+    for step in PROBE_REFINE:
+        l2 = coarse * 10 ** step
+        scores[l2], solutions[l2] = fit_and_score(l2, solutions[coarse])
+    return best(), scores, solutions[best()]
+
+
+def standardise(x, *others):
+    """x and others centred by x's mean and scaled by one number to x's total variance 1 (the units of l2;
+    centring only moves the unpenalised bias, and speeds up L-BFGS)."""
+    mean = x.mean(0)
+    scale = (x - mean).square().sum(1).mean().sqrt().clamp_min(1e-30)
+    return [(t - mean) / scale for t in (x, *others)]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='trunk', seed=0, device='cpu'):
+    """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
+    split held out (seeded), the classifier refit on the whole train split and scored on the test split.
+
+    Features are standardised as a whole (standardise), in float64."""
+    x, test_x = standardise(train_x.to(device, torch.float64), test_x.to(device, torch.float64))
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
+    n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
+    val, fit = order[:n_val], order[n_val:]
+    score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
+
+    def fit_and_score(l2, init):
+        w, b = fit_present(x[fit], train_y[fit], l2, num_classes, init)
+        return probe_metrics(x[val] @ w + b, train_y[val], metric, key)[score_key], (w, b)
+
+    l2, scores, solution = select_strength(fit_and_score)
+    w, b = fit_present(x, train_y, l2, num_classes, solution)
+    return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes: the feature cache's key to the checkpoint (0.6 GB/s on a busy CPU, once a run)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_identity(dataset):
+    """What the feature cache knows of a dataset: its type, size, plain attributes (root, split, seed, ...), and
+    the first and last of its file lists."""
+    fields = {k: str(v) for k, v in vars(dataset).items() if isinstance(v, (str, int, float, bool, Path))}
+    fields.update({k: str((len(v), v[0], v[-1])) for k, v in vars(dataset).items()
+                   if k in ('paths', 'samples') and isinstance(v, list) and v})
+    return f"{type(dataset).__name__}[{len(dataset)}]{sorted(fields.items())}"
+
+
+@torch.no_grad()
+def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
+    """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)) on the CPU in float32: the image
+    encoder's output before the heads; each rank encodes its slice, the gathers concatenate them unpadded."""
+    device = next(model.parameters()).device
+    keys = ['trunk'] + (list(model.heads) if heads else [])
+    parts, labels = {k: [] for k in keys}, []
+    with _autocast(cfg, device):
+        for images, y in build_eval_loader(dataset, cfg, rank, world_size):
+            trunk = model.visual(images.to(device))
+            out = {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
+            for k in keys:
+                parts[k].append(out[k].float().cpu())
+            labels.append(torch.as_tensor(y))
+    empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
+    return ({k: _gather(torch.cat(parts[k] or [empty]), world_size) for k in keys},
+            _gather(torch.cat(labels or [torch.zeros(0, dtype=torch.long)]), world_size))
+
+
+def cached_features(model, cfg, dataset, path, key, heads, rank=0, world_size=1):
+    """Extract a dataset's features into the cache file `path` unless it already holds them under `key`
+    (rank 0 decides and writes, atomically; all ranks extract)."""
+    hit = [False]
+    if rank == 0 and path.is_file():
+        try:  # mmap: comparing the key does not read the features
+            hit[0] = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('key') == key
+        except Exception:  # a truncated or foreign file is a miss; it is overwritten below
+            pass
+    if world_size > 1:
+        dist.broadcast_object_list(hit, src=0)
+    if hit[0]:
+        return
+    features, labels = image_features(model, cfg, dataset, heads, rank, world_size)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + '.tmp')
+        torch.save({'key': key, 'features': features, 'labels': labels}, tmp)
+        os.replace(tmp, path)
+
+
+def probe_features(model, cfg, name, train, test, classnames, metric, probe, rank=0, world_size=1):
+    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache beside the
+    checkpoint, keyed by its content, the data, the transform, the precision and the features kept. Returns the
+    job fit_probes runs."""
+    paths = {split: probe['cache'] / f'{name}_{split}.pt' for split in ('train', 'test')}
+    device = next(model.parameters()).device
+    for split, dataset in (('train', train), ('test', test)):
+        key = {'checkpoint_sha256': probe['sha256'], 'dataset': name, 'split': split, 'data': data_identity(dataset),
+               'transform': repr(getattr(dataset, 'transform', None)), 'precision': str(autocast_dtype(cfg, device)),
+               'heads': probe['heads']}
+        cached_features(model, cfg, dataset, paths[split], key, probe['heads'], rank, world_size)
+    return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': len(train) + len(test),
+            'skipped': 0}
+
+
+def _true(flags, key):
+    return flags.get(key, 'false').lower() in ('true', '1')
+
+
+def check_probe_flags(flags):
+    """Raise ConfigError for a bad --linear_probe, --probe_heads or --probe_seed."""
+    for key in SWITCHES:
+        if flags.get(key, 'false').lower() not in ('true', 'false', '1', '0'):
+            raise ConfigError(f"--{key}={flags[key]}: expected true or false (or a bare --{key})")
+    if not flags.get('probe_seed', '0').isdigit():
+        raise ConfigError(f"--probe_seed={flags['probe_seed']}: expected a non-negative integer")
+    if (_true(flags, 'probe_heads') or 'probe_seed' in flags) and not _true(flags, 'linear_probe'):
+        raise ConfigError("--probe_heads and --probe_seed set up the linear probe; add --linear_probe")
+
+
+def probe_settings(path, flags, device, rank=0):
+    """The probe's settings for checkpoint `path`, None without --linear_probe. Features are cached in
+    <checkpoint stem>_features/ beside it, keyed by the SHA-256 of its bytes (computed on rank 0)."""
+    if not _true(flags, 'linear_probe'):
+        return None
+    path = Path(path)
+    return {'cache': path.with_name(path.stem + '_features'), 'sha256': file_sha256(path) if rank == 0 else None,
+            'heads': _true(flags, 'probe_heads'), 'seed': int(flags.get('probe_seed', 0)), 'device': device}
+
+
+def fit_probes(jobs, probe, say=print):
+    """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
+    results = {}
+    for name, job in jobs.items():
+        if 'error' in job:  # the dataset failed in phase 1 (its line is printed): keep the reason
+            results[name] = job
+            continue
+        start = time.time()
+        train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True) for s in ('train', 'test'))
+        results[name] = {}
+        for key in train['features']:
+            results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
+                                              test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
+                                              probe['device']))
+        metrics = results[name]
+        say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
+            f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
+            for k in train['features']) + f", {time.time() - start:.1f}s")
+    return results
 
 
 # --- Main ---
@@ -579,13 +811,14 @@ def default_datasets(cfg):
 
 
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
-             retrieval_csv=None, on_result=None, precision='fp32'):
+             retrieval_csv=None, on_result=None, precision='fp32', probe=None):
     """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line,
     a failing one gives {'error': reason} and the others still run. on_result(results) follows each dataset.
 
     catalog maps names to folders (default <cfg.data_root>/<name>); labels/templates default to assets/.
     precision: fp32 like the official evaluation, whatever the training run's, so that the per-epoch table and
     evaluate.py agree; bf16/fp16 on request.
+    probe (probe_settings): the linear probe instead of zero-shot; its results are on rank 0 only.
     """
     model = getattr(model, 'module', model)  # a DDP-wrapped model from train.py
     cfg = dataclasses.replace(cfg, precision=precision)
@@ -620,9 +853,15 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     for name in check_datasets(datasets or default_datasets(cfg)):
         if name == 'demo':
             for task in demo_eval_tasks(cfg):
-                run(f'demo_{task.name}', lambda: zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
-                                                           task.templates, task.metric, rank, world_size))
-            run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
+                if probe is None:
+                    run(f'demo_{task.name}', lambda: zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
+                                                               task.templates, task.metric, rank, world_size))
+                else:
+                    run(f'demo_{task.name}', lambda: probe_features(
+                        model, cfg, f'demo_{task.name}', demo_probe_train(cfg, task), task.dataset, task.classnames,
+                        task.metric, probe, rank, world_size))
+            if probe is None:
+                run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
             continue
         root = _dataset_path(name, cfg.data_root, catalog or {})
         if root is None:
@@ -634,13 +873,20 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
         if name not in labels or name not in templates:
             say(f"skip {name}: no entry for it in the labels or templates file")
             continue
-        run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
-                                    labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
+        if probe is None:
+            run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
+                                        labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
+        else:
+            run(name, lambda: probe_features(model, cfg, name, build_dataset(name, root, transform, labels[name], 'train'),
+                                             build_dataset(name, root, transform, labels[name]), labels[name],
+                                             CATALOGUE[name][2], probe, rank, world_size))
     if no_root:
         say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
-    if retrieval_csv:
+    if retrieval_csv and probe is None:
         run('retrieval', lambda: retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
                                            rank, world_size))
+    if probe is not None:  # fits after the last collective, so no rank waits in one while rank 0 fits
+        results = fit_probes(results, probe, say) if rank == 0 else {}
     model.train(was_training)
     return results
 
@@ -669,10 +915,11 @@ def check_data(data_root, catalog, labels):
 
 
 FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'workers',
-         'precision', 'device', 'check_data', *IMPORT_FLAGS)
-SWITCHES = ('check_data',)  # flags that may stand alone
+         'precision', 'device', 'check_data', 'linear_probe', 'probe_heads', 'probe_seed', *IMPORT_FLAGS)
+SWITCHES = ('check_data', 'linear_probe', 'probe_heads')  # flags that may stand alone (a bare --flag means true)
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
-HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}
+HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
+             'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}
 USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] [--out=results.json], "
          "or python evaluate.py --check_data --data_root=DIR (see the module docstring)")
 
@@ -686,6 +933,7 @@ def parse_argv(argv):
             continue
         key, eq, value = arg[2:].partition('=')
         key = key.replace('-', '_')
+        eq, value = ('=', 'true') if key in SWITCHES and not eq else (eq, value)
         if key not in FLAGS:
             close = difflib.get_close_matches(key, FLAGS, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else
@@ -711,6 +959,7 @@ def parse_argv(argv):
     if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
         raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
     check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [])
+    check_probe_flags(flags)
     return paths, flags
 
 
@@ -719,6 +968,8 @@ def headline(metrics):
     none for a dataset that failed."""
     if 'i2t_r1_z' in metrics:
         return ['i2t_r1_z', 't2i_r1_z']
+    if 'l2_trunk' in metrics:  # linear probe: the trunk features' metric and the chosen strength
+        return [next(k for k in ('roc_auc_trunk', 'mean_per_class_trunk', 'acc1_trunk') if k in metrics), 'l2_trunk']
     return [k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics][:1]
 
 
@@ -730,7 +981,8 @@ def print_table(records):
     for r in records:
         values = [r['results'].get(d, {}).get(k) for d, k in columns]
         print(f"{Path(r['checkpoint']).name[-28:]:<28}{str(r['epoch']):>6}" + ''.join(
-            f"  {'-' if v is None else f'{v:.2f}':>{max(len(n), 6)}}" for n, v in zip(names, values)))
+            f"  {'-' if v is None else f'{v:.0e}' if k.startswith('l2_') else f'{v:.2f}':>{max(len(n), 6)}}"
+            for n, v, (_, k) in zip(names, values, columns)))
 
 
 def _run(argv):
@@ -763,18 +1015,23 @@ def _run(argv):
         cfg.device = device.type
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
+        probe = probe_settings(path, flags, device, rank)
         record = {'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'), 'results': {}}
+        if probe:
+            record['linear_probe'] = {'seed': probe['seed'], 'val_fraction': PROBE_VAL_FRACTION}
         records.append(record)
-        out = Path(flags['out']) if 'out' in flags else Path(path).with_name(Path(path).stem + '_eval.json')
+        suffix = '_probe.json' if probe else '_eval.json'
+        out = Path(flags['out']) if 'out' in flags else Path(path).with_name(Path(path).stem + suffix)
 
         def save(results, record=record, out=out):  # after each dataset: finished results survive a crash
             record['results'] = results
             if rank == 0:
                 _write_json(records if 'out' in flags else record, out)
 
-        evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
-                 flags.get('retrieval'), on_result=save, precision=flags.get('precision', 'fp32'))
-        save(record['results'])
+        results = evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
+                           flags.get('retrieval'), on_result=None if probe else save,
+                           precision=flags.get('precision', 'fp32'), probe=probe)
+        save(results)
         written.append(out)
     if rank == 0:
         print_table(records)
