@@ -172,8 +172,8 @@ class Transformer(nn.Module):
 
 # --- ViT ---
 def patch_dropout(x, keep):
-    """FLIP's patch dropout: the CLS token and `keep` patch tokens per sample, a uniformly random subset drawn
-    from torch's global RNG (on x's device, so checkpoints carry it), kept in raster order: (B, 1+N, D) -> (B, 1+keep, D)."""
+    """FLIP's patch dropout: (B, 1+N, D) -> (B, 1+keep, D), the CLS token and a uniformly random subset of `keep`
+    patches per sample in raster order, drawn from torch's global RNG on x's device (so checkpoints carry it)."""
     B, L, _ = x.shape
     index = 1 + torch.rand(B, L - 1, device=x.device).topk(keep, dim=1).indices.sort(dim=1).values  # (B, keep)
     index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), index], dim=1)  # CLS first

@@ -187,7 +187,8 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
         assert torch.equal(p, ckpt['model'][k]), k
 
 
-@pytest.mark.parametrize('dropout', [['--text_dropout=0.1'], ['--patch_dropout_weak=0.25', '--patch_dropout_strong=0.5']],
+@pytest.mark.parametrize('dropout', [['--text_dropout=0.1'],
+                                     ['--patch_dropout_weak=0.25', '--patch_dropout_strong=0.5']],
                          ids=['text_dropout', 'patch_dropout'])
 def test_resume_is_bit_identical(tmp_path, dropout):
     """6 steps straight == 3 steps, a new process, 3 more steps: mid-epoch and across an epoch end; the dropout
