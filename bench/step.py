@@ -7,7 +7,8 @@ Encoder rows: forward + backward + AdamW step of ours and of the reference (torc
 and B/32, open_clip's text tower; rows whose package is missing are skipped), fp32 and bf16 autocast, steps of
 the two interleaved, median ms, ratio ours/theirs (< 1 = ours faster). Rocket rows: the full step (weak + A=2
 strong views + 1+A caption rows, loss, backward, AdamW) in a fresh process each: samples/s, images/s, peak
-memory and model FLOPs utilisation (MFU), plain / grad checkpointing / channels_last.
+memory and model FLOPs utilisation (MFU), plain / grad checkpointing / channels_last. Lever rows (--rows levers):
+FLOPs per sample and samples/s of CLIP against rocket with strong-view patch dropout and small local crops.
 
 MFU = FLOPs of one step as counted by torch's FlopCounterMode (matmuls, convolutions and attention, forward and
 backward; attention through the math kernel so that it is counted on every device; recomputation under
