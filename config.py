@@ -35,6 +35,10 @@ class Config:
     patch_size: int = _f(16, 'ViT patch size')
     vit_style: str = _f('timm', "'timm' (SPEC.md 1.2) or 'openai' (OpenAI CLIP's ViT: LN before the blocks, eps 1e-5)")
     vision_act: str = _f('gelu', "ViT MLP activation: 'gelu' or 'quickgelu' (OpenAI's CLIP weights)")
+    patch_dropout_weak: float = _f(0.0, 'fraction of ViT patches dropped from the weak view in training (FLIP); '
+                                        'not for resnet50')
+    patch_dropout_strong: float = _f(0.0, 'fraction of ViT patches dropped from each strong view in training; '
+                                          'not for resnet50')
     # --- model: text encoder ---
     text_width: int = _f(128, 'text transformer width (512 in the paper)')
     text_heads: int = _f(4, 'text transformer heads (8 in the paper)')
@@ -339,6 +343,10 @@ def validate(cfg):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
     _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
+    for name in ('patch_dropout_weak', 'patch_dropout_strong'):
+        _check(0 <= getattr(cfg, name) < 1, f"--{name}={getattr(cfg, name)}: must be in [0, 1)")
+        _check(cfg.vision == 'vit' or getattr(cfg, name) == 0,
+               f"--{name}={getattr(cfg, name)} applies to the ViT only: set it to 0 for --vision={cfg.vision}")
     for name in ('remove_stopwords_prob', 'color_jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob',
                  'momentum_tau', 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
         _check(0 <= getattr(cfg, name) <= 1, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")

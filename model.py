@@ -176,6 +176,15 @@ class Transformer(nn.Module):
 
 
 # --- ViT ---
+def patch_dropout(x, keep):
+    """FLIP's patch dropout: (B, 1+N, D) -> (B, 1+keep, D), the CLS token and a uniformly random subset of `keep`
+    patches per sample in raster order, drawn from torch's global RNG on x's device (so checkpoints carry it)."""
+    B, L, _ = x.shape
+    index = 1 + torch.rand(B, L - 1, device=x.device).topk(keep, dim=1).indices.sort(dim=1).values  # (B, keep)
+    index = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=x.device), index], dim=1)  # CLS first
+    return x[torch.arange(B, device=x.device)[:, None], index]
+
+
 class VisionTransformer(nn.Module):
     """timm-style ViT trunk (SPEC.md 1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
     (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch.
@@ -210,7 +219,8 @@ class VisionTransformer(nn.Module):
         patches = F.interpolate(patches, size=(h, w), mode='bicubic', align_corners=False)  # (1, D, h, w)
         return torch.cat([cls, patches.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward(self, x):  # (B, 3, H, W)
+    def forward(self, x, patch_drop=0.0):  # (B, 3, H, W)
+        """CLS features; in training, `patch_drop` > 0 encodes a random (1 - patch_drop) of the patches per sample."""
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the ViT patch size {self.patch_size}; "
@@ -218,6 +228,8 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D), N = H/p * W/p
         x = torch.cat([self.class_embedding.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
         x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+        if self.training and patch_drop > 0:
+            x = patch_dropout(x, max(1, int((x.shape[1] - 1) * (1 - patch_drop))))  # (B, 1+keep, D)
         x = self.ln_pre(x)  # identity unless style='openai'
         cls = torch.zeros(B, dtype=torch.long, device=x.device)
         return self.ln_post(self.transformer(x, index=cls)[:, 0])  # (B, D); LN is per token
@@ -290,6 +302,7 @@ class CLIPModel(nn.Module):
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size}: pass the tokenizer's vocab_size (> 0)")
         self.method, self.text_dropout = cfg.method, cfg.text_dropout
+        self.patch_dropout = {'weak': cfg.patch_dropout_weak, 'strong': cfg.patch_dropout_strong}
         if cfg.vision == 'resnet50':
             self.visual = ResNet50()
         else:
@@ -346,13 +359,19 @@ class CLIPModel(nn.Module):
         features = self.text(tokens)
         return {head: project(features) for head, project in self.text_heads.items()}
 
+    def _weak_features(self, weak):
+        """Backbone features of the weak view; the ViT drops patch_dropout['weak'] of its patches in training."""
+        if isinstance(self.visual, ResNet50):
+            return self.visual(weak)
+        return self.visual(weak, self.patch_dropout['weak'])
+
     def _strong_features(self, strong):
         """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (SPEC.md 1.7,
         8.9); the ViT has no BN, so one call on the concatenated views gives the same features with larger
-        matmuls."""
+        matmuls (and patch_dropout['strong'] in training)."""
         if isinstance(self.visual, ResNet50):
             return [self.visual(view) for view in strong]
-        return list(self.visual(torch.cat(strong)).chunk(len(strong))) if strong else []
+        return list(self.visual(torch.cat(strong), self.patch_dropout['strong']).chunk(len(strong))) if strong else []
 
     def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
         """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
@@ -368,7 +387,7 @@ class CLIPModel(nn.Module):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
                              f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
         local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
-        f_image = [self.visual(weak)] + (self._strong_features(strong) if local else [])  # 1+A x (B, W_image)
+        f_image = [self._weak_features(weak)] + (self._strong_features(strong) if local else [])  # 1+A x (B, W_image)
         f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
         out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
                'logit_scale': self.logit_scale.exp()}

@@ -7,7 +7,8 @@ Encoder rows: forward + backward + AdamW step of ours and of the reference (torc
 and B/32, open_clip's text tower; rows whose package is missing are skipped), fp32 and bf16 autocast, steps of
 the two interleaved, median ms, ratio ours/theirs (< 1 = ours faster). Rocket rows: the full step (weak + A=2
 strong views + 1+A caption rows, loss, backward, AdamW) in a fresh process each: samples/s, images/s, peak
-memory and model FLOPs utilisation (MFU), plain / grad checkpointing / channels_last.
+memory and model FLOPs utilisation (MFU), plain / grad checkpointing / channels_last. Lever rows (--rows levers):
+FLOPs per sample and samples/s of CLIP against rocket with strong-view patch dropout and small local crops.
 
 MFU = FLOPs of one step as counted by torch's FlopCounterMode (matmuls, convolutions and attention, forward and
 backward; attention through the math kernel so that it is counted on every device; recomputation under
@@ -60,12 +61,12 @@ def build_pair(name):
     return ours, TextTransformer(CONTEXT, VOCAB, 512, 8, 12, output_dim=512, act_layer=QuickGELU), 'open_clip'
 
 
-def random_tokens(batch, device):
+def random_tokens(batch, device, vocab=VOCAB, context=CONTEXT):
     """Captions of random length: SOT, ids, EOT (the largest id) at a random position, zero padding."""
-    tokens = torch.randint(1, VOCAB - 1, (batch, CONTEXT))
-    eot = torch.randint(5, CONTEXT, (batch,))
-    tokens[torch.arange(batch), eot] = VOCAB - 1
-    tokens[torch.arange(CONTEXT) > eot[:, None]] = 0
+    tokens = torch.randint(1, vocab - 1, (batch, context))
+    eot = torch.randint(5, context, (batch,))
+    tokens[torch.arange(batch), eot] = vocab - 1
+    tokens[torch.arange(context) > eot[:, None]] = 0
     return tokens.to(device)
 
 
@@ -172,6 +173,58 @@ def rocket_case(model_name, batch, steps, warmup, threads, device, checkpointing
     return batch / seconds, peak, flops / seconds
 
 
+# --- Lever rows: the strong views' cost against plain CLIP ---
+def lever_variants(size, crop, drop):
+    """(label, strong views, strong view size, patch dropout of the strong views) of each row."""
+    return [('clip', 0, size, 0.0), ('rocket', 2, size, 0.0),
+            (f'rocket, strong patch dropout {drop}', 2, size, drop),
+            (f'rocket, strong patch dropout {max(drop, 0.75)}', 2, size, max(drop, 0.75)),
+            (f'rocket, {crop} px local crops', 2, crop, 0.0),
+            (f'rocket, {crop} px crops + dropout {drop}', 2, crop, drop)]
+
+
+def lever_rows(args, device):
+    """FLOPs per training sample (forward + backward, counted) and samples/s of CLIP and of rocket with each lever,
+    one model whose steps are interleaved so that a busy machine slows every row alike. The CLIP row is the
+    rocket model's global term alone (weak view, one caption row): its heads and step are CLIP's."""
+    demo = args.lever_model == 'tiny'  # the quick start's shapes: 64 px, 32-token captions, the demo vocabulary
+    size, context, vocab = (64, 32, 1024) if demo else (224, CONTEXT, VOCAB)
+    crop, batch = args.lever_crop or size // 2, args.lever_batch or (64 if demo else 4)
+    flags = {'model': args.lever_model, 'image_size': str(size), 'local_crop_size': str(crop),
+             'context_length': str(context)}
+    cfgs = {method: config.resolve({**flags, 'method': method}, verbose=False) for method in ('clip', 'rocket')}
+    torch.manual_seed(0)
+    model = model_lib.CLIPModel(cfgs['rocket'], vocab).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == 'cuda')
+    tokens = random_tokens(batch * 3, device, vocab, context).view(batch, 3, context)
+    images = {s: [torch.randn(batch, 3, s, s, device=device) for _ in range(3)] for s in (size, crop)}
+
+    def make(A, strong_size, drop):
+        def step():
+            model.patch_dropout['strong'] = drop
+            cfg = cfgs['rocket' if A else 'clip']
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == 'cuda'):
+                out = model(images[size][0], tokens[:, :1 + A], images[strong_size][1:1 + A])
+                loss = model_lib.compute_loss(out, cfg)['loss']
+            loss.backward()
+            optimizer.step()  # parameters without a gradient (the local heads under CLIP) are skipped
+            optimizer.zero_grad(set_to_none=True)
+        return step
+    variants = lever_variants(size, crop, args.lever_drop)
+    steps = [make(A, strong_size, drop) for _, A, strong_size, drop in variants]
+    flops = [count_flops(step) / batch for step in steps]  # the first call is also the warm-up
+    times = [[] for _ in steps]
+    for i in range(args.steps):
+        for j in range(len(steps)) if i % 2 == 0 else reversed(range(len(steps))):
+            times[j].append(timed(steps[j], device))
+    rates = [batch / statistics.median(t) for t in times]
+    print(f"levers: {args.lever_model}, batch {batch}, weak view at {size} px, {context}-token captions, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, {args.steps} interleaved steps per row (median)")
+    for (label, *_), f, rate in zip(variants, flops, rates):
+        print(f"  {label:38s} {f / 1e9:9.3f} GFLOP/sample ({f / flops[0]:5.3f}x clip)  {rate:8.2f} samples/s "
+              f"({rates[0] / rate:5.3f}x clip's time)", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cpu')
@@ -182,7 +235,12 @@ def main(argv=None):
     parser.add_argument('--rocket_batch', type=int, default=0, help='full-step batch (0: 4 on CPU, --batch on GPU)')
     parser.add_argument('--rocket_model', default='resnet50', choices=list(config.MODELS))
     parser.add_argument('--peak_tflops', type=float, default=0, help='peak bf16 TFLOP/s for MFU (0: CUDA table)')
-    parser.add_argument('--rows', default='resnet50,vit_b16,vit_b32,text,rocket', help='comma-separated subset')
+    parser.add_argument('--rows', default='resnet50,vit_b16,vit_b32,text,rocket',
+                        help='comma-separated subset; levers: CLIP against rocket with patch dropout / local crops')
+    parser.add_argument('--lever_model', default='vit_b16', choices=[m for m in config.MODELS if m != 'resnet50'])
+    parser.add_argument('--lever_batch', type=int, default=0, help='lever rows batch (0: 64 for tiny, else 4)')
+    parser.add_argument('--lever_crop', type=int, default=0, help='local crop size of the lever rows (0: half)')
+    parser.add_argument('--lever_drop', type=float, default=0.5, help='strong-view patch dropout of the lever rows')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -193,6 +251,8 @@ def main(argv=None):
         if name in rows:
             for bf16 in (False, True):
                 encoder_row(name, bf16, args, device)
+    if 'levers' in rows:
+        lever_rows(args, device)
     if 'rocket' not in rows:
         return
     batch = args.rocket_batch or (args.batch if device.type == 'cuda' else 4)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import config
 from config import Config
-from model import Attention, CLIPModel, ResNet50, TextTransformer, VisionTransformer, build_model
+from model import Attention, CLIPModel, ResNet50, TextTransformer, VisionTransformer, build_model, patch_dropout
 
 VOCAB, L = 100, 16
 EOT = VOCAB - 1
@@ -208,6 +208,86 @@ def test_position_embedding_interpolation():
         vit(torch.randn(1, 3, 30, 32))
 
 
+def test_patch_dropout_keeps_cls_and_a_uniformly_random_subset():
+    """Tokens carrying their own index: CLS first, then `keep` distinct patches in raster order, every one of the
+    C(8, 3) = 56 subsets equally likely (chi-square), a fresh draw for every sample and every call."""
+    torch.manual_seed(0)
+    B, N, keep = 28000, 8, 3
+    x = torch.arange(1 + N, dtype=torch.float).expand(B, -1)[..., None]  # (B, 1+N, 1), token i holds i
+    kept = patch_dropout(x, keep)[..., 0].long()  # (B, 1+keep)
+    assert kept.shape == (B, 1 + keep) and (kept[:, 0] == 0).all()
+    assert ((kept[:, 1:] >= 1) & (kept[:, 1:] <= N)).all() and (kept[:, 2:] > kept[:, 1:-1]).all()
+    counts = torch.bincount(((kept[:, 1:] - 1) * N ** torch.arange(keep)).sum(1), minlength=N ** keep).float()
+    counts = counts[counts > 0]
+    assert len(counts) == math.comb(N, keep)  # every subset drawn, nothing else
+    expected = B / math.comb(N, keep)
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 55 + 6 * math.sqrt(2 * 55), chi2  # 55 degrees of freedom: mean 55, sd 10.5
+    assert not torch.equal(kept, patch_dropout(x, keep)[..., 0].long())
+
+
+@pytest.mark.parametrize('size', [32, 24])
+def test_patch_dropout_encodes_the_kept_patches_alone(size):
+    """ViT in training with patch dropout == the plain transformer on CLS and the kept patches alone, each patch
+    embedded from its own pixels with the position embedding of its place in the grid (interpolated at 24 px).
+    The draw is torch's global RNG: replaying the seed replays it."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, 32, 2, 4).train()
+    B, g, p = 3, size // 8, 8
+    images = torch.randn(B, 3, size, size)
+    keep = int(g * g * (1 - 0.5))
+    torch.manual_seed(1)
+    got = vit(images, 0.5)
+    torch.manual_seed(1)
+    kept = patch_dropout(torch.arange(1 + g * g, dtype=torch.float).expand(B, -1)[..., None], keep)[:, 1:, 0].long() - 1
+    assert len({tuple(k) for k in kept.tolist()}) > 1  # the samples drew different subsets
+    pos = vit.interpolate_pos_embed(g, g)[0]  # (1+g*g, D)
+    weight = vit.conv1.weight.flatten(1)  # (D, 3*p*p)
+    for b in range(B):
+        tokens = [vit.class_embedding[0, 0] + pos[0]]
+        for j in kept[b].tolist():
+            r, c = divmod(j, g)
+            patch = images[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten()
+            tokens.append(weight @ patch + vit.conv1.bias + pos[1 + j])
+        expected = vit.ln_post(vit.transformer(torch.stack(tokens)[None]))[0, 0]
+        torch.testing.assert_close(got[b], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_dropout_zero_and_eval_mode_change_nothing():
+    """Fraction 0 (training) and any fraction in eval mode: the exact outputs of the plain model, and no random
+    number drawn. In training the weak view drops patch_dropout_weak of its patches and the strong ones
+    patch_dropout_strong (token counts at the transformer's input)."""
+    torch.manual_seed(0)
+    plain = CLIPModel(tiny_cfg(), VOCAB)
+    dropping = CLIPModel(tiny_cfg(patch_dropout_weak=0.25, patch_dropout_strong=0.75), VOCAB)
+    dropping.load_state_dict(plain.state_dict())
+    tokens, _ = captions(4, 3)
+    images = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    for model in (plain.train(), dropping.eval()):
+        state = torch.get_rng_state()
+        out = model(images[0], tokens, images[1:])
+        assert torch.equal(torch.get_rng_state(), state)  # no draw: nothing random happened
+        with torch.no_grad():
+            features = [model.visual(images[0])] + list(model.visual(torch.cat(images[1:])).chunk(2))
+        assert torch.equal(out['z_image'], model.image_heads['z'](features[0]))
+        if model is plain:
+            reference = out
+        else:  # eval: BN of the h heads in eval mode too, so compare the z embeddings and the trunk itself
+            assert torch.equal(out['z_image'], reference['z_image'].detach())
+    lengths = []
+    hook = dropping.visual.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[:2]))
+    dropping.train()(images[0], tokens, images[1:])
+    hook.remove()
+    assert lengths == [(4, 1 + 12), (8, 1 + 4)]  # 16 patches at 32 px: keep 12 of the weak, 4 of each strong
+
+
+def test_patch_dropout_is_for_the_vit_only():
+    with pytest.raises(config.ConfigError, match='applies to the ViT only'):
+        tiny_cfg(vision='resnet50', patch_dropout_strong=0.5)
+    with pytest.raises(config.ConfigError, match=r'must be in \[0, 1\)'):
+        tiny_cfg(patch_dropout_weak=1.0)
+
+
 # --- Text transformer ---
 def test_text_transformer_is_open_clips_text_tower():
     """Same EOT features as open_clip's TextTransformer (QuickGELU, causal mask, argmax pooling) with our weights."""
@@ -327,9 +407,10 @@ def test_resnet_checkpointing_and_channels_last_match_the_plain_path(resnet):
 
 @pytest.mark.parametrize('method', ['rocket', 'siamlip'])
 def test_model_checkpointing_matches_with_text_dropout(method):
-    """Per-block checkpointing of both transformers: same outputs and gradients, dropout masks included."""
+    """Per-block checkpointing of both transformers: same outputs and gradients, dropout masks (text and patch)
+    included."""
     torch.manual_seed(0)
-    plain = CLIPModel(tiny_cfg(method, text_dropout=0.3), VOCAB).train()
+    plain = CLIPModel(tiny_cfg(method, text_dropout=0.3, patch_dropout_strong=0.5), VOCAB).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing(True)
     assert checkpointed.text.transformer.grad_checkpointing and checkpointed.visual.transformer.grad_checkpointing

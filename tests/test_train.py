@@ -16,6 +16,7 @@ from torch import nn
 
 import config
 import data
+import model as model_lib
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,9 +191,13 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
         assert torch.equal(p, ckpt['model'][k]), k
 
 
-def test_resume_is_bit_identical(tmp_path):
-    """6 steps straight == 3 steps, a new process, 3 more steps: mid-epoch and across an epoch end."""
-    flags = ['--demo_train_size=32', '--method=rocket', '--text_dropout=0.1']  # 4 batches/epoch, random dropout
+@pytest.mark.parametrize('dropout', [['--text_dropout=0.1'],
+                                     ['--patch_dropout_weak=0.25', '--patch_dropout_strong=0.5']],
+                         ids=['text_dropout', 'patch_dropout'])
+def test_resume_is_bit_identical(tmp_path, dropout):
+    """6 steps straight == 3 steps, a new process, 3 more steps: mid-epoch and across an epoch end; the dropout
+    masks come from the saved RNG state."""
+    flags = ['--demo_train_size=32', '--method=rocket', *dropout]  # 4 batches/epoch, random dropout
     run_train(tmp_path / 'straight', *flags, '--max_steps=6')
     run_train(tmp_path / 'resumed', *flags, '--max_steps=3')
     assert load(tmp_path / 'resumed' / 'checkpoint.pt')['data']['batch'] == 3
@@ -204,6 +209,25 @@ def test_resume_is_bit_identical(tmp_path):
     assert torch.equal(a['rng'][0]['torch'], b['rng'][0]['torch'])
     assert [r['loss'] for r in log_records(tmp_path / 'straight')] == \
         [r['loss'] for r in log_records(tmp_path / 'resumed')]
+
+
+@pytest.mark.parametrize('vision', ['vit', 'resnet50'])
+def test_small_local_crops_train(tmp_path, monkeypatch, vision):
+    """Strong views at 16 px under 32 px weak views: one training step of either encoder (the ViT interpolates its
+    position embedding to the 1x1 grid, with patch dropout on the weak view)."""
+    sizes = []
+
+    def build(cfg, vocab_size):
+        model = model_lib.build_model(cfg, vocab_size)
+        model.visual.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape)))
+        return model
+    monkeypatch.setattr(train, 'build_model', build)
+    drop = ['--patch_dropout_weak=0.5'] if vision == 'vit' else []
+    train.main([*TINY, f'--output_dir={tmp_path}', f'--vision={vision}', '--local_crop_size=16', '--max_steps=1',
+                '--batch_size=4', *drop])
+    assert math.isfinite(log_records(tmp_path)[0]['loss'])
+    strong = [(4, 3, 16, 16)] * 2 if vision == 'resnet50' else [(8, 3, 16, 16)]  # the ViT takes both at once
+    assert sizes[:len(strong) + 1] == [(4, 3, 32, 32), *strong]
 
 
 def test_resume_across_precisions(tmp_path):
