@@ -217,8 +217,8 @@ def test_small_local_crops_train(tmp_path, monkeypatch, vision):
     position embedding to the 1x1 grid, with patch dropout on the weak view)."""
     sizes = []
 
-    def build(cfg, vocab_size):
-        model = model_lib.build_model(cfg, vocab_size)
+    def build(cfg, vocab_size, verbose=True):
+        model = model_lib.build_model(cfg, vocab_size, verbose)
         model.visual.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape)))
         return model
     monkeypatch.setattr(train, 'build_model', build)
