@@ -1,4 +1,4 @@
-"""Image and text augmentations: the weak and strong views of CLIP 🚀 (SPEC.md section 3)."""
+"""Image and text augmentations: the weak and strong views of CLIP 🚀 (recipe §3)."""
 import functools
 import hashlib
 import html
@@ -167,7 +167,7 @@ def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
 
 
 def strong_spec(cfg, saturation, blur_prob, solarize_prob):
-    """Local view (SPEC.md 3.1): crop R, colour jitter (0.4, 0.4, saturation, 0.1) in random order, grayscale,
+    """Local view (recipe §3.1): crop R, colour jitter (0.4, 0.4, saturation, 0.1) in random order, grayscale,
     blur sigma ~ U(0.1, 2), solarize, flip, normalise."""
     return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale),
                 jitter_prob=cfg.color_jitter_prob, jitter=((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation),
@@ -279,7 +279,7 @@ class ImageViews:
     draw from torch generator gen (torch's default one if None)."""
 
     def __init__(self, cfg):
-        self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # SPEC.md 3.1: crop, normalise
+        self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise
         self.strong = strong_specs(cfg)
         self.mean, self.std = cfg.image_mean, cfg.image_std
 
@@ -319,7 +319,7 @@ def finish_views(batch, cfg, device):
 
 
 def eval_transform(cfg):
-    """Validation transform (SPEC.md 3.1): resize the short side to S (bilinear), centre crop S, normalise."""
+    """Validation transform (recipe §3.1): resize the short side to S (bilinear), centre crop S, normalise."""
     return v2.Compose([
         v2.Lambda(to_rgb),
         v2.PILToTensor(),
@@ -438,7 +438,7 @@ def remove_stopwords(text, rng, p):
 
 # --- Text: WordNet synonyms ---
 _POS_FILES = {'n': 'noun', 'v': 'verb', 'a': 'adj', 'r': 'adv'}
-# morphy's suffix rules, as in NLTK (SPEC.md 3.2 lists them without noun ves -> f, which NLTK has)
+# morphy's suffix rules, as in NLTK (including the noun rule ves -> f)
 _SUFFIXES = {
     'n': [('s', ''), ('ses', 's'), ('ves', 'f'), ('xes', 'x'), ('zes', 'z'), ('ches', 'ch'), ('shes', 'sh'),
           ('men', 'man'), ('ies', 'y')],
@@ -472,7 +472,7 @@ def morphy(word, pos, lemmas, exceptions):
 
 
 class Synonyms:
-    """Read-only mapping word -> sorted WordNet synonyms (SPEC.md 3.2), resolved on lookup through morphy
+    """Read-only mapping word -> sorted WordNet synonyms (recipe §3.2), resolved on lookup through morphy
     over all parts of speech; words without synonyms are absent."""
 
     def __init__(self, lemmas, exceptions):
@@ -599,7 +599,7 @@ def random_deletion(text, rng, p=0.1):
 
 # --- Text: weak and strong captions ---
 class TextViews:
-    """views(captions, rng) -> [weak, strong_1, ..., strong_A] strings (SPEC.md 3.2); each row draws its
+    """views(captions, rng) -> [weak, strong_1, ..., strong_A] strings (recipe §3.2); each row draws its
     own caption from the tuple."""
 
     def __init__(self, cfg):

@@ -1,7 +1,7 @@
 """One source of truth for every setting: a flat dataclass, presets, and the --key=value parser.
 
 Precedence: dataclass default < model preset < dataset recipe < method preset < explicit flag.
-Paper recipes follow SPEC.md section 5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
+Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
 """
 import dataclasses
 import difflib
@@ -33,7 +33,7 @@ class Config:
     vision_layers: int = _f(4, 'ViT depth')
     vision_heads: int = _f(4, 'ViT attention heads')
     patch_size: int = _f(16, 'ViT patch size')
-    vit_style: str = _f('timm', "'timm' (SPEC.md 1.2) or 'openai' (OpenAI CLIP's ViT: LN before the blocks, eps 1e-5)")
+    vit_style: str = _f('timm', "'timm' (recipe §1.2) or 'openai' (OpenAI CLIP's ViT: LN before the blocks, eps 1e-5)")
     vision_act: str = _f('gelu', "ViT MLP activation: 'gelu' or 'quickgelu' (OpenAI's CLIP weights)")
     patch_dropout_weak: float = _f(0.0, 'fraction of ViT patches dropped from the weak view in training (FLIP); '
                                         'not for resnet50')
@@ -189,7 +189,7 @@ MODELS = {
     'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_TEXT_512),
 }
 
-# SPEC.md 5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
+# recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
 _PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
               num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
 RECIPES = {
@@ -211,7 +211,7 @@ DATASETS = tuple(RECIPES)
 
 
 def dataset_recipe(dataset, model, method):
-    """The paper's settings for a dataset; two depend on the model or the method (SPEC.md 5.1)."""
+    """The paper's settings for a dataset; two depend on the model or the method (recipe §5.1)."""
     r = dict(RECIPES[dataset])
     if dataset == 'cc12m' and method in NONCONTRASTIVE:
         r['text_dropout'] = 0.1
@@ -222,7 +222,7 @@ def dataset_recipe(dataset, model, method):
 
 def method_preset(method):
     """Settings a method implies: plain CLIP has no augmented views; SwALIP asserts no smoothing."""
-    if method == 'clip':  # SPEC.md 8.1: a plain baseline must also switch off the weak stopword removal
+    if method == 'clip':  # recipe §8.1: a plain baseline must also switch off the weak stopword removal
         return dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
     if method == 'swalip':
         return dict(label_smoothing=0.0)
@@ -360,7 +360,7 @@ def validate(cfg):
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
     _check(cfg.method != 'swalip' or cfg.label_smoothing == 0,
-           "--method=swalip needs --label_smoothing=0 (SPEC.md 2.6)")
+           "--method=swalip needs --label_smoothing=0 (recipe §2.6)")
     _check(cfg.method == 'clip' or cfg.num_augs >= 1 or cfg.method == 'rocket',
            f"--method={cfg.method} needs --num_augs >= 1 (it uses the strong views)")
     _check(cfg.method != 'slip' or cfg.num_augs >= 2, "--method=slip needs --num_augs >= 2 (two strong views)")

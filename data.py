@@ -1,4 +1,4 @@
-"""Data: CLIP's BPE tokenizer (SPEC.md 1.4), the datasets, the built-in demo dataset and the loaders (SPEC.md 4)."""
+"""Data: CLIP's BPE tokenizer (recipe §1.4), the datasets, the built-in demo dataset and the loaders (recipe §4)."""
 import argparse
 import bisect
 import collections
@@ -271,7 +271,7 @@ def open_image(data):
     """PIL image from encoded bytes, turned upright by its EXIF orientation (phone photos are often stored
     sideways with such a tag) and decoded here (so a bad file fails now, not later), except an upright JPEG: the
     views decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
-    Deviation from SPEC.md 4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
+    Deviation from recipe §4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
     img = Image.open(io.BytesIO(data))
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img.load()
@@ -466,7 +466,7 @@ def read_zip_member(path, name):
 
 
 class YfccReader:
-    """YFCC15M (SPEC.md 4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; captions are the
+    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; captions are the
     non-empty ones of (title, description), given as compact ids and CaptionLists."""
 
     def __init__(self, root, ids, captions):
@@ -482,7 +482,7 @@ class YfccReader:
 
 
 class MergedReader:
-    """Concatenation of readers through a precomputed offset table (SPEC.md 8.21)."""
+    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
 
     def __init__(self, readers):
         self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
@@ -649,7 +649,7 @@ def build_reader(cfg):
 
 
 class SampleMaker:
-    """(image, candidate captions) -> the CL2L training sample (SPEC.md 4.3). All randomness comes from
+    """(image, candidate captions) -> the CL2L training sample (recipe §4.3). All randomness comes from
     (cfg.seed, epoch, index), so a sample is the same whichever rank or worker makes it."""
 
     def __init__(self, cfg, tokenizer):
@@ -660,7 +660,7 @@ class SampleMaker:
     def __call__(self, image, captions, epoch, index, skipped):
         seed = sample_seed(self.seed, epoch, index)
         rng = random.Random(seed)
-        if self.single:  # SPEC.md 4.2: one caption for every text view
+        if self.single:  # recipe §4.2: one caption for every text view
             captions = (rng.choice(captions),)
         gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
         if self.defer:
@@ -1269,7 +1269,7 @@ def collate(samples):
 
 
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
-    """Training batches of this rank (SPEC.md 4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
+    """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
     make_sample = SampleMaker(cfg, tokenizer)
     pin = cfg.device != 'cpu' and torch.cuda.is_available()
     if cfg.dataset == 'wds':

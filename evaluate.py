@@ -1,4 +1,4 @@
-"""Zero-shot classification and image-text retrieval (SPEC.md section 6), and the linear probe.
+"""Zero-shot classification and image-text retrieval (recipe §6), and the linear probe.
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
@@ -46,7 +46,7 @@ FORMAT = 'rocket-clip/1'
 ENSEMBLE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # w * sim_z + (1 - w) * sim_h
 RECALL_KS = (1, 5, 10)
 
-# name: (reader, eval split, metric), in catalogue order (SPEC.md 6.2)
+# name: (reader, eval split, metric), in catalogue order (recipe §6.2)
 CATALOGUE = {
     'imagenet': ('folder', 'val', 'acc'), 'mnist': ('MNIST', 'test', 'acc'), 'food101': ('folder', 'test', 'acc'),
     'cifar10': ('CIFAR10', 'test', 'acc'), 'cifar100': ('CIFAR100', 'test', 'acc'),
@@ -208,7 +208,7 @@ def _state_dict_problems(e, lines=3, width=300):
 # --- Zero-shot classification ---
 @torch.no_grad()
 def class_embeddings(model, tokenizer, classnames, templates, device):
-    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (SPEC.md 6.1);
+    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1);
     one text-encoder pass per class serves every head."""
     rows = {head: [] for head in model.heads}
     for name in classnames:
@@ -530,7 +530,7 @@ def read_split(name, root, split, classnames):
         except (OSError, ValueError):
             raise UserError(f"{name}: expected {root}/{split}_images.npy and {split}_labels.npy "
                             f"(arrays of strings)") from None
-        index = {f'count_{c}': i for i, c in enumerate(classnames)}  # SPEC.md 6.2: labels 'count_10', 'count_3', ...
+        index = {f'count_{c}': i for i, c in enumerate(classnames)}  # recipe §6.2: labels 'count_10', 'count_3', ...
         unknown = sorted(set(map(str, labels)) - index.keys())
         if unknown:
             raise UserError(f"{name}: labels {unknown[:3]} are not among {list(index)}; check labels.json")
@@ -964,7 +964,7 @@ def parse_argv(argv):
 
 
 def headline(metrics):
-    """The metric keys a table shows for one dataset: its SPEC.md 6.2 metric of the z head, or R@1 both ways;
+    """The metric keys a table shows for one dataset: its recipe §6.2 metric of the z head, or R@1 both ways;
     none for a dataset that failed."""
     if 'i2t_r1_z' in metrics:
         return ['i2t_r1_z', 't2i_r1_z']

@@ -1,4 +1,4 @@
-"""CLIP 🚀 model (SPEC.md 1): ResNet-50 and ViT image encoders, the CLIP text transformer, the linear and MLP
+"""CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, the linear and MLP
 projectors of every method, and the model whose training forward returns every embedding the losses need.
 
 build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text
@@ -73,7 +73,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet50(nn.Module):
-    """Standard (torchvision/timm) ResNet-50 v1.5 trunk, no fc: (B, 3, H, W) -> (B, 2048) (SPEC.md 1.2). Other
+    """Standard (torchvision/timm) ResNet-50 v1.5 trunk, no fc: (B, 3, H, W) -> (B, 2048) (recipe §1.2). Other
     stage widths and depths give the same family (the importer's tests use a shrunk one)."""
 
     def __init__(self, widths=(64, 128, 256, 512), depths=(3, 4, 6, 3)):
@@ -169,7 +169,7 @@ class Transformer(nn.Module):
         """(B, L, D) -> (B, L, D); with index (B,) -> (B, 1, D), the features at those positions: the encoders
         pool one token, so the last block runs its query, out-projection and MLP on that token alone."""
         for i, block in enumerate(self.resblocks):
-            # SPEC.md 1.3 'local' mode: the residual stream itself is dropped at the start of every block
+            # recipe §1.3 'local' mode: the residual stream itself is dropped at the start of every block
             x = F.dropout(x, dropout, self.training)
             x = maybe_checkpoint(block, self.grad_checkpointing, x, index if i == len(self.resblocks) - 1 else None)
         return x
@@ -186,7 +186,7 @@ def patch_dropout(x, keep):
 
 
 class VisionTransformer(nn.Module):
-    """timm-style ViT trunk (SPEC.md 1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
+    """timm-style ViT trunk (recipe §1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
     (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch.
     style='openai': OpenAI CLIP's ViT instead (patch conv without bias, a LayerNorm before the transformer, LN
     eps 1e-5); act: the MLP activation (OpenAI's weights use QuickGELU)."""
@@ -237,7 +237,7 @@ class VisionTransformer(nn.Module):
 
 # --- Text transformer ---
 class TextTransformer(nn.Module):
-    """OpenAI CLIP's text encoder (SPEC.md 1.3): causal pre-norm transformer with QuickGELU and fp32 LN, final
+    """OpenAI CLIP's text encoder (recipe §1.3): causal pre-norm transformer with QuickGELU and fp32 LN, final
     LN, pooled at the EOT token (the largest id): (B, L) token ids -> (B, width). No projection inside."""
 
     def __init__(self, vocab_size, context_length, width, layers, heads, act=QuickGELU):
@@ -259,7 +259,7 @@ class TextTransformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, tokens, dropout=0.0):  # (B, L)
-        """Features at the EOT token; `dropout` > 0 is the 'local' mode, active only in training (SPEC.md 1.3)."""
+        """Features at the EOT token; `dropout` > 0 is the 'local' mode, active only in training (recipe §1.3)."""
         L = tokens.shape[1]
         if L > self.context_length:
             raise ValueError(f"tokens have {L} positions but the text transformer takes at most "
@@ -271,7 +271,7 @@ class TextTransformer(nn.Module):
 
 # --- Projectors and heads ---
 def linear_projection(in_dim, out_dim):
-    """Bias-free linear head of the global CLIP loss, N(0, 1/in_dim) init (SPEC.md 1.5)."""
+    """Bias-free linear head of the global CLIP loss, N(0, 1/in_dim) init (recipe §1.5)."""
     proj = nn.Linear(in_dim, out_dim, bias=False)
     nn.init.normal_(proj.weight, std=in_dim ** -0.5)
     return proj
@@ -279,7 +279,7 @@ def linear_projection(in_dim, out_dim):
 
 def mlp(dims, hidden_bias=True, last_bias=True, last_bn=None):
     """[Linear -> BN -> ReLU] for every hidden width of dims, then a Linear; last_bn=True/False appends a BN with
-    / without affine parameters. PyTorch's default init. The h, BarLIP, SiamLIP and SLIP heads (SPEC.md 1.5)."""
+    / without affine parameters. PyTorch's default init. The h, BarLIP, SiamLIP and SLIP heads (recipe §1.5)."""
     layers = []
     for d_in, d_out in zip(dims[:-2], dims[1:-1]):
         layers += [nn.Linear(d_in, d_out, bias=hidden_bias), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
@@ -328,7 +328,7 @@ class CLIPModel(nn.Module):
             self.siam_pred_image = mlp([ps, hs, ps], hidden_bias=False)  # the official image_text_predictor
             self.siam_pred_text = mlp([ps, hs, ps], hidden_bias=False)   # text_image_predictor
         if cfg.method == 'slip':
-            self.slip_image = mlp([v, hidden, hidden, 256])  # SLIP's SimCLR image MLP (SPEC.md 2.8)
+            self.slip_image = mlp([v, hidden, hidden, 256])  # SLIP's SimCLR image MLP (recipe §2.8)
 
     @property
     def heads(self):
@@ -366,7 +366,7 @@ class CLIPModel(nn.Module):
         return self.visual(weak, self.patch_dropout['weak'])
 
     def _strong_features(self, strong):
-        """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (SPEC.md 1.7,
+        """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (recipe §1.7,
         8.9); the ViT has no BN, so one call on the concatenated views gives the same features with larger
         matmuls (and patch_dropout['strong'] in training)."""
         if isinstance(self.visual, ResNet50):
@@ -381,7 +381,7 @@ class CLIPModel(nn.Module):
         return list(self.text(tokens.transpose(0, 1).flatten(0, 1), self.text_dropout).chunk(A))  # (A*B, W) by view
 
     def forward(self, weak, tokens, strong):
-        """Training forward (SPEC.md 1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
+        """Training forward (recipe §1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
         dict of raw embeddings named as in the contract; A = 0 is the same path."""
         if tokens.dim() != 3 or tokens.shape[1] != 1 + len(strong):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
@@ -415,7 +415,7 @@ class CLIPModel(nn.Module):
 
 
 def build_model(cfg, vocab_size, verbose=True):
-    """The model of cfg (SPEC.md 1) for a vocabulary of vocab_size tokens; prints each part's parameter count."""
+    """The model of cfg (recipe §1) for a vocabulary of vocab_size tokens; prints each part's parameter count."""
     model = CLIPModel(cfg, vocab_size)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.named_children()}
     counts['logit scales'] = sum(p.numel() for name, p in model.named_parameters(recurse=False))
@@ -639,12 +639,12 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def gather(x, with_grad):
-    """Concatenate x (B, ...) of every rank in rank order -> (W*B, ...) (SPEC.md 2.1); identity when W = 1.
+    """Concatenate x (B, ...) of every rank in rank order -> (W*B, ...) (recipe §2.1); identity when W = 1.
 
     with_grad=True: the full gradient; with DDP averaging, W ranks x B match 1 rank x W*B exactly.
     with_grad=False: the paper's; at W > 1 the result is a constant, so a rank's embeddings get gradient
     only where the loss also uses them directly (as anchors); at W = 1 it is the identity, hence the full
-    gradient, exactly as in the official code (single- and multi-GPU objectives differ, SPEC.md 8.5).
+    gradient, exactly as in the official code (single- and multi-GPU objectives differ, recipe §8.5).
     """
     if _world()[1] == 1:
         return x
@@ -656,7 +656,7 @@ def gather(x, with_grad):
 
 def all_reduce_mean(x, with_grad):
     """Mean of x over ranks. with_grad=True: exact (2 ranks x B == 1 rank x 2B). False: the paper's, other
-    ranks' terms are constants so the gradient reaching x is scaled by 1/W (SPEC.md 2.4, 8.6)."""
+    ranks' terms are constants so the gradient reaching x is scaled by 1/W (recipe §2.4, 8.6)."""
     world = _world()[1]
     if world == 1:
         return x
@@ -694,10 +694,10 @@ def _info_nce(anchors, candidates, scale, label_smoothing):
 
 
 def clip_loss(image, text, logit_scale, label_smoothing=0.0, reduction='avg', with_grad=True):
-    """Symmetric InfoNCE over the global batch, ½(L_I + L_T) for 'avg', L_I + L_T for 'sum' (SPEC.md 2.2).
+    """Symmetric InfoNCE over the global batch, ½(L_I + L_T) for 'avg', L_I + L_T for 'sum' (recipe §2.2).
 
     image, text: (B, D), or (V, B, D) for V views, then averaged over all V x V image/text view pairs
-    (the local term of SPEC.md 2.3). logit_scale: 0-dim, already exponentiated.
+    (the local term of recipe §2.3). logit_scale: 0-dim, already exponentiated.
     """
     image = F.normalize(image.float(), dim=-1).reshape(-1, *image.shape[-2:])   # (V, B, D)
     text = F.normalize(text.float(), dim=-1).reshape(-1, *text.shape[-2:])
@@ -710,7 +710,7 @@ def clip_loss(image, text, logit_scale, label_smoothing=0.0, reduction='avg', wi
 
 def rocket_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_scale, label_smoothing=0.1,
                 reduction='avg', with_grad=True):
-    """CL2L (SPEC.md 2.3): (G + A*Lc) / (1+A) per direction, G the global z pair without label smoothing,
+    """CL2L (recipe §2.3): (G + A*Lc) / (1+A) per direction, G the global z pair without label smoothing,
     Lc the mean over the A x A strong h pairs with smoothing and l2l_logit_scale. A = 0 is clip_loss."""
     g = clip_loss(z_image, z_text, logit_scale, 0.0, reduction, with_grad)
     A = len(h_image)
@@ -725,7 +725,7 @@ def rocket_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_scale, 
 
 
 def slip_loss(image1, image2, temperature=0.1):
-    """SimCLR NT-Xent between two strong image views as in SLIP (SPEC.md 2.8): row r of each view against
+    """SimCLR NT-Xent between two strong image views as in SLIP (recipe §2.8): row r of each view against
     the other view's N gathered rows (positive: the same sample) and its own view's N - 1 others."""
     q = F.normalize(torch.stack([image1, image2]).float(), dim=-1)   # (2, B, D)
     k = _gather_views(q, with_grad=True)                             # (2, N, D); SLIP gathers with gradient
@@ -746,18 +746,18 @@ def _view_pairs(A):
 
 
 def barlow_twins(x, y, lambd, with_grad=True):
-    """Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij² with C = x^T y / B the global-batch cross-correlation (SPEC.md 2.4)."""
-    with torch.autocast(x.device.type, enabled=False):  # SPEC.md 8.6: the correlation in fp32
+    """Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij² with C = x^T y / B the global-batch cross-correlation (recipe §2.4)."""
+    with torch.autocast(x.device.type, enabled=False):  # recipe §8.6: the correlation in fp32
         c = x.float().t() @ y.float() / x.shape[0]         # (Db, Db) on this rank
         # equal B on every rank: the global-batch correlation. with_grad=True deviates from the paper, whose
-        # BarLIP gradient is scaled by 1/W after DDP averaging (SPEC.md 2.4); here W x B == 1 x W*B exactly.
+        # BarLIP gradient is scaled by 1/W after DDP averaging (recipe §2.4); here W x B == 1 x W*B exactly.
         c = all_reduce_mean(c, with_grad)
         diag = c.diagonal()
         return (1 - diag).pow(2).sum() + lambd * (c.pow(2).sum() - diag.pow(2).sum())
 
 
 def barlip_loss(image, text, lambd=5e-3, scale=0.025, with_grad=True):
-    """BarLIP (SPEC.md 2.4): scale * mean of barlow_twins over the global pair and the A x A local pairs.
+    """BarLIP (recipe §2.4): scale * mean of barlow_twins over the global pair and the A x A local pairs.
     image, text: lists of 1+A (B, Db), index 0 = global view."""
     pairs = _view_pairs(len(image) - 1)
     return {'loss': scale * sum(barlow_twins(image[a], text[b], lambd, with_grad) for a, b in pairs) / len(pairs)}
@@ -769,7 +769,7 @@ def _neg_cosine(p, v):
 
 
 def siamlip_loss(pred_image, pred_text, proj_image, proj_text):
-    """SiamLIP / BYOLIP (SPEC.md 2.5): cross-modal D(p, v) over the global and A x A local pairs, both
+    """SiamLIP / BYOLIP (recipe §2.5): cross-modal D(p, v) over the global and A x A local pairs, both
     directions, / (2 + 2A²). Lists of 1+A (B, Ds); proj_* from the momentum model for BYOLIP. Per-rank mean:
     DDP's gradient averaging makes it the global-batch mean."""
     pairs = _view_pairs(len(pred_image) - 1)
@@ -779,7 +779,7 @@ def siamlip_loss(pred_image, pred_text, proj_image, proj_text):
 
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iters=3):
-    """Sinkhorn-Knopp assignments (SPEC.md 2.6) in fp32 log domain: scores (..., B, K) cosines of this rank's
+    """Sinkhorn-Knopp assignments (recipe §2.6) in fp32 log domain: scores (..., B, K) cosines of this rank's
     samples with K prototypes -> (..., B, K), rows sum to 1, each prototype ~B*W/K over all ranks.
 
     Equal to the official steps: every division by a constant (the total sum, K, B*W, the final *B*W) is
@@ -794,7 +794,7 @@ def sinkhorn(scores, epsilon=0.05, iters=3):
 
 
 def swalip_loss(h_image, h_text, l2l_logit_scale, epsilon=0.05, iters=3, with_grad=True):
-    """SwALIP (SPEC.md 2.6): prototypes = the other modality's gathered h; the prediction of pair (a, b) is
+    """SwALIP (recipe §2.6): prototypes = the other modality's gathered h; the prediction of pair (a, b) is
     trained toward the Sinkhorn assignment of pair (a+1 mod A, b+1 mod A) — the 'other' pair for A = 2
     (as in the paper), a derangement of the pairs for any A > 1, the pair itself for A = 1."""
     A = len(h_image)
@@ -812,7 +812,7 @@ OBJECTIVES = ('clip', 'rocket', 'slip', 'barlip', 'siamlip', 'byolip', 'swalip')
 
 
 def compute_loss(out, cfg, target=None):
-    """The objective of cfg.method on the model's output dict (SPEC.md 2): CLIP, or CLIP 🚀 plus the method's
+    """The objective of cfg.method on the model's output dict (recipe §2): CLIP, or CLIP 🚀 plus the method's
     extra term. target: the momentum model's output dict (byolip). Returns {'loss', components, accuracies}."""
     if cfg.method not in OBJECTIVES:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(OBJECTIVES)}")

@@ -1,4 +1,4 @@
-"""Train CLIP 🚀 and its baselines (SPEC.md section 5): one process or many, the same code.
+"""Train CLIP 🚀 and its baselines (recipe §5): one process or many, the same code.
 
     python train.py [--key=value ...]                                  # one process: CPU or one GPU
     torchrun --nproc_per_node=8 train.py --dataset=cc3m --root=... --metadata=...
@@ -109,7 +109,7 @@ def seed_everything(seed):
 
 # --- Optimizer and schedule ---
 def param_groups(model, weight_decay):
-    """AdamW groups (SPEC.md 5.2): tensors with ndim < 2 (biases, norm affines, logit scales) get no weight
+    """AdamW groups (recipe §5.2): tensors with ndim < 2 (biases, norm affines, logit scales) get no weight
     decay; weight matrices, conv kernels, embeddings, positional embeddings and the CLS token do."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -119,11 +119,11 @@ def param_groups(model, weight_decay):
 
 
 def lr_schedule(step, cfg, steps_per_epoch):
-    """Learning rate of optimizer step `step` (SPEC.md 5.3): linspace(lr_start, lr) over the warmup steps,
+    """Learning rate of optimizer step `step` (recipe §5.3): linspace(lr_start, lr) over the warmup steps,
     both ends included, then a cosine from lr to lr_end over the remaining steps."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total)
-    step = min(step, total - 1)  # SPEC.md 8.16: the index never runs past the end
+    step = min(step, total - 1)  # recipe §8.16: the index never runs past the end
     if step < warmup:
         return cfg.lr_start + (cfg.lr - cfg.lr_start) * step / max(warmup - 1, 1)
     progress = (step - warmup) / (total - warmup)
@@ -132,7 +132,7 @@ def lr_schedule(step, cfg, steps_per_epoch):
 
 @torch.no_grad()
 def clamp_logit_scales(model, max_scale):
-    """Keep exp(logit_scale) in [1, max_scale] (SPEC.md 1.6), in log space, after every optimizer step."""
+    """Keep exp(logit_scale) in [1, max_scale] (recipe §1.6), in log space, after every optimizer step."""
     for p in (model.logit_scale, getattr(model, 'l2l_logit_scale', None)):
         if p is not None:
             p.clamp_(0, math.log(max_scale))
@@ -140,7 +140,7 @@ def clamp_logit_scales(model, max_scale):
 
 @torch.no_grad()
 def ema_update(momentum_model, model, tau):
-    """BYOLIP (SPEC.md 1.8): theta_m <- tau * theta_m + (1 - tau) * theta for parameters only; buffers
+    """BYOLIP (recipe §1.8): theta_m <- tau * theta_m + (1 - tau) * theta for parameters only; buffers
     (BN running statistics) evolve from the momentum model's own train-mode forwards."""
     for p_m, p in zip(momentum_model.parameters(), model.parameters()):
         p_m.lerp_(p.detach(), 1 - tau)
@@ -448,7 +448,7 @@ def build_training(cfg, vocab_size, device, rank, world_size):
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world_size > 1 and device.type == 'cuda':  # SPEC.md 1.2, 1.5: ResNet and MLP-head BN see the global batch
+    if world_size > 1 and device.type == 'cuda':  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (GPU only: on CPU each rank keeps its own BN)
     momentum_model = None
     if cfg.method == 'byolip':
@@ -487,7 +487,7 @@ def to_device(batch, cfg, device):
 
 
 def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr, loop, world_size):
-    """One optimizer step over cfg.update_freq micro-batches (SPEC.md 5.4), skipped when the loss is non-finite on
+    """One optimizer step over cfg.update_freq micro-batches (recipe §5.4), skipped when the loss is non-finite on
     any rank; returns whether any rank asked to stop (a signal)."""
     device = next(model.parameters()).device
     for group in optimizer.param_groups:
@@ -499,7 +499,7 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         loop.data_time += time.perf_counter() - loop.t_data
         weak, tokens, strong = to_device(batch, cfg, device)
         skipped = batch['skipped'].sum().to(device)
-        # deviation from SPEC.md 5.4: gradients are all-reduced on the last micro-step only
+        # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
         last_micro = micro == cfg.update_freq - 1
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
         with sync:
@@ -633,7 +633,7 @@ def train(cfg, rank, world_size, device):
                                      f"lower --batch_size or --update_freq")
         model, momentum_model, optimizer, scaler = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
         maybe_init_weights(model, cfg, resume, rank == 0)
-        seed_everything(cfg.seed + rank)  # per-rank randomness from here on (SPEC.md 5.5)
+        seed_everything(cfg.seed + rank)  # per-rank randomness from here on (recipe §5.5)
         loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
         if resume is not None:
             loop.step, position, rng, state = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank,
@@ -642,7 +642,7 @@ def train(cfg, rank, world_size, device):
             if state is not None:
                 restore_epoch_state(loop, state, device)
     init_output_dir(cfg, resume, rank)
-    micro_per_epoch = steps_per_epoch * cfg.update_freq  # SPEC.md 8.16: a trailing partial step is dropped
+    micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
     last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     train_model = wrap_model(model, cfg, device, world_size)
     data_iter = start_epoch(loader, loop)

@@ -1,4 +1,4 @@
-"""Augmentation throughput per data-loader worker: our tensor views vs the plain PIL pipeline of SPEC.md 3.1,
+"""Augmentation throughput per data-loader worker: our tensor views vs the plain PIL pipeline of recipe §3.1,
 and the cost of each photometric op on one view (ours vs torchvision's tensor kernels and PIL).
 
 python -m bench.augment [--images=200] [--rounds=5] [--size=224]

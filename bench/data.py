@@ -1,7 +1,7 @@
 """Training-sample throughput per data-loader worker and where the time goes.
 
 python -m bench.data [--images=200] [--rounds=3]
-The full CL2L sample (SPEC.md 4.3): read + decode a JPEG, 1 weak + 2 strong views at 224 px, 3 caption views,
+The full CL2L sample (recipe §4.3): read + decode a JPEG, 1 weak + 2 strong views at 224 px, 3 caption views,
 3 tokenisations, from a CSV over a temp folder of 500x375 JPEGs, in one process with one thread (= one worker).
 The same with --augment_device=cuda (the workers' share), the built-in demo dataset at the tiny model's 64 px, and
 a 2-worker DataLoader for the overhead of batching.

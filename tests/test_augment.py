@@ -1,4 +1,4 @@
-"""Augmentations against SPEC.md 3: pipeline parameters, kernels vs torchvision/PIL, text-op properties, WordNet."""
+"""Augmentations against recipe §3: pipeline parameters, kernels vs torchvision/PIL, text-op properties, WordNet."""
 import functools
 import io
 import pickle
@@ -45,7 +45,7 @@ def seeded(fn, img):
     return fn(img)
 
 
-# --- Image pipelines: parameters (SPEC.md 3.1) ---
+# --- Image pipelines: parameters (recipe §3.1) ---
 def test_weak_view_matches_spec():
     assert ImageViews(Config(image_size=224, weak_min_scale=0.5)).weak == dict(size=224, scale=(0.5, 1.0))
 

@@ -1,4 +1,4 @@
-"""Config parsing, presets against SPEC.md 5.1, errors, and the JSON round trip."""
+"""Config parsing, presets against recipe §5.1, errors, and the JSON round trip."""
 import json
 import math
 import subprocess
@@ -62,7 +62,7 @@ def test_presets_print_what_they_set(capsys):
     assert 'lr=' not in out.split('dataset recipe cc3m sets')[1].split('\n')[0]  # the explicit flag is not claimed
 
 
-# --- recipes: SPEC.md 5.1 ---
+# --- recipes: recipe §5.1 ---
 def test_cc3m_recipe():
     c = parse('--dataset=cc3m')
     assert (c.model, c.weight_decay, c.text_layers, c.text_dropout, c.label_smoothing) == ('resnet50', 0.5, 6, 0.2, 0.1)

@@ -1,5 +1,5 @@
 """Zero-shot evaluation and retrieval: metrics against hand computations, stand-in models with known
-answers, the catalogue files against SPEC.md 6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
+answers, the catalogue files against recipe §6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
 import io
 import json
 import os
@@ -27,7 +27,7 @@ from evaluate import (CATALOGUE, ENSEMBLE_WEIGHTS, build_dataset, class_counts, 
                       zero_shot)
 
 ROOT = Path(__file__).resolve().parents[1]
-# SPEC.md 6.2: classes and templates per dataset
+# recipe §6.2: classes and templates per dataset
 SPEC_COUNTS = {
     'imagenet': (1000, 80), 'mnist': (10, 1), 'food101': (101, 1), 'cifar10': (10, 18), 'cifar100': (100, 18),
     'cub200': (200, 1), 'cars': (196, 8), 'aircraft': (100, 2), 'dtd': (47, 8), 'pets': (37, 1),
@@ -92,7 +92,7 @@ def test_labels_and_templates_match_spec_counts():
         assert (len(labels[name]), len(templates[name])) == (classes, prompts), name
         assert all(t.count('{}') == 1 for t in templates[name]), name
     assert len(set(templates['imagenet'])) == 80
-    # spot checks of the standard class-index order (torchvision / ImageFolder / SPEC.md clevr order)
+    # spot checks of the standard class-index order (torchvision / ImageFolder / recipe §6.2 clevr order)
     assert labels['imagenet'][0] == 'tench' and labels['imagenet'][999] == 'toilet paper'
     assert labels['cifar10'] == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                                  'truck']

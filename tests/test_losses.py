@@ -1,4 +1,4 @@
-"""Objectives of SPEC.md section 2 against loop references, closed forms, and 2 ranks vs 1 rank."""
+"""Objectives of recipe §2 against loop references, closed forms, and 2 ranks vs 1 rank."""
 import math
 
 import pytest
@@ -38,7 +38,7 @@ def ref_info_nce(anchors, candidates, scale, eps=0.0, offset=0):
 
 
 def ref_rocket(z_i, z_t, h_i, h_t, s, s_h, eps, reduction, candidates=lambda x: x, rows=None, offset=0):
-    """SPEC.md 2.3 term by term; rows/offset/candidates describe one rank of the paper's detached gather."""
+    """recipe §2.3 term by term; rows/offset/candidates describe one rank of the paper's detached gather."""
     rows = slice(None) if rows is None else rows
     g_i = ref_info_nce(z_i[rows], candidates(z_t), s, 0.0, offset)
     g_t = ref_info_nce(z_t[rows], candidates(z_i), s, 0.0, offset)
@@ -124,7 +124,7 @@ def test_rocket_matches_loops(reduction):
     ours = rocket_loss(z_i, z_t, [h_i1, h_i2], [h_t1, h_t2], s, s_h, 0.1, reduction)
     ref = ref_rocket(z_i, z_t, [h_i1, h_i2], [h_t1, h_t2], s, s_h, 0.1, reduction)
     assert_same_value_and_grad(ours['loss'], ref, [z_i, z_t, h_i1, h_i2, h_t1, h_t2, s, s_h])
-    # the global term is unsmoothed, the local term smoothed (SPEC.md 8.2)
+    # the global term is unsmoothed, the local term smoothed (recipe §8.2)
     g = (ref_info_nce(z_i, z_t, s) + ref_info_nce(z_t, z_i, s)) / 2 * (2 if reduction == 'sum' else 1)
     assert torch.allclose(ours['global_loss'].double(), g, atol=1e-5)
 

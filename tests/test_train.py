@@ -60,7 +60,7 @@ def test_lr_schedule_matches_linspace_warmup_and_cosine():
     assert lrs[10] == pytest.approx(3e-3)  # cosine starts at its peak, k = 0
     assert lrs[29] == pytest.approx(1e-5 + 0.5 * (3e-3 - 1e-5) * (1 + math.cos(math.pi * 19 / 20)))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert train.lr_schedule(10_000, cfg, steps_per_epoch) == lrs[29]  # SPEC.md 8.16: clamped past the end
+    assert train.lr_schedule(10_000, cfg, steps_per_epoch) == lrs[29]  # recipe §8.16: clamped past the end
 
 
 # --- Parameter groups ---
