@@ -188,7 +188,7 @@ def model_from_checkpoint(ckpt, path, device, bpe_path=None):
     except (KeyError, TypeError, ConfigError) as e:
         raise UserError(f"{path}: the saved config is missing or invalid ({e})") from None
     tokenizer = checkpoint_tokenizer(ckpt, cfg, path, bpe_path)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model = build_model(cfg, tokenizer.vocab_size, verbose=int(os.environ.get('RANK', 0)) == 0)  # rank 0 speaks
     try:
         model.load_state_dict(ckpt.get('model', {}))
     except RuntimeError as e:
@@ -877,9 +877,10 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
             run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
                                         labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
         else:
-            run(name, lambda: probe_features(model, cfg, name, build_dataset(name, root, transform, labels[name], 'train'),
-                                             build_dataset(name, root, transform, labels[name]), labels[name],
-                                             CATALOGUE[name][2], probe, rank, world_size))
+            run(name, lambda: probe_features(
+                model, cfg, name, build_dataset(name, root, transform, labels[name], 'train'),
+                build_dataset(name, root, transform, labels[name]), labels[name], CATALOGUE[name][2], probe, rank,
+                world_size))
     if no_root:
         say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
     if retrieval_csv and probe is None:
