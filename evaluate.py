@@ -36,7 +36,7 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import DATASETS, Config, ConfigError, UserError, run_cli
+from config import DATASETS, Config, ConfigError, UserError, cpu_split, run_cli
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
 from data import (Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_probe_train, demo_retrieval,
                   open_image)
@@ -1012,7 +1012,10 @@ def _run(argv):
         cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device, flags.get('bpe_path'))
         cfg.data_root = flags.get('data_root', cfg.data_root)
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
-        cfg.workers = int(flags.get('workers', cfg.workers))
+        # the cores are split as in training (config.cpu_split): same thread count, same float results
+        cfg.workers, threads = cpu_split(int(flags.get('workers', -1)), 0, device.type,
+                                         int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+        torch.set_num_threads(threads)
         cfg.device = device.type
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
