@@ -13,7 +13,7 @@ import pytest
 import regex
 import torch
 import torchvision.transforms.v2 as v2
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image, ImageFilter
 
 import augment
@@ -298,12 +298,15 @@ def test_treebank_tokenize_matches_nltk(text):
 
 
 def without_space_or_quote_style(text):
-    return ''.join(text.split()).replace('``', '"').replace("''", '"')
+    """Text without spaces and quote marks: Treebank rewrites quotes (" -> `` or '') and may merge a rewritten
+    quote with a neighbouring ' (the text '" gives the tokens ' and ''), so only the other characters compare."""
+    return re.sub(r"[\s'\"`]", '', text)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(PIECES, st.sampled_from(['. ', '.) ', '." ', 'Mr', 'J', '2010', 'The', 'the', 'U.S'])),
                 max_size=30).map(''.join))
+@example('\'"')  # the quote becomes '' beside a ' (found by hypothesis)
 def test_word_tokenize_splits_sentences_at_periods_only(text):
     tokens = word_tokenize(text)
     assert without_space_or_quote_style(''.join(tokens)) == without_space_or_quote_style(text)
