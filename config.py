@@ -260,6 +260,10 @@ def run_cli(main_fn, argv=None):
         if rank == 0 or not getattr(e, 'every_rank', False):
             message = ' '.join(str(e).split())  # always one line
             print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
+        dist = sys.modules.get('torch.distributed')
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            sys.stdout.flush()
+            os._exit(e.exit_code)  # tearing a gloo process group down at interpreter exit can abort (SIGABRT)
         sys.exit(e.exit_code)
 
 
