@@ -39,7 +39,7 @@ from augment import eval_transform
 from config import DATASETS, Config, ConfigError, UserError, cpu_split, run_cli
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
 from data import (Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_probe_train, demo_retrieval,
-                  open_image)
+                  load_image)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -415,8 +415,7 @@ def decode_image(source):
         return Image.fromarray(np.ascontiguousarray(source))
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
     try:
-        with open(source, 'rb') as f:
-            img = open_image(f.read())  # upright by its EXIF orientation, as in training
+        img = load_image(source)  # upright by its EXIF orientation, as in training
         img.load()
         return img
     finally:
