@@ -1,9 +1,10 @@
 """Linear-probe time (evaluate.linear_probe) on CIFAR-10-sized generated features, on the CPU.
 
-python -m bench.probe [--n=50000] [--test=10000] [--dim=512] [--classes=10] [--threads=1]
+python -m bench.probe [--n=50000] [--test=10000] [--dim=512] [--classes=10] [--threads=1] [--reference=1]
 Seeded Gaussian features shaped like an encoder's: 10 class means in a 64-dim subspace, a decaying spectrum of
 nuisance directions and a common offset. Prints the whole probe (sweep, refit, test): wall and CPU time, the
-L-BFGS iterations of each fit (the coarse grid strongest first, the refinement, the refit).
+L-BFGS iterations of each fit (the coarse grid strongest first, the refinement, the refit); with --reference=1
+the same protocol with its sweep in float64 as well, and the ratio.
 """
 import sys
 import time
@@ -11,7 +12,6 @@ import time
 import torch
 
 import evaluate
-from evaluate import linear_probe
 
 
 def features(n, dim, classes, seed, signal=64):
@@ -26,12 +26,8 @@ def features(n, dim, classes, seed, signal=64):
     return latent @ embed.T + 1.0, y
 
 
-def main(argv):
-    args = {'n': 50000, 'test': 10000, 'dim': 512, 'classes': 10, 'threads': 1}
-    args.update({k: int(v) for k, v in (a[2:].split('=') for a in argv)})
-    torch.set_num_threads(args['threads'])
-    x, y = features(args['n'], args['dim'], args['classes'], 0)
-    tx, ty = features(args['test'], args['dim'], args['classes'], 1)
+def timed_probe(x, y, tx, ty, classes, sweep_dtype):
+    """(wall s, CPU s, iterations of each fit, metrics) of one linear_probe run."""
     fits, solve = [], evaluate.fit_logistic
 
     def counted(*a, **k):
@@ -41,13 +37,30 @@ def main(argv):
 
     evaluate.fit_logistic = counted
     start, cpu = time.perf_counter(), time.process_time()
-    out = linear_probe(x, y, tx, ty, args['classes'], 'acc')
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu  # CPU time: less sensitive to a busy machine
-    evaluate.fit_logistic = solve
+    try:
+        out = evaluate.linear_probe(x, y, tx, ty, classes, 'acc', sweep_dtype=sweep_dtype)
+    finally:
+        evaluate.fit_logistic = solve
+    return time.perf_counter() - start, time.process_time() - cpu, fits, out  # CPU time: steadier on a busy machine
+
+
+def main(argv):
+    args = {'n': 50000, 'test': 10000, 'dim': 512, 'classes': 10, 'threads': 1, 'reference': 1}
+    args.update({k: int(v) for k, v in (a[2:].split('=') for a in argv)})
+    torch.set_num_threads(args['threads'])
+    x, y = features(args['n'], args['dim'], args['classes'], 0)
+    tx, ty = features(args['test'], args['dim'], args['classes'], 1)
     print(f"probe {args['n']} x {args['dim']} train, {args['test']} test, {args['classes']} classes, "
-          f"{torch.get_num_threads()} thread(s): {seconds:.1f} s ({cpu:.1f} s CPU), {len(fits)} fits, {sum(fits)} L-BFGS iterations "
-          f"({fits}); top-1 {out['acc1_trunk']:.2f}, l2 {out['l2_trunk']:.1e}", flush=True)
-    print(f"{seconds / sum(fits):.3f} s per iteration")
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    rows = [torch.float32] + ([torch.float64] if args['reference'] else [])
+    seconds = {}
+    for dtype in rows:
+        seconds[dtype], cpu, fits, out = timed_probe(x, y, tx, ty, args['classes'], dtype)
+        print(f"  sweep in {str(dtype)[6:]}: {seconds[dtype]:.1f} s ({cpu:.1f} s CPU), {len(fits)} fits, "
+              f"{sum(fits)} L-BFGS iterations {fits}, {seconds[dtype] / sum(fits):.3f} s each; "
+              f"top-1 {out['acc1_trunk']:.2f}, l2 {out['l2_trunk']:.1e}", flush=True)
+    if args['reference']:
+        print(f"  float32 sweep: {seconds[torch.float64] / seconds[torch.float32]:.2f}x faster than float64")
 
 
 if __name__ == '__main__':

@@ -139,6 +139,20 @@ def test_absent_class_and_determinism():
     assert all(math.isfinite(v) for v in first.values()) and first['acc1_trunk'] > 90
 
 
+def test_float32_sweep_matches_float64_and_refit_is_the_optimum():
+    """The sweep's float32 fits pick what float64 fits pick, and the scores are those of the float64 optimum at
+    the chosen strength (the refit, started from the float32 solution)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(4, (600,), generator=g)
+    x = torch.randn(600, 60, generator=g) + torch.randn(4, 60, generator=g)[y] * 0.3  # 200 train: l2 matters
+    args = (x[:200], y[:200], x[200:], y[200:], 4, 'acc')
+    out = linear_probe(*args)
+    assert out == linear_probe(*args, sweep_dtype=torch.float64)
+    assert 1e-4 < out['l2_trunk'] < 1e-1  # an interior strength
+    z, tz = standardise(x[:200].double(), x[200:].double())
+    w, b, _ = fit_logistic(z, y[:200], out['l2_trunk'], 4, tol=1e-11, max_iter=5000)
+    assert out['acc1_trunk'] == pytest.approx(100 * ((tz @ w + b).argmax(1) == y[200:]).double().mean().item())
+
 # --- Features: stand-in model, cache, data parallel ---
 class Encoder(nn.Module):
     """visual: flatten + linear; one head z; counts the images it encodes."""
