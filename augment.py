@@ -230,12 +230,35 @@ def scale_box(box, k):
 
 
 def resized_crop(x, box, size):
-    """(3, H, W) uint8 -> (3, size, size) uint8: the box (top, left, h, w) resized bicubic with antialias."""
+    """(3, H, W) uint8 -> (3, size, size): the box (top, left, h, w) resized bicubic with antialias. A float x (whole
+    levels 0-255) gives float whole levels: CUDA has no uint8 antialias kernel, so the step resizes in float and
+    rounds, within one level of the uint8 kernel."""
     top, left, h, w = box
     crop = x[None, :, top:top + h, left:left + w]
     if (h, w) == (size, size):
         return crop[0].clone()
-    return tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
+    out = tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
+    return out if x.dtype == torch.uint8 else out.round_().clamp_(0, 255)
+
+
+def covering_region(x, boxes):
+    """(x's smallest region (3, h, w) holding every box, the boxes (N, 4) in it): what --augment_device=cuda ships."""
+    top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    return x[:, top:bottom, left:right], torch.tensor([(t - top, l - left, h, w) for t, l, h, w in boxes])
+
+
+def pack_images(images):
+    """[(3, H_i, W_i) uint8] -> (pixels (sum of 3 H_i W_i,) uint8, sizes (B, 2)): one tensor for the loader
+    whatever the sizes; each image's bytes in its decoded (H, W, 3) order."""
+    sizes = torch.tensor([img.shape[1:] for img in images])
+    return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in images]), sizes
+
+
+def unpack_images(pixels, sizes):
+    """pack_images's inverse: views (3, H_i, W_i) of pixels, with a decoded PIL image's strides."""
+    counts = (3 * sizes.prod(1)).tolist()
+    return [p.view(h, w, 3).permute(2, 0, 1) for p, (h, w) in zip(pixels.split(counts), sizes.tolist())]
 
 
 def normalize(x, mean, std):
@@ -281,11 +304,13 @@ class ImageViews:
     def __init__(self, cfg):
         self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise
         self.strong = strong_specs(cfg)
+        self.sizes = [self.weak['size']] + [spec['size'] for spec in self.strong]
         self.mean, self.std = cfg.image_mean, cfg.image_std
 
-    def draw(self, img, gen=None):
-        """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A). Every box
-        is drawn against the stored size; a JPEG not yet decoded is decoded at the DCT scale the boxes allow."""
+    def draw_boxes(self, img, gen=None):
+        """(x (3, H, W) uint8, boxes [(top, left, h, w)] * (1 + A), [strong params] * A): the decoded image and each
+        view's crop box in it, every draw made. Boxes are drawn against the stored size; a JPEG not yet decoded is
+        decoded at the DCT scale the boxes allow."""
         check_image(img)
         width, height = img.size
         boxes = [crop_box(gen, height, width, self.weak['scale'])]
@@ -293,11 +318,14 @@ class ImageViews:
         for spec in self.strong:
             boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
-        sizes = [self.weak['size']] + [spec['size'] for spec in self.strong]
-        k = draft(img, boxes, sizes)
+        k = draft(img, boxes, self.sizes)
         x = F.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
-        boxes = [scale_box(box, k) for box in boxes]
-        weak, *strong = (resized_crop(x, box, size) for box, size in zip(boxes, sizes))
+        return x, [scale_box(box, k) for box in boxes], params
+
+    def draw(self, img, gen=None):
+        """The views as uint8 crops, before any photometric op: (weak, [strong] * A, [strong params] * A)."""
+        x, boxes, params = self.draw_boxes(img, gen)
+        weak, *strong = (resized_crop(x, box, size) for box, size in zip(boxes, self.sizes))
         return weak, strong, params
 
     def __call__(self, img, gen=None):
@@ -308,14 +336,19 @@ class ImageViews:
 
 
 def finish_views(batch, cfg, device):
-    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent uint8 views and the
-    strong views' parameters: their photometric ops and the normalisation run here, batched."""
-    weak = batch['weak'].to(device, non_blocking=True)
-    strong = [s.to(device, non_blocking=True) for s in batch['strong']]
-    if cfg.augment_device == 'cuda':
-        weak = normalize(weak, cfg.image_mean, cfg.image_std)
-        strong = [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])]
-    return weak, strong
+    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent each sample's decoded
+    pixels (pack_images), its crop boxes and the strong views' parameters: the crops, their photometric ops and
+    the normalisation run here, batched where the shapes allow."""
+    if cfg.augment_device != 'cuda':
+        return batch['weak'].to(device, non_blocking=True), [s.to(device, non_blocking=True) for s in batch['strong']]
+    pixels = batch['pixels'].to(device, non_blocking=True)
+    pixels = pixels if pixels.device.type == 'cpu' else pixels.float()  # resized_crop's float path off the CPU
+    images, boxes = unpack_images(pixels, batch['image_sizes']), batch['boxes'].tolist()  # boxes (B, 1 + A, 4)
+    sizes = [cfg.image_size] + [cfg.local_crop_size] * len(batch['strong_params'])
+    weak, *strong = (torch.stack([resized_crop(x, b[v], size) for x, b in zip(images, boxes)])
+                     for v, size in enumerate(sizes))  # (B, 3, S, S) per view
+    return (normalize(weak, cfg.image_mean, cfg.image_std),
+            [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])])
 
 
 def eval_transform(cfg):

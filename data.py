@@ -29,7 +29,7 @@ import regex
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform
+from augment import ImageViews, TextViews, UnreadableImage, clean_text, covering_region, eval_transform, pack_images
 from config import ConfigError, UserError, run_cli
 
 
@@ -663,13 +663,15 @@ class SampleMaker:
         if self.single:  # recipe §4.2: one caption for every text view
             captions = (rng.choice(captions),)
         gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
-        if self.defer:
-            weak, strong, params = self.image_views.draw(image, gen)
+        if self.defer:  # the step crops and finishes the views (augment.finish_views)
+            x, boxes, params = self.image_views.draw_boxes(image, gen)
+            region, boxes = covering_region(x, boxes)
+            views = {'image': region, 'boxes': boxes, 'strong_params': params}
         else:
             weak, strong = self.image_views(image, gen)
+            views = {'weak': weak, 'strong': strong}
         tokens = self.tokenizer(self.text_views(captions, rng))  # (1+A, 77)
-        sample = {'weak': weak, 'tokens': tokens, 'strong': strong, 'skipped': skipped}
-        return {**sample, 'strong_params': params} if self.defer else sample
+        return {**views, 'tokens': tokens, 'skipped': skipped}
 
 
 def read_sample(load, make_sample, epoch, index, skipped):
@@ -1262,9 +1264,13 @@ def trim_tokens(tokens):
 
 
 def collate(samples):
-    """default_collate with the tokens trimmed to the batch's longest caption."""
+    """default_collate with the tokens trimmed to the batch's longest caption; --augment_device=cuda's images of
+    different sizes are packed into one tensor (pixels, image_sizes)."""
+    images = [s.pop('image') for s in samples if 'image' in s]
     batch = torch.utils.data.default_collate(samples)
     batch['tokens'] = trim_tokens(batch['tokens'])
+    if images:
+        batch['pixels'], batch['image_sizes'] = pack_images(images)
     return batch
 
 

@@ -3,7 +3,7 @@ and the cost of each photometric op on one view (ours vs torchvision's tensor ke
 
 python -m bench.augment [--images=200] [--rounds=5] [--size=224]
 One weak + two strong views per image from JPEG bytes, one process, torch.set_num_threads(1). The
---augment_device=cuda row is the workers' share only (crops + draws); the rest runs batched in the step.
+--augment_device=cuda row is the workers' share only (decode + draws); the rest runs batched in the step.
 """
 import io
 import math
@@ -109,18 +109,25 @@ def op_table(size):
     return [(name, best_us(ref), best_us(ours)) for name, ref, ours in rows]
 
 
-def finish_rate(size, device, batch=64, calls=5):
-    """Strong views/s of the step-side augment.finish_strong on device (batches of freshly drawn parameters)."""
-    spec = A.strong_specs(Config(local_crop_size=size))[0]
-    gen = torch.Generator().manual_seed(0)
-    params = torch.utils.data.default_collate([A.draw_photometric(gen, spec) for _ in range(batch)])
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+def finish_rate(size, device, jpegs, batch=64, calls=5):
+    """Samples/s of the step-side augment.finish_views (--augment_device=cuda) on device: a batch of the workers'
+    packed regions, cropped, jittered, blurred, flipped and normalised (1 weak + 2 strong views each)."""
+    cfg = Config(image_size=size, local_crop_size=size, num_augs=2, augment_device='cuda')
+    views, gen = ImageViews(cfg), torch.Generator().manual_seed(0)
+    images, boxes, params = [], [], []
+    for data in (jpegs * batch)[:batch]:
+        x, b, p = views.draw_boxes(Image.open(io.BytesIO(data)), gen)
+        region, inside = A.covering_region(x, b)
+        images.append(region), boxes.append(inside), params.append(p)
+    pixels, sizes = A.pack_images(images)
+    batch_ = {'pixels': pixels, 'image_sizes': sizes, 'boxes': torch.stack(boxes),
+              'strong_params': torch.utils.data.default_collate(params)}
     sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
-    A.finish_strong(x, params, MEAN, STD)  # warm-up
+    A.finish_views(batch_, cfg, torch.device(device))  # warm-up
     sync()
     start = time.perf_counter()
     for _ in range(calls):
-        A.finish_strong(x, params, MEAN, STD)
+        A.finish_views(batch_, cfg, torch.device(device))
     sync()
     return batch * calls / (time.perf_counter() - start)
 
@@ -137,7 +144,7 @@ def main(argv):
     jpegs = make_jpegs(n)
     ours = ImageViews(Config(image_size=size, local_crop_size=size, num_augs=2))
     rows = {'reference PIL transforms v1': reference_views(size), 'augment.ImageViews (cpu)': ours,
-            'workers with --augment_device=cuda': ours.draw}
+            'workers with --augment_device=cuda': lambda img: A.covering_region(*ours.draw_boxes(img)[:2])}
     rates = {name: [] for name in rows}
     for views in rows.values():
         images_per_second(views, jpegs[:10])  # warm-up
@@ -154,8 +161,8 @@ def main(argv):
     for name, ref_us, ours_us in op_table(size):
         print(f"  {name:<42} {ref_us:8.1f} us {ours_us:8.1f} us  {ref_us / ours_us:5.2f}x")
     for device in ['cpu'] + ['cuda'] * torch.cuda.is_available():
-        print(f"step-side finish_strong (--augment_device=cuda), batch 64 on {device}: "
-              f"{finish_rate(size, device):.0f} strong views/s")
+        print(f"step-side finish_views (--augment_device=cuda: crops, colour, blur, flip, normalise), batch 64 on "
+              f"{device}: {finish_rate(size, device, jpegs):.0f} samples/s (1 weak + 2 strong views each)")
 
     text = TextViews(Config(num_augs=2))
     rng = random.Random(0)

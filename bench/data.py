@@ -1,10 +1,12 @@
 """Training-sample throughput per data-loader worker and where the time goes.
 
-python -m bench.data [--images=200] [--rounds=3]
+python -m bench.data [--images=200] [--rounds=3] [--code=DIR]
 The full CL2L sample (recipe §4.3): read + decode a JPEG, 1 weak + 2 strong views at 224 px, 3 caption views,
-3 tokenisations, from a CSV over a temp folder of 500x375 JPEGs, in one process with one thread (= one worker).
-The same with --augment_device=cuda (the workers' share), the built-in demo dataset at the tiny model's 64 px, and
-a 2-worker DataLoader for the overhead of batching.
+3 tokenisations, from a CSV over a temp folder of 500x375 JPEGs, in one process with one thread (= one worker),
+and the collate that batches them. The same with --augment_device=cuda (the workers' share), the built-in demo
+dataset at the tiny model's 64 px, and a 2-worker DataLoader for the hand-over to the main process.
+--code=DIR: the first row only, timing the config/data/augment modules of another checkout (e.g. the code before
+an issue: `git worktree add DIR COMMIT`); run it and this one in turns for a before/after ratio.
 """
 import random
 import statistics
@@ -15,9 +17,13 @@ from pathlib import Path
 
 import torch
 
-from bench.augment import make_jpegs
-from config import Config
-import data as D
+CODE = next((a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--code=')), None)
+if CODE:
+    sys.path.insert(0, CODE)  # config, data and augment come from that checkout
+from bench.augment import make_jpegs  # noqa: E402
+from config import Config  # noqa: E402
+import augment as A  # noqa: E402
+import data as D  # noqa: E402
 
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 WORDS = ('a the brown dog runs across grassy field near an old red barn two people riding bikes down busy city '
@@ -38,7 +44,10 @@ def breakdown(dataset, n, rounds):
     for image, _ in images:
         image.load()  # decoded once here: the image-views stage then times crops and colour ops only
     texts = [make.text_views(captions, random.Random(i)) for i, (_, captions) in enumerate(images)]
-    views = make.image_views.draw if make.defer else make.image_views  # cuda: crops and draws only
+    if getattr(make, 'defer', False):  # cuda: the draws and the region the step will crop from
+        views = lambda image: A.covering_region(*make.image_views.draw_boxes(image)[:2])  # noqa: E731
+    else:
+        views = make.image_views
     stages = {
         'full sample': lambda i: dataset[(0, i)],
         '  read + decode': lambda i: dataset.reader.load(i)[0].load(),
@@ -47,23 +56,36 @@ def breakdown(dataset, n, rounds):
         '  tokenise (3 captions)': lambda i: make.tokenizer(texts[i]),
     }
     per_second(stages['full sample'], min(n, 10))  # warm-up
-    return {name: statistics.median(per_second(fn, n) for _ in range(rounds)) for name, fn in stages.items()}
+    rates = {name: statistics.median(per_second(fn, n) for _ in range(rounds)) for name, fn in stages.items()}
+    samples = [dataset[(0, i)] for i in range(n - n % 32)]
+    collate = getattr(D, 'collate', torch.utils.data.default_collate)  # older checkouts: the default
+    batches = len(samples) // 32  # collate mutates its samples: each call gets fresh dicts
+    rates['collate (batches of 32)'] = 32 * statistics.median(per_second(
+        lambda b: collate([dict(s) for s in samples[32 * b:32 * (b + 1)]]), batches) for _ in range(rounds))
+    return rates
 
 
 def report(title, rates):
+    """The stages' rates and shares of a sample, then the per-core rate with the collate (what a worker does)."""
     print(title)
+    rates = dict(rates)
+    collate = rates.pop('collate (batches of 32)')
     total = 1 / rates['full sample']
     for name, rate in rates.items():
         share = '' if name == 'full sample' else f'  {100 / rate / total:5.1f}% of a sample'
         print(f"  {name:<36} {rate:8.1f} samples/s  {1000 / rate:6.2f} ms{share}")
     rest = total - sum(1 / rate for name, rate in rates.items() if name != 'full sample')
     print(f"  {'  rest (seeding, cache misses, noise)':<36} {'':>19}  {1000 * rest:6.2f} ms  {100 * rest / total:5.1f}%")
+    print(f"  {'collate (batches of 32)':<36} {collate:8.1f} samples/s  {1000 / collate:6.2f} ms")
+    print(f"  {'per core: sample + collate':<36} {1 / (total + 1 / collate):8.1f} samples/s")
 
 
 def main(argv):
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.data [--images=200] [--rounds=3]')
     args = dict(a[2:].split('=', 1) for a in argv)
+    if CODE:
+        print(f"config, data, augment from {CODE}")
     n, rounds = int(args.get('images', 200)), int(args.get('rounds', 3))
     torch.set_num_threads(1)
     bpe = str(CLIP_VOCAB) if CLIP_VOCAB.is_file() else ''
@@ -80,20 +102,28 @@ def main(argv):
         loader = D.build_train_loader(cfg, tokenizer)
         report(f"CSV of {n} JPEGs (500x375), 224 px, {'CLIP' if bpe else 'demo'} vocabulary, 1 thread, "
                f"median of {rounds} rounds", breakdown(loader.dataset, n, rounds))
+        if CODE:
+            return
         deferred = D.build_train_loader(Config(**{**cfg.__dict__, 'augment_device': 'cuda'}), tokenizer)
-        report("\nthe same with --augment_device=cuda (workers crop and draw; colour, blur, flip run in the step)",
-               breakdown(deferred.dataset, n, rounds))
+        report("\nthe same with --augment_device=cuda (workers decode and draw; crops, colour, blur, flip run in the "
+               "step)", breakdown(deferred.dataset, n, rounds))
 
         demo = Config(workers=0, batch_size=32)
         report(f"\ndemo dataset, {demo.image_size} px (drawn at {D.demo_canvas(demo)} px), demo vocabulary",
                breakdown(D.build_train_loader(demo, D.build_tokenizer(demo)).dataset, n, rounds))
 
-        loader = D.build_train_loader(Config(**{**cfg.__dict__, 'workers': 2}), tokenizer)
-        start, count = time.perf_counter(), 0
-        for batch in loader:
-            count += len(batch['weak'])
-        rate = count / (time.perf_counter() - start)
-        print(f"\nDataLoader, 2 workers, batch 32, CSV at 224 px: {rate:.1f} samples/s (worker start-up included)")
+        print()
+        for device in ('cpu', 'cuda'):  # collate (stacking or packing) and the hand-over to the main process included
+            loader = D.build_train_loader(Config(**{**cfg.__dict__, 'workers': 2, 'augment_device': device}),
+                                          tokenizer)
+            start, count, nbytes = time.perf_counter(), 0, 0
+            for batch in loader:
+                count += len(batch['tokens'])
+                nbytes += sum(t.numel() * t.element_size() for t in [batch.get('weak'), batch.get('pixels'),
+                                                                      *batch.get('strong', [])] if t is not None)
+            rate = count / (time.perf_counter() - start)
+            print(f"DataLoader, 2 workers, batch 32, CSV at 224 px, --augment_device={device}: {rate:.1f} samples/s "
+                  f"(worker start-up included), {nbytes / count / 1e3:.0f} kB of images per sample")
 
 
 if __name__ == '__main__':
