@@ -201,6 +201,7 @@ def draw_photometric(gen, spec):
 
 
 # --- Image: crops, photometric ops, normalisation ---
+REGION_LIMIT = 2  # --augment_device=cuda ships a sample's region up to 2x its views' pixels (bounds loader memory)
 class UnreadableImage(OSError):
     """An image file that fails to decode (truncated or corrupt): the loaders skip and count it."""
 
@@ -230,22 +231,33 @@ def scale_box(box, k):
 
 
 def resized_crop(x, box, size):
-    """(3, H, W) uint8 -> (3, size, size): the box (top, left, h, w) resized bicubic with antialias. A float x (whole
-    levels 0-255) gives float whole levels: CUDA has no uint8 antialias kernel, so the step resizes in float and
-    rounds, within one level of the uint8 kernel."""
+    """(3, H, W) uint8 -> (3, size, size) uint8: the box (top, left, h, w) resized bicubic with antialias; off the CPU
+    by resize_in_float (CUDA has no uint8 antialias kernel)."""
     top, left, h, w = box
     crop = x[None, :, top:top + h, left:left + w]
     if (h, w) == (size, size):
         return crop[0].clone()
-    out = tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
-    return out if x.dtype == torch.uint8 else out.round_().clamp_(0, 255)
+    if x.device.type != 'cpu':
+        return resize_in_float(crop, size)[0]
+    return tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
+
+
+def resize_in_float(crop, size):
+    """(N, 3, h, w) uint8 -> (N, 3, size, size) uint8 as the CPU's uint8 kernel makes it: width first, then height,
+    rounded and clamped after each pass (bicubic overshoots at edges; clamping once at the end would differ by up to
+    30 levels there). Within 2 levels of that kernel."""
+    out = crop.float()
+    for shape in ((crop.shape[-2], size), (size, size)):
+        out = tnf.interpolate(out, size=shape, mode='bicubic', antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
+    return out.to(torch.uint8)
 
 
 def covering_region(x, boxes):
-    """(x's smallest region (3, h, w) holding every box, the boxes (N, 4) in it): what --augment_device=cuda ships."""
+    """(x's smallest region (3, h, w) holding every box, the boxes [(top, left, h, w)] in it)."""
     top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
     bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
-    return x[:, top:bottom, left:right], torch.tensor([(t - top, l - left, h, w) for t, l, h, w in boxes])
+    return x[:, top:bottom, left:right], [(t - top, l - left, h, w) for t, l, h, w in boxes]
 
 
 def pack_images(images):
@@ -328,6 +340,17 @@ class ImageViews:
         weak, *strong = (resized_crop(x, box, size) for box, size in zip(boxes, self.sizes))
         return weak, strong, params
 
+    def draw_for_step(self, img, gen=None):
+        """--augment_device=cuda's worker share: (images, boxes (1 + A, 5) of (image, top, left, h, w), [strong params]
+        * A), the step then crops (finish_views). images: the decoded region holding every box or, when that has
+        more than REGION_LIMIT x the views' pixels (a large image), the uint8 views themselves."""
+        x, boxes, params = self.draw_boxes(img, gen)
+        region, inside = covering_region(x, boxes)
+        if region[0].numel() <= REGION_LIMIT * sum(size * size for size in self.sizes):
+            return [region], torch.tensor([(0, *box) for box in inside]), params
+        views = [resized_crop(x, box, size) for box, size in zip(boxes, self.sizes)]
+        return views, torch.tensor([(i, 0, 0, size, size) for i, size in enumerate(self.sizes)]), params
+
     def __call__(self, img, gen=None):
         weak, strong, params = self.draw(img, gen)
         one = [{k: v[None] for k, v in p.items()} for p in params]  # batches of one view
@@ -336,17 +359,16 @@ class ImageViews:
 
 
 def finish_views(batch, cfg, device):
-    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent each sample's decoded
-    pixels (pack_images), its crop boxes and the strong views' parameters: the crops, their photometric ops and
-    the normalisation run here, batched where the shapes allow."""
+    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent decoded pixels
+    (draw_for_step, packed by pack_images), each view's box in them and the strong views' parameters: the crops run
+    here per view, then the photometric ops and the normalisation batched."""
     if cfg.augment_device != 'cuda':
         return batch['weak'].to(device, non_blocking=True), [s.to(device, non_blocking=True) for s in batch['strong']]
-    pixels = batch['pixels'].to(device, non_blocking=True)
-    pixels = pixels if pixels.device.type == 'cpu' else pixels.float()  # resized_crop's float path off the CPU
-    images, boxes = unpack_images(pixels, batch['image_sizes']), batch['boxes'].tolist()  # boxes (B, 1 + A, 4)
+    images = unpack_images(batch['pixels'].to(device, non_blocking=True), batch['image_sizes'])
+    boxes = batch['boxes'].tolist()  # (B, 1 + A, 5): (image in the batch, top, left, h, w)
     sizes = [cfg.image_size] + [cfg.local_crop_size] * len(batch['strong_params'])
-    weak, *strong = (torch.stack([resized_crop(x, b[v], size) for x, b in zip(images, boxes)])
-                     for v, size in enumerate(sizes))  # (B, 3, S, S) per view
+    weak, *strong = (torch.stack([resized_crop(images[b[v][0]], b[v][1:], size) for b in boxes])
+                     for v, size in enumerate(sizes))  # (B, 3, S, S) uint8 per view
     return (normalize(weak, cfg.image_mean, cfg.image_std),
             [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])])
 

@@ -570,15 +570,17 @@ def build_dataset(name, root, transform, classnames, split=None):
 PROBE_GRID = tuple(10.0 ** k for k in range(0, -9, -1))
 PROBE_REFINE = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # log10 offsets tried around the best coarse strength
 PROBE_VAL_FRACTION = 0.2
+PROBE_SWEEP_TOL = 1e-5  # max |gradient| of the sweep's fits, in float64: they only rank strengths on validation
 
 
 def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-6):
     """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised)
-    by full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol."""
+    by full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol. x (n, D) is used
+    transposed: pass xt.T of a contiguous (D, n) xt to save the copy."""
     n, d = x.shape
-    xt = x.T.contiguous()  # (D, n): both products below are then the fast, memory-bound kind (~4x on CPU)
-    w = (init[0].T.clone() if init else x.new_zeros(num_classes, d)).requires_grad_()  # (C, D)
-    b = (init[1].clone() if init else x.new_zeros(num_classes)).requires_grad_()
+    xt = x.T.contiguous()  # (D, n), a no-op for xt.T: both products below are then the fast, memory-bound kind
+    w = (init[0].T.to(x.dtype, copy=True) if init else x.new_zeros(num_classes, d)).requires_grad_()  # (C, D)
+    b = (init[1].to(x.dtype, copy=True) if init else x.new_zeros(num_classes)).requires_grad_()
     cols = torch.arange(n, device=x.device)
 
     def closure():  # loss and gradient in closed form: no autograd graph over the n x D features
@@ -598,13 +600,13 @@ def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-6):
     return w.detach().T, b.detach(), opt.state[w]['n_iter']
 
 
-def fit_present(x, y, l2, num_classes, init=None):
+def fit_present(x, y, l2, num_classes, init=None, tol=1e-6):
     """fit_logistic over the classes present in y (an absent class's unpenalised bias would run to -inf), as
     (W (D, num_classes), b) with -inf bias for the absent classes; init: a previous (W, b) to start from."""
     present = torch.unique(y)
     if init is not None:
         init = init[0][:, present], init[1][present].nan_to_num(0, 0, 0)  # a class absent before starts at 0
-    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), init)
+    w, b, _ = fit_logistic(x, torch.searchsorted(present, y), l2, len(present), init, tol=tol)
     full_w, full_b = x.new_zeros(x.shape[1], num_classes), x.new_full((num_classes,), float('-inf'))
     full_w[:, present], full_b[present] = w, b
     return full_w, full_b
@@ -649,23 +651,27 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='tru
     """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
     split held out (seeded), the classifier refit on the whole train split and scored on the test split.
 
-    Features are standardised as a whole (standardise) in float64. The sweep's fits run in sweep_dtype (float32:
-    half the memory traffic of these memory-bound products, and it reaches the default tolerance); the refit,
-    whose weights are scored, runs in float64 from the chosen sweep solution."""
+    Features are standardised as a whole (standardise) in float64. Each sweep fit runs in sweep_dtype (float32:
+    half the memory traffic of these memory-bound products) to fit_logistic's tolerance as float32 computes it,
+    then in float64 to PROBE_SWEEP_TOL: one evaluation where float32 got there, more where its rounding left the
+    fit short (float64 max |gradient| up to ~4e-5 seen). The refit runs in float64 to fit_logistic's tolerance."""
     x, test_x = standardise(train_x.to(device, torch.float64), test_x.to(device, torch.float64))
     train_y, test_y = train_y.to(device), test_y.to(device)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
     n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
     val, fit = order[:n_val], order[n_val:]
-    fit_x, val_x = x[fit].to(sweep_dtype), x[val].to(sweep_dtype)
+    fit_xt = x[fit].T.contiguous()  # (D, n_fit): fit_logistic's layout, made once for the sweep
+    fit_xt_sweep = fit_xt.to(sweep_dtype)
     score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
 
     def fit_and_score(l2, init):
-        w, b = fit_present(fit_x, train_y[fit], l2, num_classes, init)
-        return probe_metrics(val_x @ w + b, train_y[val], metric, key)[score_key], (w, b)
+        w, b = fit_present(fit_xt_sweep.T, train_y[fit], l2, num_classes, init)
+        w, b = fit_present(fit_xt.T, train_y[fit], l2, num_classes, (w, b), PROBE_SWEEP_TOL)
+        return probe_metrics(x[val] @ w + b, train_y[val], metric, key)[score_key], (w, b)
 
     l2, scores, (w, b) = select_strength(fit_and_score)
-    w, b = fit_present(x, train_y, l2, num_classes, (w.double(), b.double()))
+    del fit_xt, fit_xt_sweep  # before the refit's own transposed copy of all of x
+    w, b = fit_present(x, train_y, l2, num_classes, (w, b))
     return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
 
 
@@ -769,22 +775,27 @@ def probe_settings(path, flags, device, rank=0):
 
 def fit_probes(jobs, probe, say=print):
     """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
-    results = {}
-    for name, job in jobs.items():
-        if 'error' in job:  # the dataset failed in phase 1 (its line is printed): keep the reason
-            results[name] = job
-            continue
-        start = time.time()
-        train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True) for s in ('train', 'test'))
-        results[name] = {}
-        for key in train['features']:
-            results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
-                                              test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
-                                              probe['device']))
-        metrics = results[name]
-        say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
-            f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
-            for k in train['features']) + f", {time.time() - start:.1f}s")
+    results, precision = {}, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')  # TF32 products would leave the float32 sweep far from its tolerance
+    try:
+        for name, job in jobs.items():
+            if 'error' in job:  # the dataset failed in phase 1 (its line is printed): keep the reason
+                results[name] = job
+                continue
+            start = time.time()
+            train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True)
+                           for s in ('train', 'test'))
+            results[name] = {}
+            for key in train['features']:
+                results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
+                                                  test['labels'], job['num_classes'], job['metric'], key,
+                                                  probe['seed'], probe['device']))
+            metrics = results[name]
+            say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
+                f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
+                for k in train['features']) + f", {time.time() - start:.1f}s")
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return results
 
 

@@ -18,6 +18,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
 import augment as A
+import data as D
 import torchvision.transforms.v2.functional as F
 from augment import ImageViews, TextViews
 from config import Config
@@ -114,14 +115,11 @@ def finish_rate(size, device, jpegs, batch=64, calls=5):
     packed regions, cropped, jittered, blurred, flipped and normalised (1 weak + 2 strong views each)."""
     cfg = Config(image_size=size, local_crop_size=size, num_augs=2, augment_device='cuda')
     views, gen = ImageViews(cfg), torch.Generator().manual_seed(0)
-    images, boxes, params = [], [], []
+    images = []
     for data in (jpegs * batch)[:batch]:
-        x, b, p = views.draw_boxes(Image.open(io.BytesIO(data)), gen)
-        region, inside = A.covering_region(x, b)
-        images.append(region), boxes.append(inside), params.append(p)
-    pixels, sizes = A.pack_images(images)
-    batch_ = {'pixels': pixels, 'image_sizes': sizes, 'boxes': torch.stack(boxes),
-              'strong_params': torch.utils.data.default_collate(params)}
+        images.append(views.draw_for_step(Image.open(io.BytesIO(data)), gen))
+    samples = [{'images': i, 'boxes': b, 'strong_params': p, 'tokens': torch.ones(3, 5)} for i, b, p in images]
+    batch_ = D.collate(samples)
     sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
     A.finish_views(batch_, cfg, torch.device(device))  # warm-up
     sync()
@@ -144,7 +142,7 @@ def main(argv):
     jpegs = make_jpegs(n)
     ours = ImageViews(Config(image_size=size, local_crop_size=size, num_augs=2))
     rows = {'reference PIL transforms v1': reference_views(size), 'augment.ImageViews (cpu)': ours,
-            'workers with --augment_device=cuda': lambda img: A.covering_region(*ours.draw_boxes(img)[:2])}
+            'workers with --augment_device=cuda': ours.draw_for_step}
     rates = {name: [] for name in rows}
     for views in rows.values():
         images_per_second(views, jpegs[:10])  # warm-up

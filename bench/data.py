@@ -22,7 +22,6 @@ if CODE:
     sys.path.insert(0, CODE)  # config, data and augment come from that checkout
 from bench.augment import make_jpegs  # noqa: E402
 from config import Config  # noqa: E402
-import augment as A  # noqa: E402
 import data as D  # noqa: E402
 
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -44,10 +43,7 @@ def breakdown(dataset, n, rounds):
     for image, _ in images:
         image.load()  # decoded once here: the image-views stage then times crops and colour ops only
     texts = [make.text_views(captions, random.Random(i)) for i, (_, captions) in enumerate(images)]
-    if getattr(make, 'defer', False):  # cuda: the draws and the region the step will crop from
-        views = lambda image: A.covering_region(*make.image_views.draw_boxes(image)[:2])  # noqa: E731
-    else:
-        views = make.image_views
+    views = make.image_views.draw_for_step if getattr(make, 'defer', False) else make.image_views  # cuda: the draws
     stages = {
         'full sample': lambda i: dataset[(0, i)],
         '  read + decode': lambda i: dataset.reader.load(i)[0].load(),
@@ -75,7 +71,8 @@ def report(title, rates):
         share = '' if name == 'full sample' else f'  {100 / rate / total:5.1f}% of a sample'
         print(f"  {name:<36} {rate:8.1f} samples/s  {1000 / rate:6.2f} ms{share}")
     rest = total - sum(1 / rate for name, rate in rates.items() if name != 'full sample')
-    print(f"  {'  rest (seeding, cache misses, noise)':<36} {'':>19}  {1000 * rest:6.2f} ms  {100 * rest / total:5.1f}%")
+    print(f"  {'  rest (seeding, cache misses, noise)':<36} {'':>19}  {1000 * rest:6.2f} ms  "
+          f"{100 * rest / total:5.1f}%")
     print(f"  {'collate (batches of 32)':<36} {collate:8.1f} samples/s  {1000 / collate:6.2f} ms")
     print(f"  {'per core: sample + collate':<36} {1 / (total + 1 / collate):8.1f} samples/s")
 

@@ -132,6 +132,25 @@ def test_every_format_reads_the_same_images_captions_and_samples(tmp_path):
     assert sorted(seen) == list(range(N))
 
 
+
+def test_step_side_views_through_worker_processes_and_tar_shards(tmp_path):
+    """--augment_device=cuda through the tar-shard loader with 2 worker processes (packed pixels handed over in
+    shared memory): finished in the step, the views equal the per-sample reference views."""
+    import augment
+    cfgs = write_formats(tmp_path)
+    reference = D.build_train_loader(cfgs['cc3m'], chars).dataset
+    cfg = dataclasses.replace(cfgs['wds'], augment_device='cuda', workers=2)
+    loader, seen = D.build_train_loader(cfg, chars), []
+    for batch in loader:
+        weak, strong = augment.finish_views(batch, cfg, torch.device('cpu'))
+        for b in range(len(weak)):
+            i = CAPTIONS.index(text_of(batch['tokens'][b, 0]))
+            want = reference[(0, i)]
+            assert torch.equal(weak[b], want['weak'])
+            assert all(torch.equal(s[b], w) for s, w in zip(strong, want['strong']))
+            seen.append(i)
+    assert len(seen) == len(loader) * cfg.batch_size == N  # one shard per worker: a 3-sample shard is re-read
+
 def test_merged29m_maps_global_indices_through_the_offsets(tmp_path):
     cfgs = write_formats(tmp_path)
     cfg = dataclasses.replace(cfgs['cc3m'], dataset='merged29m', root='---'.join([str(tmp_path)] * 3),
