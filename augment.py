@@ -202,6 +202,8 @@ def draw_photometric(gen, spec):
 
 # --- Image: crops, photometric ops, normalisation ---
 REGION_LIMIT = 2  # --augment_device=cuda ships a sample's region up to 2x its views' pixels (bounds loader memory)
+
+
 class UnreadableImage(OSError):
     """An image file that fails to decode (truncated or corrupt): the loaders skip and count it."""
 

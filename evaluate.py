@@ -646,32 +646,35 @@ def standardise(x, *others):
     return [(t - mean) / scale for t in (x, *others)]
 
 
+def sweep(x, y, val_x, val_y, num_classes, metric, key, sweep_dtype):
+    """select_strength on one split: (best l2, {l2: validation score}, its float64 solution). Each fit runs in
+    sweep_dtype (float32: half the memory traffic of these memory-bound products) to fit_logistic's tolerance as
+    float32 computes it, then in float64 to PROBE_SWEEP_TOL: one evaluation where float32 got there, more where
+    its rounding left the fit short (float64 max |gradient| up to ~4e-5 seen)."""
+    xt = x.T.contiguous()  # (D, n): fit_logistic's layout, made once for every fit
+    xt_sweep = xt.to(sweep_dtype)
+    score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
+
+    def fit_and_score(l2, init):
+        w, b = fit_present(xt_sweep.T, y, l2, num_classes, init)
+        w, b = fit_present(xt.T, y, l2, num_classes, (w, b), PROBE_SWEEP_TOL)
+        return probe_metrics(val_x @ w + b, val_y, metric, key)[score_key], (w, b)
+
+    return select_strength(fit_and_score)
+
+
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='trunk', seed=0, device='cpu',
                  sweep_dtype=torch.float32):
     """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
-    split held out (seeded), the classifier refit on the whole train split and scored on the test split.
-
-    Features are standardised as a whole (standardise) in float64. Each sweep fit runs in sweep_dtype (float32:
-    half the memory traffic of these memory-bound products) to fit_logistic's tolerance as float32 computes it,
-    then in float64 to PROBE_SWEEP_TOL: one evaluation where float32 got there, more where its rounding left the
-    fit short (float64 max |gradient| up to ~4e-5 seen). The refit runs in float64 to fit_logistic's tolerance."""
+    split held out (seeded; sweep), the classifier refit in float64 on the whole train split, to fit_logistic's
+    tolerance, and scored on the test split. Features are standardised as a whole (standardise) in float64."""
     x, test_x = standardise(train_x.to(device, torch.float64), test_x.to(device, torch.float64))
     train_y, test_y = train_y.to(device), test_y.to(device)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
     n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
     val, fit = order[:n_val], order[n_val:]
-    fit_xt = x[fit].T.contiguous()  # (D, n_fit): fit_logistic's layout, made once for the sweep
-    fit_xt_sweep = fit_xt.to(sweep_dtype)
-    score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
-
-    def fit_and_score(l2, init):
-        w, b = fit_present(fit_xt_sweep.T, train_y[fit], l2, num_classes, init)
-        w, b = fit_present(fit_xt.T, train_y[fit], l2, num_classes, (w, b), PROBE_SWEEP_TOL)
-        return probe_metrics(x[val] @ w + b, train_y[val], metric, key)[score_key], (w, b)
-
-    l2, scores, (w, b) = select_strength(fit_and_score)
-    del fit_xt, fit_xt_sweep  # before the refit's own transposed copy of all of x
-    w, b = fit_present(x, train_y, l2, num_classes, (w, b))
+    l2, scores, solution = sweep(x[fit], train_y[fit], x[val], train_y[val], num_classes, metric, key, sweep_dtype)
+    w, b = fit_present(x, train_y, l2, num_classes, solution)
     return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
 
 

@@ -797,7 +797,6 @@ def swalip_loss(h_image, h_text, l2l_logit_scale, epsilon=0.05, iters=3, with_gr
     """SwALIP (recipe §2.6): prototypes = the other modality's gathered h; the prediction of pair (a, b) is
     trained toward the Sinkhorn assignment of pair (a+1 mod A, b+1 mod A) — the 'other' pair for A = 2
     (as in the paper), a derangement of the pairs for any A > 1, the pair itself for A = 1."""
-    A = len(h_image)
     image = F.normalize(torch.stack(h_image).float(), dim=-1)    # (A, B, D)
     text = F.normalize(torch.stack(h_text).float(), dim=-1)
     loss = 0

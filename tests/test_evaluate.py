@@ -465,7 +465,7 @@ def test_truncated_images_load_and_undecodable_ones_are_skipped(tiny_checkpoint,
     assert (found['images'], found['captions'], found['skipped']) == (1, 2, 1) and found['i2t_r1_z'] == 100
     assert found['skipped_files'] == [str(tmp_path / 'data/pets/test/dog/broken.jpg')]
     out = capsys.readouterr().out
-    assert f'pets: done, 5 images in ' in out and f', 1 undecodable images skipped (e.g. {broken})\n' in out
+    assert 'pets: done, 5 images in ' in out and f', 1 undecodable images skipped (e.g. {broken})\n' in out
     assert not evaluate.ImageFile.LOAD_TRUNCATED_IMAGES
 
 
