@@ -311,6 +311,11 @@ def finish_strong(x, params, mean, std):
     return standardize_(_on_rows(img, flags['flip'], flip), mean, std)
 
 
+def view_sizes(cfg):
+    """Output sizes of the views, weak first then the A strong ones: [S, R, ..., R]."""
+    return [cfg.image_size] + [spec['size'] for spec in strong_specs(cfg)]
+
+
 class ImageViews:
     """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A), all cut from one decoded image, every random
     draw from torch generator gen (torch's default one if None)."""
@@ -318,7 +323,7 @@ class ImageViews:
     def __init__(self, cfg):
         self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise
         self.strong = strong_specs(cfg)
-        self.sizes = [self.weak['size']] + [spec['size'] for spec in self.strong]
+        self.sizes = view_sizes(cfg)
         self.mean, self.std = cfg.image_mean, cfg.image_std
 
     def draw_boxes(self, img, gen=None):
@@ -368,9 +373,8 @@ def finish_views(batch, cfg, device):
         return batch['weak'].to(device, non_blocking=True), [s.to(device, non_blocking=True) for s in batch['strong']]
     images = unpack_images(batch['pixels'].to(device, non_blocking=True), batch['image_sizes'])
     boxes = batch['boxes'].tolist()  # (B, 1 + A, 5): (image in the batch, top, left, h, w)
-    sizes = [cfg.image_size] + [cfg.local_crop_size] * len(batch['strong_params'])
     weak, *strong = (torch.stack([resized_crop(images[b[v][0]], b[v][1:], size) for b in boxes])
-                     for v, size in enumerate(sizes))  # (B, 3, S, S) uint8 per view
+                     for v, size in enumerate(view_sizes(cfg)))  # (B, 3, S, S) uint8 per view
     return (normalize(weak, cfg.image_mean, cfg.image_std),
             [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])])
 
