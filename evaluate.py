@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import sys
 import time
@@ -37,9 +38,9 @@ from PIL import Image, ImageFile
 
 from augment import eval_transform
 from config import DATASETS, Config, ConfigError, UserError, cpu_split, run_cli
-from model import CLIPModel, autocast_dtype, build_model, convert_weights, load_weights_file
-from data import (Tokenizer, build_eval_loader, build_tokenizer, demo_eval_tasks, demo_probe_train, demo_retrieval,
-                  load_image)
+from model import CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
+from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
+                  demo_retrieval, load_image, merges_text)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 FORMAT = 'rocket-clip/1'
@@ -1006,6 +1007,8 @@ def print_table(records):
 def _run(argv):
     if argv and argv[0].partition('=')[0] == '--convert':
         return convert(argv)
+    if argv and argv[0].partition('=')[0] == '--export':
+        return export(argv)
     paths, flags = parse_argv(argv)
     catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
     labels = read_json(flags['labels'], 'labels file') if 'labels' in flags else None
@@ -1068,15 +1071,21 @@ def _run(argv):
     return records
 
 
-def convert(argv):
-    """python evaluate.py --convert IN --out OUT [--vision_heads=N ...]: a released checkpoint (import_checkpoint)
-    written as one of ours, atomically; OUT must not exist yet."""
+def _command_flags(argv):
+    """{flag: value} of a command's '--key=value' or '--key value' arguments."""
     flags, args = {}, list(argv)
     while args:
         key, eq, value = args.pop(0).partition('=')
         if not eq and args and not args[0].startswith('--'):
             value = args.pop(0)
         flags[key[2:].replace('-', '_')] = value
+    return flags
+
+
+def convert(argv):
+    """python evaluate.py --convert IN --out OUT [--vision_heads=N ...]: a released checkpoint (import_checkpoint)
+    written as one of ours with the tokenizer's merges, atomically; OUT must not exist yet."""
+    flags = _command_flags(argv)
     if not set(flags) <= {'convert', 'out', *IMPORT_FLAGS} or not flags.get('convert') or not flags.get('out'):
         raise ConfigError("usage: python evaluate.py --convert IN --out OUT [--vision_heads=N] [--text_heads=N] "
                           "[--vision_act=gelu|quickgelu] [--text_act=gelu|quickgelu] [--bpe_path=FILE]")
@@ -1093,12 +1102,61 @@ def convert(argv):
     except RuntimeError as e:
         raise UserError(f"{flags['convert']}: the weights do not fit the model of their config "
                          f"({str(e).strip().splitlines()[0][:160]})") from None
+    bpe_path = Config.from_dict(ckpt['config']).bpe_path
+    try:  # the merges travel with the weights, as in a trained checkpoint: no --bpe_path needed to evaluate it
+        ckpt['bpe_merges'] = checkpoint_merges(bpe_path)
+    except UserError as e:
+        raise UserError(f"{flags['convert']}: {_first_line(e, 240)}; pass --bpe_path=FILE, the merges the model "
+                        f"was trained with (CLIP's {CLIP_BPE}), so that the converted file carries them") from None
+    vocab = Tokenizer(ckpt['bpe_merges']).vocab_size
+    if vocab != model.text.token_embedding.num_embeddings:
+        raise UserError(f"{flags['convert']}: --bpe_path={bpe_path} gives {vocab} tokens but the weights have "
+                        f"{model.text.token_embedding.num_embeddings}; pass the merges the model was trained with")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + '.tmp')
     torch.save(ckpt, tmp)
     os.replace(tmp, out)
     print(f"wrote {out}")
     return ckpt
+
+
+CLIP_MERGES_SHA256 = '9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a'  # merges_text of CLIP's
+EXPORT_USAGE = "usage: python evaluate.py --export CKPT --out DIR"
+
+
+def export(argv):
+    """python evaluate.py --export CKPT --out DIR: a checkpoint in open_clip's local-dir layout (open_clip_config.json,
+    open_clip_pytorch_model.bin; the merges too for a vocabulary other than CLIP's), for
+    open_clip.create_model_and_transforms('local-dir:DIR') and clip_benchmark. DIR must not exist yet."""
+    flags = _command_flags(argv)
+    if set(flags) != {'export', 'out'} or not all(flags.values()):
+        raise ConfigError(EXPORT_USAGE)
+    path, out = flags['export'], Path(flags['out'])
+    if out.exists():
+        raise UserError(f"--out={out} already exists; give a new folder (nothing is overwritten)")
+    cfg, model, tokenizer = load_model(path)
+    try:
+        model_cfg, preprocess_cfg, state, left_out = export_open_clip(cfg, model.state_dict(), tokenizer.vocab_size)
+    except ValueError as e:
+        raise UserError(f"{path}: open_clip cannot represent this model exactly ({e})") from None
+    tmp = out.with_name(out.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a previous export that stopped half-way
+    tmp.mkdir(parents=True)
+    merges = merges_text(tokenizer.merges)
+    note = ''
+    if hashlib.sha256(merges).hexdigest() != CLIP_MERGES_SHA256:  # open_clip's tokenizer reads a gzipped merges file
+        # no final newline: open_clip reads a short file's trailing empty line as one more token
+        (tmp / 'bpe_merges.txt.gz').write_bytes(gzip.compress(merges.rstrip(b'\n'), mtime=0))
+        model_cfg['text_cfg']['tokenizer_kwargs'] = {'bpe_path': str(out.resolve() / 'bpe_merges.txt.gz')}
+        note = "; its own vocabulary, in bpe_merges.txt.gz, named by absolute path in open_clip_config.json"
+    (tmp / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg, 'preprocess_cfg': preprocess_cfg},
+                                                          indent=2))
+    torch.save(state, tmp / 'open_clip_pytorch_model.bin')
+    os.replace(tmp, out)
+    print(f"wrote {out} (open_clip local-dir: z projections{note}); not exported, open_clip's CLIP has no place for "
+          f"them: {', '.join(left_out) or 'nothing'}")
+    return out
 
 
 def _write_json(obj, path):

@@ -583,6 +583,77 @@ def convert_weights(obj):
             'assumed': assumed, 'heads_from': heads_from, 'state': state, 'extra': extra, 'ignored': ignored}
 
 
+# --- Export to open_clip ---
+# The inverse of the import renames: every plain rename of _RENAMES (a literal name, no group) turned around gives
+# timm's ViT names from ours, so one table serves both ways. open_clip's own towers keep OpenAI's names.
+_INVERSE = [(re.escape(new).join(['^' * p.startswith('^'), '$' * p.endswith('$')]), p.strip('^$').replace('\\.', '.'))
+            for p, new in reversed(_RENAMES) if isinstance(new, str) and '\\' not in new
+            and re.escape(p.strip('^$').replace('\\.', '.')) == p.strip('^$')]  # literal renames only
+_PACKED_QKV = (r'\.attn\.in_proj\.(weight|bias)$', r'.attn.in_proj_\1')  # open_clip's nn.MultiheadAttention
+# (width, layers, heads, patch, image size) of our timm-style ViT -> timm's registered ViT of that shape
+TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224): 'vit_small_patch16_224',
+             (384, 12, 6, 32, 224): 'vit_small_patch32_224', (768, 12, 12, 16, 224): 'vit_base_patch16_224',
+             (768, 12, 12, 32, 224): 'vit_base_patch32_224', (1024, 24, 16, 16, 224): 'vit_large_patch16_224'}
+
+
+def _timm_name(key):
+    """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
+    for pattern, replacement in _INVERSE:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _vision_tower(cfg, state):
+    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
+    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
+    visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
+    head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
+    if cfg.vision == 'resnet50':  # our names are timm's
+        vision_cfg = dict(timm_model_name='resnet50', timm_pool='avg', timm_proj='linear', image_size=cfg.image_size)
+        return vision_cfg, {**{f'trunk.{k}': v for k, v in visual.items()}, **head}
+    shape = (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.patch_size, cfg.image_size)
+    if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' and shape in TIMM_VITS:
+        vision_cfg = dict(timm_model_name=TIMM_VITS[shape], timm_pool='token', timm_proj='linear',
+                          image_size=cfg.image_size)
+        return vision_cfg, {**{'trunk.' + _timm_name(f'visual.{k}')[len('visual.'):]: v for k, v in visual.items()},
+                            **head}
+    if cfg.vision_act != cfg.text_act:  # open_clip's quick_gelu sets both of its own towers
+        timm = f"; timm's shapes {sorted(TIMM_VITS.values())} export through its timm tower" \
+            if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' else ''
+        raise ValueError(f"--vision_act={cfg.vision_act} with --text_act={cfg.text_act}: open_clip's own ViT takes "
+                         f"the text tower's activation{timm}")
+    out = {re.sub(*_PACKED_QKV, k): v for k, v in visual.items() if k != 'conv1.bias'}
+    out['class_embedding'] = visual['class_embedding'].reshape(-1)  # (1, 1, D) -> (D,)
+    out['positional_embedding'] = visual['positional_embedding'][0].clone()  # (1, 1+N, D) -> (1+N, D)
+    if 'conv1.bias' in visual:  # open_clip's patch conv has no bias: it is a constant on every patch position
+        out['positional_embedding'][1:] += visual['conv1.bias']
+    out['proj'] = state['image_heads.z.weight'].t()  # used as x @ proj
+    vision_cfg = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                      layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads)
+    if cfg.vit_style == 'timm':
+        vision_cfg.update(no_ln_pre=True, norm_kwargs={'eps': 1e-6})
+    return vision_cfg, out
+
+
+def export_open_clip(cfg, state, vocab_size):
+    """Our checkpoint's weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, what is left out).
+    The z heads go as open_clip's projections; the local h heads, l2l_logit_scale and the method heads have no place
+    in open_clip's CLIP. Raises ValueError (one line) for a model open_clip cannot represent exactly."""
+    vision_cfg, visual = _vision_tower(cfg, state)
+    text = {re.sub(*_PACKED_QKV, k[len('text.'):]): v for k, v in state.items() if k.startswith('text.')}
+    out = {**{f'visual.{k}': v for k, v in visual.items()}, **text,
+           'text_projection': state['text_heads.z.weight'].t(), 'logit_scale': state['logit_scale']}
+    model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.text_act == 'quickgelu', vision_cfg=vision_cfg,
+                     text_cfg=dict(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
+                                   heads=cfg.text_heads, layers=cfg.text_layers))
+    preprocess_cfg = dict(size=cfg.image_size, mode='RGB', mean=list(cfg.image_mean), std=list(cfg.image_std),
+                          interpolation='bilinear', resize_mode='shortest', fill_color=0)
+    left_out = sorted({'.'.join(k.split('.')[:2 if k.startswith(('image_heads.', 'text_heads.')) else 1])
+                       for k in state if k != 'logit_scale'
+                       and not k.startswith(('visual.', 'text.', 'image_heads.z.', 'text_heads.z.'))})
+    return model_cfg, preprocess_cfg, {k: v.contiguous() for k, v in out.items()}, left_out
+
+
 # --- Mixed precision ---
 def autocast_dtype(cfg, device):
     """'auto' = bf16 autocast on GPUs that support it (no GradScaler needed), fp32 on CPU."""
