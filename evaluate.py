@@ -97,19 +97,45 @@ def _first_line(e, limit=160):
     return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
 
 
-IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path')
+IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
+                'guess_heads')
 CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
 
 
 def import_overrides(flags):
-    """The IMPORT_FLAGS among flags, typed; a bad head count raises ConfigError."""
+    """The IMPORT_FLAGS among flags, typed; a bad head count or statistic raises ConfigError."""
     out = {k: flags[k] for k in IMPORT_FLAGS if k in flags}
     for k in ('vision_heads', 'text_heads'):
         if k in out and not str(out[k]).isdigit():
             raise ConfigError(f"--{k}={out[k]}: expected a positive integer")
         if k in out:
             out[k] = int(out[k])
+    for k in ('image_mean', 'image_std'):
+        if k in out:
+            try:
+                out[k] = [float(x) for x in out[k].split(',')]
+            except ValueError:
+                out[k] = []
+            if len(out[k]) != 3:
+                raise ConfigError(f"--{k}={flags[k]}: expected three comma-separated numbers, e.g. 0.485,0.456,0.406")
+    if 'guess_heads' in out:
+        out['guess_heads'] = out['guess_heads'].lower() in ('', 'true', '1')
     return out
+
+
+def open_clip_config(path):
+    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
+    head counts, activations and image statistics; {} when there is none."""
+    config = Path(path).parent / 'open_clip_config.json'
+    if not config.is_file():
+        return {}
+    model_cfg, preprocess = (read_json(config, 'open_clip config').get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
+    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
+    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
+    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
+                  vision_act=act, text_act=act)
+    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
+    return fields
 
 
 def import_checkpoint(obj, path, overrides=None, defaults=None):
@@ -123,14 +149,18 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     if imported is None:
         raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
                          f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
-    overrides, arch = overrides or {}, imported['arch']
+    overrides, arch = dict(overrides or {}), imported['arch']
+    guess = overrides.pop('guess_heads', False)
     what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
-    fields = {**(defaults or {}), **arch, **overrides}
+    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
     heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
+    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
+    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
     missing = [k for k in heads if k not in fields]
     if missing:
-        raise UserError(f"{path}: a {what} checkpoint without an official model name, so its head counts are "
-                         f"unknown (no shape shows them): pass {' '.join(f'--{k}=N' for k in missing)}")
+        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
+                         f"its head counts are unknown (no shape shows them): pass "
+                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
     args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
     found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
                          Path(CLIP_BPE)) if p.is_file()]
@@ -138,7 +168,8 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     dataset = getattr(args, 'dataset', None)
     cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in DATASETS else 'csv'})
     source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
-              if all(k in arch for k in heads) else 'the run config')
+              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
+              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
     tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
              f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
              if cfg.vision == 'vit' else 'ResNet-50')
@@ -148,7 +179,7 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
             f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
             f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
             f"{source}")
-    if any(k not in overrides for k in imported['assumed']):
+    if any(k not in {**overrides, **beside} for k in imported['assumed']):
         line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
                 "--text_act=gelu)"
     if imported['ignored']:
@@ -935,7 +966,7 @@ def check_data(data_root, catalog, labels):
 
 FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'workers',
          'precision', 'device', 'check_data', 'linear_probe', 'probe_heads', 'probe_seed', *IMPORT_FLAGS)
-SWITCHES = ('check_data', 'linear_probe', 'probe_heads')  # flags that may stand alone (a bare --flag means true)
+SWITCHES = ('check_data', 'linear_probe', 'probe_heads', 'guess_heads')  # flags that may stand alone (a bare --flag means true)
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
 HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
              'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}

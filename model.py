@@ -428,7 +428,7 @@ def build_model(cfg, vocab_size, verbose=True):
 # --- Released weights ---
 # The checkpoints of SLIP and CLIP 🚀 (their main.py's dict: an `args` Namespace and a DDP state_dict) and open_clip
 # state dicts of OpenAI-architecture ViTs, renamed onto this model. Widths and depths come from the tensors; head
-# counts, which no shape shows, from the official builder named in args.model (OpenAI's rule for open_clip).
+# counts, which no shape shows, from the official builder named in args.model (for open_clip files: the caller's).
 OFFICIAL_HEADS = {  # (format, backbone in args.model) -> (vision heads, text heads) of the official builders
     ('slip', 'VITS16'): (12, 8), ('slip', 'VITB16'): (12, 8), ('slip', 'VITL16'): (16, 8),  # SLIP's ViT-S: 12 heads
     ('rocket', 'R50'): (None, 8), ('rocket', 'VITS16MOCO'): (12, 8), ('rocket', 'VITS16'): (6, 8),
@@ -519,9 +519,8 @@ def _arch(fmt, name, state, extra):
     elif 'slip_image.0.weight' in extra:
         arch['mlp_hidden_dim'] = extra['slip_image.0.weight'].shape[0]
     if fmt == 'open_clip':  # OpenAI's weights were trained with QuickGELU, some LAION ones with GELU: not in the file
-        arch.update(vision_heads=arch['vision_width'] // 64, text_heads=text_width // 64, image_mean=OPENAI_MEAN,
-                    image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
-        return arch, ['vision_act', 'text_act'], "OpenAI's rule (width / 64)"
+        arch.update(image_mean=OPENAI_MEAN, image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
+        return arch, ['vision_act', 'text_act'], None  # nor are the head counts: no name, no shape shows them
     arch.update(vision_act='gelu', text_act='quickgelu')
     backbone = name.split('_')[1] if name and '_' in name else None
     heads = OFFICIAL_HEADS.get((fmt, backbone))

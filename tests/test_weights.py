@@ -13,9 +13,11 @@ import model as model_module
 import train
 from config import Config, ConfigError, UserError
 from evaluate import main, read_checkpoint
+from data import load_merges, save_merges
 from model import CLIPModel, ResNet50, convert_weights
 
 FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
+CLIP_BPE = FIXTURES.parent / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / 'slip_vit.pt').is_file(),
                                     reason=f'importer fixtures not found in {FIXTURES}')
 # the fixtures are small: their head counts are not the official builders' (fixtures README, section 1.5)
@@ -146,7 +148,9 @@ def tokens():
 def test_open_clip_vit_imports_with_equal_embeddings(tmp_path, quick_gelu):
     theirs = open_clip_model(quick_gelu)
     torch.save(theirs.state_dict(), tmp_path / 'open_clip.pt')
-    acts = {} if quick_gelu else dict(vision_act='gelu', text_act='gelu')  # LAION's GELU models need the flags
+    # no name, so no head counts: OpenAI's rule only when asked; LAION's GELU models need the activation flags
+    acts = dict(guess_heads=True) if quick_gelu else dict(vision_act='gelu', text_act='gelu', vision_heads=2,
+                                                          text_heads=2)
     ckpt = read_checkpoint(tmp_path / 'open_clip.pt', acts)
     cfg = Config.from_dict(ckpt['config'])
     assert (cfg.vit_style, cfg.vision_heads, cfg.text_heads, cfg.image_size) == ('openai', 2, 2, 32)
@@ -210,10 +214,17 @@ def test_heads_without_a_model_name_must_be_given(tmp_path):
 
 
 # --- evaluate.py --convert and train.py --init ---
+def fixture_vocab(tmp_path):
+    """A merges file of the fixtures' 1000-token vocabulary (CLIP's first 486 merges): converted files carry it."""
+    save_merges(load_merges(CLIP_BPE)[:1000 - 514], tmp_path / 'vocab1000.txt.gz')
+    return f"--bpe_path={tmp_path / 'vocab1000.txt.gz'}"
+
+
 @needs_fixtures
 def test_convert_writes_a_native_checkpoint(tmp_path, capsys):
     out = tmp_path / 'converted.pt'
-    main(['--convert', str(FIXTURES / 'rocket_vit.pt'), '--out', str(out), '--vision_heads=3', '--text_heads=2'])
+    main(['--convert', str(FIXTURES / 'rocket_vit.pt'), '--out', str(out), '--vision_heads=3', '--text_heads=2',
+          fixture_vocab(tmp_path)])
     ckpt = read_checkpoint(out)
     assert 'source' in ckpt and ckpt['epoch'] == 32
     net, missing = model_of(ckpt)
@@ -229,7 +240,8 @@ def test_convert_writes_a_native_checkpoint(tmp_path, capsys):
 @needs_fixtures
 def test_init_loads_the_weights_and_lists_missing_heads(tmp_path, capsys):
     converted = tmp_path / 'slip.pt'
-    main(['--convert', str(FIXTURES / 'slip_vit.pt'), '--out', str(converted), '--vision_heads=3', '--text_heads=2'])
+    main(['--convert', str(FIXTURES / 'slip_vit.pt'), '--out', str(converted), '--vision_heads=3', '--text_heads=2',
+          fixture_vocab(tmp_path)])
     arch = dict(vision_width=48, vision_layers=2, vision_heads=3, patch_size=8, image_size=40, local_crop_size=40,
                 text_width=32, text_layers=2, text_heads=2, embed_dim=32, mlp_hidden_dim=16)
     cfg = dataclasses.replace(Config(), **arch, method='rocket', init=str(converted))
