@@ -392,11 +392,13 @@ def cpu_split(workers, threads, device_type, local_world_size=1):
     return workers, threads
 
 
-def help_text():
-    lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '']
+def help_text(cfg=None):
+    """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
+    cfg = cfg or Config()
+    lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
+             f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method} and the flags given:"]
     for f in fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name:<24} {f.metadata['help']} (default: {default})")
+        lines.append(f"  --{f.name:<24} {f.metadata['help']} (here: {getattr(cfg, f.name)})")
     lines.append('')
     lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(DATASETS)}) < method < flag")
     return '\n'.join(lines)
@@ -428,11 +430,11 @@ def parse_args(argv=None):
     """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
     rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
-    if '-h' in argv or '--help' in argv:
-        if rank0:
-            print(help_text())
-        sys.exit(0)
     try:
+        if '-h' in argv or '--help' in argv:  # the values the other flags resolve to: presets included
+            if rank0:
+                print(help_text(resolve(_split_flags([a for a in argv if a not in ('-h', '--help')]), False)))
+            sys.exit(0)
         return resolve(_split_flags(argv), verbose=rank0)
     except ConfigError as e:
         if rank0:

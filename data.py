@@ -1347,6 +1347,9 @@ def build_demo_vocab_main(argv):
 def main(argv):
     """python data.py COMMAND [...]: build-vocab or build-demo-vocab."""
     commands = {'build-vocab': build_vocab_main, 'build-demo-vocab': build_demo_vocab_main}
+    if argv[:1] in (['-h'], ['--help']) or argv[:1] == ['build-demo-vocab'] and argv[1:2] in (['-h'], ['--help']):
+        print(f"usage: {USAGE}")
+        return
     if argv[:1] not in ([c] for c in commands):
         usage_error(f"expected a command, build-vocab or build-demo-vocab (got {' '.join(argv) or 'none'})")
     commands[argv[0]](argv[1:])

@@ -5,6 +5,9 @@
         [--batch_size=N] [--workers=N] [--precision=fp32|bf16|fp16] [--bpe_path=FILE] [--device=cpu|cuda]
         [--linear_probe [--probe_heads] [--probe_seed=0]]
     python evaluate.py --check_data --data_root=DIR [--catalog=paths.json]   # which sets are there; no model
+    python evaluate.py --convert released.pt --out ours.pt [--vision_heads=N --text_heads=N | --guess_heads]
+        [--vision_act=gelu|quickgelu] [--text_act=...] [--image_mean=a,b,c] [--image_std=a,b,c] [--bpe_path=FILE]
+    python evaluate.py --export ckpt.pt --out DIR    # open_clip's local-dir layout, for open_clip and clip_benchmark
 
 Rebuilds each model from its checkpoint alone (config, weights and the tokenizer's merges), runs every
 catalogue dataset found under --data_root (<data_root>/<name>, or the per-dataset paths of a {name: path}
@@ -1036,6 +1039,9 @@ def print_table(records):
 
 
 def _run(argv):
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip() + f"\n\noptions: {' '.join('--' + f for f in FLAGS)}")
+        return None
     if argv and argv[0].partition('=')[0] == '--convert':
         return convert(argv)
     if argv and argv[0].partition('=')[0] == '--export':

@@ -652,6 +652,11 @@ def train(cfg, rank, world_size, device):
         print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
               f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
               f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        if warmup >= last_step > loop.step:
+            print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "
+                  f"run of {last_step} steps: the learning rate never decays and ends at its peak at most; lower "
+                  f"--warmup_epochs", flush=True)
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()

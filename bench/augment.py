@@ -22,6 +22,7 @@ import data as D
 import torchvision.transforms.v2.functional as F
 from augment import ImageViews, TextViews
 from config import Config
+from bench import exit_on_help
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -132,6 +133,7 @@ def finish_rate(size, device, jpegs, batch=64, calls=5):
 
 # --- Main ---
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.augment [--images=200] [--rounds=5] [--size=224]')
     args = dict(a[2:].split('=', 1) for a in argv)

@@ -23,6 +23,7 @@ if CODE:
 from bench.augment import make_jpegs  # noqa: E402
 from config import Config  # noqa: E402
 import data as D  # noqa: E402
+from bench import exit_on_help  # noqa: E402
 
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 WORDS = ('a the brown dog runs across grassy field near an old red barn two people riding bikes down busy city '
@@ -78,6 +79,7 @@ def report(title, rates):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.data [--images=200] [--rounds=3]')
     args = dict(a[2:].split('=', 1) for a in argv)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import data as D
+from bench import exit_on_help
 
 WORDS = ('sunset beach family trip mountain lake city night street dog cat wedding party concert tree flower '
          'garden river bridge snow winter summer holiday museum church train car boat sky cloud friends kids '
@@ -119,6 +120,7 @@ def child(layout, path, batches, freeze):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.metadata [--entries=2000000] [--batches=200]')
     args = dict(a[2:].split('=', 1) for a in argv)

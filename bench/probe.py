@@ -12,6 +12,7 @@ import time
 import torch
 
 import evaluate
+from bench import exit_on_help
 
 
 def features(n, dim, classes, seed, signal=64):
@@ -45,6 +46,7 @@ def timed_probe(x, y, tx, ty, classes, sweep_dtype):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     args = {'n': 50000, 'test': 10000, 'dim': 512, 'classes': 10, 'threads': 1, 'reference': 1}
     args.update({k: int(v) for k, v in (a[2:].split('=') for a in argv)})
     torch.set_num_threads(args['threads'])

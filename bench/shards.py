@@ -20,6 +20,7 @@ from PIL import Image
 
 from config import Config
 import data as D
+from bench import exit_on_help
 
 
 def write_shards(folder, shards, samples):
@@ -53,6 +54,7 @@ def start(cfg, tokenizer):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.shards [--shards=1000] [--samples=100]')
     args = dict(a[2:].split('=', 1) for a in argv)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from data import Tokenizer, learn_bpe, save_merges
+from bench import exit_on_help
 
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 NOUNS = ('dog cat man woman child people car bus train bike street road city building house room table chair '
@@ -76,6 +77,7 @@ def captions_per_second(fn, captions, rounds=3):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     n = int(next((a.split('=', 1)[1] for a in argv if a.startswith('--captions=')), 20000))
     captions = make_captions(n)
     try:

@@ -19,6 +19,7 @@ import torch
 import evaluate as E
 from bench.augment import make_jpegs
 from config import resolve
+from bench import exit_on_help
 
 CLIP_VOCAB = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 
@@ -38,6 +39,7 @@ def rate(fn, n):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit(__doc__.splitlines()[2])
     args = dict(a[2:].split('=', 1) for a in argv)

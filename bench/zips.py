@@ -21,6 +21,7 @@ from PIL import Image
 
 from bench.augment import make_jpegs
 import data as D
+from bench import exit_on_help
 
 
 def timed(fn, jobs, rounds=3):
@@ -35,6 +36,7 @@ def timed(fn, jobs, rounds=3):
 
 
 def main(argv):
+    exit_on_help(argv, __doc__)
     if any(not a.startswith('--') or '=' not in a for a in argv):
         sys.exit('usage: python -m bench.zips [--archives=10] [--members=1000] [--reads=2000]')
     args = dict(a[2:].split('=', 1) for a in argv)
