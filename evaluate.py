@@ -582,6 +582,68 @@ def read_split(name, root, split, classnames):
     return [p for p, _ in found.samples], found.targets, len(found.classes)
 
 
+FOLDER = 'folder:'  # --datasets=folder:PATH: a user's own ImageFolder set
+FOLDER_TEMPLATES = ['a photo of a {}.']
+
+
+def custom_set(name, catalog):
+    """{'name', 'root', 'classnames', 'templates'} of a user's own set, zero-shot over an ImageFolder: folder:PATH, or
+    a catalogue entry {"path": ..., "classnames": ..., "templates": ...} (a file or a list each; optional) under a
+    name of its own. None for a catalogue dataset."""
+    if name.startswith(FOLDER):
+        root, entry = Path(name[len(FOLDER):]), {}
+    elif name in catalog and name not in CATALOGUE and name != 'demo':
+        entry = catalog[name] if isinstance(catalog[name], dict) else {'path': catalog[name]}
+        root = Path(entry.get('path', ''))
+    else:
+        return None
+    return {'name': root.name if name.startswith(FOLDER) else name, 'root': root,
+            'classnames': entry.get('classnames'), 'templates': entry.get('templates')}
+
+
+def _listed(given, default, what):
+    """A list given as such or as a file of one entry a line; the default file when none is given (None if absent)."""
+    if isinstance(given, list):
+        return given
+    path = Path(given) if given else default
+    if not path.is_file():
+        if given:
+            raise UserError(f"{what} file {path} not found; give a text file with one entry a line")
+        return None
+    return [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+
+
+def read_custom_set(spec, transform):
+    """(ImageList, class names, templates) of a custom_set: every class folder is a candidate, with images or not;
+    names from a classnames file (one a line, in sorted folder order) or the folder names ('_' read as a space);
+    templates ('{}' marks the class) from a templates file or FOLDER_TEMPLATES."""
+    root = spec['root']
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give an ImageFolder root: one sub-folder of images per class")
+    try:
+        found = torchvision.datasets.ImageFolder(root, allow_empty=True)
+    except (FileNotFoundError, OSError) as e:  # no class folders
+        raise UserError(f"{root}/ needs one sub-folder of images per class ({_first_line(e)})") from None
+    classnames = (_listed(spec['classnames'], root / 'classnames.txt', 'classnames')
+                  or [c.replace('_', ' ') for c in found.classes])
+    if len(classnames) != len(found.classes):
+        raise UserError(f"{root}: {len(found.classes)} class folders but {len(classnames)} class names; give one name "
+                        f"per folder, in sorted folder order")
+    templates = _listed(spec['templates'], root / 'templates.txt', 'templates') or FOLDER_TEMPLATES
+    if not all('{}' in t for t in templates):
+        raise UserError(f"{root}: every template needs {{}} where the class name goes, e.g. 'a photo of a {{}}.'")
+    if not found.samples:
+        raise UserError(f"{root}: its class folders hold no images")
+    return ImageList([p for p, _ in found.samples], found.targets, transform), classnames, templates
+
+
+def custom_zero_shot(model, tokenizer, cfg, spec, transform, rank=0, world_size=1):
+    """zero_shot on a custom_set, with 'classes': the number of candidate classes."""
+    dataset, classnames, templates = read_custom_set(spec, transform)
+    return {**zero_shot(model, tokenizer, cfg, dataset, classnames, templates, 'acc', rank, world_size),
+            'classes': len(classnames)}
+
+
 def build_dataset(name, root, transform, classnames, split=None):
     """The eval split (or `split`, e.g. 'train' for the linear probe) of catalogue dataset `name` stored at root as
     an ImageList; wrong layouts raise one line."""
@@ -845,13 +907,15 @@ def _dataset_path(name, data_root, catalog):
     return Path(data_root) / name if data_root else None
 
 
-def check_datasets(names):
-    """Raise ConfigError naming the first dataset that is neither 'demo' nor in the catalogue."""
+def check_datasets(names, catalog=None):
+    """Raise ConfigError naming the first dataset that is neither 'demo', in the catalogue, folder:PATH nor an entry
+    of the user's catalogue."""
     for name in names:
-        if name != 'demo' and name not in CATALOGUE:
+        if name != 'demo' and name not in CATALOGUE and not name.startswith(FOLDER) and name not in (catalog or {}):
             close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
             raise ConfigError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else
-                                                            f"; choose from demo, {', '.join(CATALOGUE)}"))
+                                                            f"; choose from demo, {', '.join(CATALOGUE)}") +
+                              "; a set of your own: folder:PATH (an ImageFolder) or an entry of --catalog")
     return names
 
 
@@ -902,7 +966,7 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
         if on_result:
             on_result(results)
 
-    for name in check_datasets(datasets or default_datasets(cfg)):
+    for name in check_datasets(datasets or default_datasets(cfg), catalog):
         if name == 'demo':
             for task in demo_eval_tasks(cfg):
                 if probe is None:
@@ -914,6 +978,13 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
                         task.metric, probe, rank, world_size))
             if probe is None:
                 run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
+            continue
+        custom = custom_set(name, catalog or {})
+        if custom is not None and probe is not None:
+            say(f"skip {custom['name']}: the linear probe needs a train split; a folder set is zero-shot only")
+        elif custom is not None:
+            run(custom['name'], lambda: custom_zero_shot(model, tokenizer, cfg, custom, transform, rank, world_size))
+        if custom is not None:
             continue
         root = _dataset_path(name, cfg.data_root, catalog or {})
         if root is None:
@@ -1011,7 +1082,8 @@ def parse_argv(argv):
         raise ConfigError(f"--precision={flags['precision']}: choose {', '.join(PRECISIONS)}")
     if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
         raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
-    check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [])
+    catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
+    check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [], catalog)
     check_probe_flags(flags)
     return paths, flags
 
