@@ -156,6 +156,8 @@ class Config:
     save_every: int = _f(0, 'optimizer steps between checkpoints (0 = epoch ends only)')
     keep_last: int = _f(2, 'step checkpoints to keep')
     max_nonfinite: int = _f(5, 'consecutive non-finite losses before training stops')
+    report_to: str = _f('', "mirror every log.jsonl record to tensorboard (output_dir/tensorboard) and/or wandb, "
+                            "comma-separated; each needs its pip package")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -333,6 +335,8 @@ def validate(cfg):
     _check(cfg.device in ('auto', 'cpu', 'cuda') or cfg.device.startswith('cuda:'),
            f"--device={cfg.device}: choose auto, cpu or cuda")
     _check(cfg.augment_device in ('cpu', 'cuda'), f"--augment_device={cfg.augment_device}: choose cpu or cuda")
+    _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
+           f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
                  'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):

@@ -9,6 +9,7 @@ SIGTERM / SIGUSR1 (sent by SLURM before pre-emption) save a checkpoint at the ne
 """
 import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -390,6 +391,60 @@ def peak_memory_gb(device):
 def write_log(cfg, record):
     with open(Path(cfg.output_dir) / 'log.jsonl', 'a') as f:
         f.write(json.dumps(record) + '\n')
+    for log, _ in TRACKERS:
+        log(record)
+
+
+# --- Experiment tracking ---
+# --report_to=tensorboard,wandb: every log.jsonl record mirrored, its numbers named <type>/<key>[/<key>...] as there
+TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb'}  # tracker -> the pip package it needs
+TRACKERS = []  # (log(record), close()) of the trackers rank 0 has open
+
+
+def check_trackers(cfg):
+    """One line naming the pip package of a --report_to tracker that is not installed (before anything is written)."""
+    for name in filter(None, cfg.report_to.split(',')):
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise config.UserError(f"--report_to={name} needs the {TRACKER_PACKAGES[name]} package: pip install "
+                                   f"{TRACKER_PACKAGES[name]}")
+
+
+def scalars(record, prefix=None):
+    """{name: number} of a log record: '<type>/<key>', nested dicts (the evaluation) joined by '/'."""
+    prefix = record['type'] if prefix is None else prefix
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f'{prefix}/{key}'))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'type':
+            out[f'{prefix}/{key}'] = value
+    return out
+
+
+def open_trackers(cfg, resume):
+    """Open the --report_to trackers (rank 0), imported only here; a fresh run starts a fresh TensorBoard log."""
+    for name in filter(None, cfg.report_to.split(',')):
+        if name == 'tensorboard':
+            from torch.utils.tensorboard import SummaryWriter
+            if resume is None:
+                shutil.rmtree(Path(cfg.output_dir) / 'tensorboard', ignore_errors=True)
+            writer = SummaryWriter(str(Path(cfg.output_dir) / 'tensorboard'))
+
+            def log(record, writer=writer):
+                for key, value in scalars(record).items():
+                    writer.add_scalar(key, value, record['step'])
+                writer.flush()
+            TRACKERS.append((log, writer.close))
+        else:
+            import wandb
+            run = wandb.init(project='rocket-clip', name=Path(cfg.output_dir).name, dir=cfg.output_dir,
+                             config=cfg.to_dict())
+            TRACKERS.append((lambda record, run=run: run.log(scalars(record), step=record['step']), run.finish))
+
+
+def close_trackers():
+    while TRACKERS:
+        TRACKERS.pop()[1]()
 
 
 # --- Training ---
@@ -625,6 +680,7 @@ def train(cfg, rank, world_size, device):
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     with on_every_rank(world_size):  # checks and reads only: nothing is written before every rank has passed them
         resume = check_output_dir(cfg)
+        check_trackers(cfg)
         tokenizer = build_tokenizer(cfg)
         loader = build_train_loader(cfg, tokenizer, rank, world_size)
         steps_per_epoch = len(loader) // cfg.update_freq
@@ -642,6 +698,8 @@ def train(cfg, rank, world_size, device):
             if state is not None:
                 restore_epoch_state(loop, state, device)
     init_output_dir(cfg, resume, rank)
+    if rank == 0:
+        open_trackers(cfg, resume)
     micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
     last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     train_model = wrap_model(model, cfg, device, world_size)
@@ -725,6 +783,7 @@ def main(argv=None):
             os._exit(1)  # not sys.exit: tearing down a process group whose peer is gone can abort (SIGABRT)
         raise
     finally:
+        close_trackers()
         if world_size == 1:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
