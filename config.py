@@ -250,10 +250,40 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+class StdoutOrStderr:
+    """sys.stdout until its reader goes away (`python train.py | head`), then stderr: the run goes on, and neither
+    the next line nor the flush at exit raises BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.fall_back()
+            return self.stream.write(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.fall_back()
+
+    def fall_back(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what the old stream still holds goes there
+        self.stream = sys.stderr
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ...
+        return getattr(self.stream, name)
+
+
 def run_cli(main_fn, argv=None):
     """Run a command-line entry point: a UserError prints `error: <message>` on one line and exits with its
     code (naming the rank under torchrun when it is not rank 0); any other exception is a bug and keeps its
-    traceback."""
+    traceback. Output goes on to stderr once stdout's reader has gone."""
+    if not isinstance(sys.stdout, StdoutOrStderr) and sys.stdout is not None:
+        sys.stdout = StdoutOrStderr(sys.stdout)
     try:
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
