@@ -117,6 +117,9 @@ class Config:
     threads: int = _f(0, 'torch threads of each training process (0: the cores available less the workers)')
     bad_sample_threshold: float = _f(0.01, 'stop (after saving a checkpoint) when more than this fraction of the '
                                            'samples read this epoch is unreadable')
+    max_image_pixels: int = _f(4096 * 4096, 'pixel budget of a training image (PIL refuses 179M): a JPEG over it is '
+                                            'decoded at 1/2, 1/4 or 1/8 scale, another image is skipped as unreadable '
+                                            '(0: no budget)')
     bad_sample_min: int = _f(1000, 'samples read this epoch before --bad_sample_threshold is checked at every log '
                                    'line (it is always checked at the epoch end)')
 
@@ -365,7 +368,7 @@ def validate(cfg):
     _check(cfg.augment_device in ('cpu', 'cuda'), f"--augment_device={cfg.augment_device}: choose cpu or cuda")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
-                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
+                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
