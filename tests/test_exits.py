@@ -51,7 +51,7 @@ config.run_cli(train.main)
 def start(args, env=None, hook=False):
     cmd = [sys.executable, *(['-c', HOOK] if hook else ['train.py']), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=True)  # its own group, as a job's
 
 
 def descendants(pid):
@@ -136,7 +136,7 @@ def test_the_bad_data_stop_ends(tmp_path):
 def test_a_stop_signal_saves_at_the_next_step_and_ends(tmp_path, sig):
     proc = start([*WORKER, f'--output_dir={tmp_path}', '--epochs=1000'])
     workers = running_workers(proc, tmp_path)
-    proc.send_signal(getattr(signal, sig))
+    os.killpg(proc.pid, getattr(signal, sig))  # to the whole group, as SLURM and a terminal's Ctrl-C do
     status, out, err = finish(proc, workers)
     assert status == 0 and 'Traceback' not in err, err
     step = loads(tmp_path / 'checkpoint.pt')
@@ -148,9 +148,9 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_last_checkpoint(tmp_path):
     proc = start([*WORKER, f'--output_dir={tmp_path}', '--epochs=1000', '--save_every=1'], hook=True,
                  env={'SLOW': '1'})
     workers = running_workers(proc, tmp_path)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.3)  # the first one's handler has run (the step sleeps a second): two interrupts, not one
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     status, _, err = finish(proc, workers)
     assert status == 130
     assert_one_error_line(err, 'interrupted twice: exiting now, without saving')
