@@ -27,7 +27,7 @@ WORKER = [*(f for f in TINY if not f.startswith('--workers')), '--workers=1']
 # HANG_IN_SAVE=N writes the N-th torch.save's bytes, touches out/saving and sleeps (for a kill -9 inside a save);
 # NO_SPACE_AT=N makes the N-th torch.save fail as a full disk does (the fallback of the tmpfs case)
 HOOK = '''
-import errno, os, sys, time
+import errno, os, time
 import config, torch, train
 calls, save = [], torch.save
 if os.environ.get('SLOW'):
