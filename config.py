@@ -117,6 +117,9 @@ class Config:
     threads: int = _f(0, 'torch threads of each training process (0: the cores available less the workers)')
     bad_sample_threshold: float = _f(0.01, 'stop (after saving a checkpoint) when more than this fraction of the '
                                            'samples read this epoch is unreadable')
+    max_image_pixels: int = _f(4096 * 4096, 'pixel budget of a training image (PIL refuses 179M): a JPEG over it is '
+                                            'decoded at 1/2, 1/4 or 1/8 scale, another image is skipped as unreadable '
+                                            '(0: no budget)')
     bad_sample_min: int = _f(1000, 'samples read this epoch before --bad_sample_threshold is checked at every log '
                                    'line (it is always checked at the epoch end)')
 
@@ -252,10 +255,40 @@ class ConfigError(UserError, ValueError):
     exit_code = 2
 
 
+class StdoutOrStderr:
+    """sys.stdout until its reader goes away (`python train.py | head`), then stderr: the run goes on, and neither
+    the next line nor the flush at exit raises BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.fall_back()
+            return self.stream.write(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.fall_back()
+
+    def fall_back(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what the old stream still holds goes there
+        self.stream = sys.stderr
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ...
+        return getattr(self.stream, name)
+
+
 def run_cli(main_fn, argv=None):
     """Run a command-line entry point: a UserError prints `error: <message>` on one line and exits with its
     code (naming the rank under torchrun when it is not rank 0); any other exception is a bug and keeps its
-    traceback."""
+    traceback. Output goes on to stderr once stdout's reader has gone."""
+    if not isinstance(sys.stdout, StdoutOrStderr) and sys.stdout is not None:
+        sys.stdout = StdoutOrStderr(sys.stdout)
     try:
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -339,7 +372,7 @@ def validate(cfg):
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
-                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
+                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',

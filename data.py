@@ -1,8 +1,10 @@
 """Data: CLIP's BPE tokenizer (recipe §1.4), the datasets, the built-in demo dataset and the loaders (recipe §4)."""
 import argparse
+import atexit
 import bisect
 import collections
 import csv
+import ctypes
 import functools
 import gc
 import gzip
@@ -12,6 +14,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import random
@@ -267,12 +270,15 @@ def sample_seed(*keys):
     return int(np.random.SeedSequence([k & (2 ** 64 - 1) for k in keys]).generate_state(1, np.uint64)[0])
 
 
-def open_image(data):
+def open_image(data, max_pixels=0):
     """PIL image from encoded bytes, turned upright by its EXIF orientation (phone photos are often stored
     sideways with such a tag) and decoded here (so a bad file fails now, not later), except an upright JPEG: the
     views decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
-    Deviation from recipe §4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted."""
+    Deviation from recipe §4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted.
+    An image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
     img = Image.open(io.BytesIO(data))
+    if max_pixels and img.width * img.height > max_pixels:
+        fit_pixels(img, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img.load()
         return ImageOps.exif_transpose(img)  # crops are drawn on the upright size, so no draft decoding here
@@ -281,9 +287,18 @@ def open_image(data):
     return img
 
 
-def load_image(path):
+def fit_pixels(img, max_pixels):
+    """Set a JPEG over max_pixels to decode at the largest DCT scale (1/2, 1/4, 1/8) that fits; any other image is a
+    bad sample (ValueError), never decoded: one huge file (a flat 12000x12000 PNG is 450 KB) would cost a worker GBs."""
+    w, h = img.size
+    k = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= max_pixels), None)
+    if img.format != 'JPEG' or k is None or img.draft(img.mode, (-(-w // k), -(-h // k))) is None:
+        raise ValueError(f"a {w}x{h} {img.format} image is over --max_image_pixels={max_pixels}")
+
+
+def load_image(path, max_pixels=0):
     """open_image of a file: the one decode of training and evaluation."""
-    return open_image(Path(path).read_bytes())
+    return open_image(Path(path).read_bytes(), max_pixels)
 
 
 def as_captions(value):
@@ -414,6 +429,7 @@ def write_atomically(path, write):
 
 class FileReader:
     """Images stored as files: load(i) -> (image, captions) of root / paths[i] (Strings, CaptionLists)."""
+    max_pixels = 0  # the pixel budget of open_image, set by build_reader
 
     def __init__(self, root, paths, captions):
         self.root, self.paths, self.captions = Path(root), paths, captions
@@ -422,7 +438,7 @@ class FileReader:
         return len(self.paths)
 
     def load(self, i):
-        return load_image(self.root / self.paths[i]), self.captions[i]
+        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
 
 
 ZIP_END, ZIP_ENTRY, ZIP_LOCAL = struct.Struct('<4s4H2IH'), struct.Struct('<4s6H3I5H2I'), struct.Struct('<4s5H3I2H')
@@ -468,6 +484,7 @@ def read_zip_member(path, name):
 class YfccReader:
     """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; captions are the
     non-empty ones of (title, description), given as compact ids and CaptionLists."""
+    max_pixels = 0  # the pixel budget of open_image, set by build_reader
 
     def __init__(self, root, ids, captions):
         self.root, self.ids, self.captions = Path(root), ids, captions
@@ -478,7 +495,7 @@ class YfccReader:
     def load(self, i):
         name = f'{int(self.ids[i]):08d}'
         data = read_zip_member(self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg')
-        return open_image(data), tuple(c for c in self.captions[i] if c) or ('',)
+        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
 
 
 class MergedReader:
@@ -498,9 +515,9 @@ class MergedReader:
 def _existing(path, flag, expected):
     """Path(path), or one line naming the missing path and what was expected there."""
     if not path:
-        raise ValueError(f"--{flag} is empty; give {expected}")
+        raise ConfigError(f"--{flag} is empty; give {expected}")
     if not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"--{flag}={path} not found; expected {expected}")
+        raise UserError(f"--{flag}={path} not found; expected {expected}")
     return Path(path).expanduser()
 
 
@@ -625,15 +642,17 @@ def build_reader(cfg):
     elif cfg.dataset == 'merged29m':
         metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
         if len(metadata) != 3 or len(roots) != 3:
-            raise ValueError("--dataset=merged29m needs three --metadata and three --root values joined by '---', "
-                             "in the order cc3m---cc12m---yfcc15m")
+            raise ConfigError("--dataset=merged29m needs three --metadata and three --root values joined by '---', "
+                              "in the order cc3m---cc12m---yfcc15m")
         reader = MergedReader([read_npy(metadata[0], roots[0], 'cc3m', cfg.output_dir),
                                read_npy(metadata[1], roots[1], 'cc12m', cfg.output_dir),
                                read_yfcc(metadata[2], roots[2], cfg.output_dir)])
     else:
         raise ValueError(f"--dataset={cfg.dataset} has no map-style reader")
     if len(reader) == 0:
-        raise ValueError(f"--metadata={cfg.metadata} lists no samples")
+        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
+    for part in getattr(reader, 'readers', [reader]):
+        part.max_pixels = cfg.max_image_pixels
     first = min(len(reader), 16)
     errors = []
     for i in range(first):
@@ -643,8 +662,8 @@ def build_reader(cfg):
         except BAD_SAMPLE as e:
             errors.append(e)
     if len(errors) == first:
-        raise ValueError(f"none of the first {first} samples of --metadata={cfg.metadata} is readable "
-                         f"({errors[-1]!r}); check --root={cfg.root}")
+        raise ConfigError(f"none of the first {first} samples of --metadata={cfg.metadata} is readable "
+                          f"({errors[-1]!r}); check --root={cfg.root}")
     return reader
 
 
@@ -677,6 +696,9 @@ def read_sample(load, make_sample, epoch, index, skipped):
     """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded."""
     try:
         image, captions = load()
+        captions = tuple(c for c in captions if _clean(c))
+        if not captions:
+            raise ValueError("the captions are empty (after cleaning)")
     except BAD_SAMPLE as e:
         return None, e
     try:
@@ -783,12 +805,12 @@ def count_samples(path):
     return len(keys)
 
 
-def decode_group(group):
+def decode_group(group, max_pixels=0):
     """(image, captions) of one tar sample; a missing part, a bad image or non-UTF-8 text raises a BAD_SAMPLE."""
     image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
     if image is None or 'txt' not in group:
         raise KeyError(f"sample has {sorted(group)}, needs jpg/png/webp + txt")
-    return open_image(image), (group['txt'].decode('utf-8'),)
+    return open_image(image, max_pixels), (group['txt'].decode('utf-8'),)
 
 
 SHUFFLE_BUFFER = 1000
@@ -806,7 +828,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.starts = [0, *np.cumsum(counts).tolist()]  # global sample index = shard start + position
         self.seed, self.batch_size, self.rank, self.world_size = cfg.seed, cfg.batch_size, rank, world_size
         self.batches = sum(counts) // world_size // cfg.batch_size
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.max_pixels = 0, 0, cfg.max_image_pixels
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -847,8 +869,8 @@ class TarShards(torch.utils.data.IterableDataset):
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             index, group = buffer.pop()
-            sample, error = read_sample(functools.partial(decode_group, group), self.make_sample, self.epoch, index,
-                                        pending)
+            sample, error = read_sample(functools.partial(decode_group, group, self.max_pixels), self.make_sample,
+                                        self.epoch, index, pending)
             if sample is None:
                 pending += 1
                 if pending == MAX_BAD_IN_A_ROW:
@@ -958,7 +980,7 @@ def read_shards(cfg, workers, rank=0, world_size=1):
     """Shard paths and sample counts of cfg.metadata, checked before any worker starts."""
     pattern = cfg.metadata if not cfg.root else str(Path(cfg.root) / cfg.metadata)
     if not cfg.metadata:
-        raise ValueError(f"--metadata is empty; give {FORMATS['wds']}")
+        raise ConfigError(f"--metadata is empty; give {FORMATS['wds']}")
     shards = expand_braces(pattern)
     stats, missing = [], []
     for s in shards:
@@ -967,15 +989,16 @@ def read_shards(cfg, workers, rank=0, world_size=1):
         except OSError:
             missing.append(s)
     if missing:
-        raise FileNotFoundError(f"--metadata={cfg.metadata}: {len(missing)} of {len(shards)} shards not found "
-                                f"(e.g. {missing[0]}); expected {FORMATS['wds']}")
+        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
+                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected "
+                        f"{FORMATS['wds']}")
     check_format(shards[0], 'wds', f'shard {shards[0]} of --metadata={cfg.metadata}')
     counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
     if sum(counts) == 0:
         raise _bad_format(cfg.metadata, 'wds', 'no readable tar members')
     if len(shards) < world_size * workers:
-        raise ValueError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
-                         f"lower --workers or write more shards")
+        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
+                          f"lower --workers or write more shards")
     return shards, counts
 
 
@@ -1247,12 +1270,28 @@ class ShardLoader:
 
 
 def init_worker(worker_id):
-    """Workers leave SIGTERM/SIGUSR1 to the main process, which saves a checkpoint before exiting (SLURM), and
-    freeze the objects inherited from it: the garbage collector then never writes to (and so copies) their pages
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves a checkpoint before exiting (SLURM and
+    a Ctrl-C signal the whole process group), end when the main process ends (end_workers_at_exit, and the
+    kernel's parent-death signal where the main process dies without running its exit hooks: os._exit, kill -9),
+    and freeze the objects inherited from it: the garbage collector then never writes to (and so copies) their pages
     (measured: ~80 MB per worker with torch alone, all of a metadata list's objects; python -m bench.metadata)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform == 'linux':
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     gc.freeze()
+
+
+def end_workers_at_exit():
+    """At interpreter exit multiprocessing terminates daemonic children (loader workers) with SIGTERM, then joins
+    them: workers ignoring SIGTERM would never end, and neither would the main process. Kill them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join()
+
+
+atexit.register(end_workers_at_exit)  # after multiprocessing's own exit hook, so it runs before it
 
 
 def trim_tokens(tokens):
@@ -1292,8 +1331,8 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
                                              pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
                                              collate_fn=collate, worker_init_fn=init_worker)
     if len(loader) == 0:
-        raise ValueError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
-                         f"--batch_size={cfg.batch_size}; lower the batch size or add data")
+        raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
+                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")
     return loader
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import shutil
+import re
 import struct
 import sys
 import time
@@ -86,7 +87,13 @@ def read_checkpoint(path, overrides=None, defaults=None):
         raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
     try:
         ckpt = load_weights_file(path)
-    except Exception as e:  # truncated zip, bad pickle, foreign pickled classes: all mean "not loadable"
+    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
+        if isinstance(e, pickle.UnpicklingError) and 'Weights only load failed' in str(e):
+            found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1] if found else 'objects'} "
+                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
+                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
+                from None
         raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); "
                         f"re-copy it or pick another epoch") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:

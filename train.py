@@ -5,15 +5,18 @@
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
 Checkpoints go to output_dir/checkpoint.pt (atomically); --resume=auto continues at the exact next sample.
-SIGTERM / SIGUSR1 (sent by SLURM before pre-emption) save a checkpoint at the next step and exit 0.
+SIGTERM / SIGUSR1 (sent by SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step and exit 0;
+a second Ctrl-C exits at once.
 """
 import contextlib
 import copy
+import errno
 import importlib.util
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -151,7 +154,17 @@ def ema_update(momentum_model, model, tau):
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, fsync, rename over `path`, fsync the directory:
     a crash at any moment leaves either the old file or the new one, never a torn one."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors and byte strings in nested dicts, lists and tuples: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, bytes):
+        return len(obj)
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(tensor_bytes, items))
 
 
 def atomic_copy(source, path):
@@ -159,18 +172,32 @@ def atomic_copy(source, path):
     def copy_into(f):
         with open(source, 'rb') as src:
             shutil.copyfileobj(src, f, 1 << 24)
-    atomic_write(path, copy_into)
+    atomic_write(path, copy_into, os.path.getsize(source))
 
 
-def atomic_write(path, write):
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+TMP_NAME = '.{name}.{pid}.tmp'  # a killed save leaves one behind; init_output_dir removes those of checkpoints
+STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')
+
+
+def atomic_write(path, write, size):
+    """write(file) into a temporary file beside `path` (TMP_NAME), then rename it over `path`. A write that fails for
+    lack of space removes the temporary file and raises OSError(ENOSPC) naming the `size` bytes it needs."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp = path.with_name(TMP_NAME.format(name=path.name, pid=os.getpid()))
     try:
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save raises a RuntimeError, with the OSError as its context
+        tmp.unlink(missing_ok=True)
+        if getattr(e, 'errno', None) in NO_SPACE or getattr(e.__context__, 'errno', None) in NO_SPACE:
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path}: it needs ~{size:,} bytes, "
+                                        f"{free:,} are free") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
@@ -221,11 +248,20 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
             'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
             'epoch_sums': [s[1] for s in states], 'metrics': metrics,
             'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
-    out = Path(cfg.output_dir)
-    atomic_save(ckpt, out / 'checkpoint.pt')
-    # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
-    # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
-    atomic_copy(out / 'checkpoint.pt', out / f'checkpoint_{step:08d}.pt')
+    out, saved = Path(cfg.output_dir), False
+    try:
+        atomic_save(ckpt, out / 'checkpoint.pt')
+        saved = True
+        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
+        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
+        atomic_copy(out / 'checkpoint.pt', out / f'checkpoint_{step:08d}.pt')
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
+                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
+        raise config.UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
+                               f"--resume=auto") from None
     for old in sorted(out.glob('checkpoint_*.pt'))[:-cfg.keep_last]:
         old.unlink()
 
@@ -318,6 +354,7 @@ def check_output_dir(cfg):
     """Refuse an output_dir that holds another run unless --resume or --overwrite; returns the checkpoint
     to resume from (or None). Reads only: init_output_dir writes once every rank has passed the checks."""
     out = Path(cfg.output_dir)
+    check_writable(out)
     saved = out / 'config.json'
     mine = json.loads(json.dumps(cfg.to_dict()))
     if not cfg.resume and not cfg.overwrite:
@@ -346,11 +383,27 @@ def check_output_dir(cfg):
     return resume
 
 
+def check_writable(out):
+    """One line, before any work, when the output dir cannot be made or written: a file, under a file, read-only."""
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    where = f"--output_dir={out}" + (f" (under {existing})" if existing != out else "")
+    if not existing.is_dir():
+        raise config.UserError(f"{where}: {existing} is a file, not a folder; choose another --output_dir")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise config.UserError(f"{where}: {existing} is on a read-only file system; choose another --output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise config.UserError(f"{where}: {existing} is not writable by this user; choose another --output_dir")
+
+
 def init_output_dir(cfg, resume, rank):
-    """Rank 0 writes config.json; a fresh run first removes the checkpoints and log of an overwritten one."""
+    """Rank 0 writes config.json; a fresh run first removes the checkpoints and log of an overwritten one; every run
+    removes the temporary files of a save that was killed."""
     out = Path(cfg.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.iterdir():
+            if STALE_TMP.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
             for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:
                 old.unlink(missing_ok=True)
@@ -362,6 +415,10 @@ STOP = {'signal': 0}  # set by the handler, acted on at the next optimizer-step 
 
 
 def request_stop(signum, frame):
+    """A stop at the next step; a second Ctrl-C exits at once (the checkpoints written so far are whole: atomic)."""
+    if signum == signal.SIGINT and STOP['signal'] == signal.SIGINT:
+        os.write(2, b"error: interrupted twice: exiting now, without saving\n")
+        os._exit(128 + signal.SIGINT)  # loader workers end with it (data.init_worker)
     STOP['signal'] = signum
 
 
@@ -445,6 +502,21 @@ def open_trackers(cfg, resume):
 def close_trackers():
     while TRACKERS:
         TRACKERS.pop()[1]()
+
+
+def trim_log(cfg, step):
+    """On resume, drop the log records of the steps past the checkpoint's (they are logged again) and a line torn by
+    a kill, so that log.jsonl holds one record per step. A 'nonfinite' record of step s is the update s -> s + 1."""
+    path = Path(cfg.output_dir) / 'log.jsonl'
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
+                keep.append(line + '\n')
+    atomic_write(path, lambda f: f.write(''.join(keep).encode()), 0)
 
 
 # --- Training ---
@@ -598,9 +670,11 @@ def skip_nonfinite(cfg, loop, lr, rank):
         write_log(cfg, {'type': 'nonfinite', 'step': loop.step, 'epoch': loop.epoch, 'lr': lr})
         print(f"step {loop.step}: non-finite loss, update skipped ({loop.nonfinite_run} in a row)", file=sys.stderr)
     if loop.nonfinite_run >= cfg.max_nonfinite:
+        ckpt = Path(cfg.output_dir) / 'checkpoint.pt'
+        restart = f"Resume from {ckpt}" if ckpt.exists() else "No checkpoint was saved yet: start over (--overwrite)"
         raise config.UserError(f"{loop.nonfinite_run} non-finite losses in a row at step {loop.step}; stopping. "
-                               f"Resume from {cfg.output_dir}/checkpoint.pt with a lower --lr or "
-                               f"--precision=bf16/fp32, or raise --max_nonfinite", every_rank=True)
+                               f"{restart} with a lower --lr or --precision=bf16/fp32, or raise --max_nonfinite",
+                               every_rank=True)
 
 
 def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, world_size, bar):
@@ -698,6 +772,8 @@ def train(cfg, rank, world_size, device):
             if state is not None:
                 restore_epoch_state(loop, state, device)
     init_output_dir(cfg, resume, rank)
+    if resume is not None and rank == 0:
+        trim_log(cfg, loop.step)
     if rank == 0:
         open_trackers(cfg, resume)
     micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
@@ -753,11 +829,24 @@ def train(cfg, rank, world_size, device):
     if bar is not None:
         bar.close()
     if rank == 0:
-        why = "a stop signal at step" if stopping else "step"
-        print(f"train: stopped at {why} {loop.step}; checkpoint in {cfg.output_dir}/checkpoint.pt", flush=True)
+        why = f"stopped by {signal.Signals(STOP['signal']).name if STOP['signal'] else 'a stop signal'} at" \
+            if stopping else "stopped at"
+        print(f"train: {why} step {loop.step}; checkpoint in {cfg.output_dir}/checkpoint.pt", flush=True)
     if dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing; a peer leaving early aborts gloo's teardown
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line():
+    """A write that fails for lack of space or on a read-only file system (the log, a cache) is one line, not a bug."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (*NO_SPACE, errno.EROFS):
+            raise
+        raise config.UserError(f"cannot write {e.filename or 'a file'}: {e.strerror}; free some space or choose "
+                               f"another --output_dir") from None
 
 
 def main(argv=None):
@@ -765,13 +854,14 @@ def main(argv=None):
     config.UserError (printed as one line by config.run_cli); under torchrun each is printed once."""
     cfg = config.parse_args(argv)
     rank, world_size, device = setup_distributed(cfg)
-    # SIGTERM/SIGUSR1 (SLURM before pre-emption) save a checkpoint at the next step boundary and exit 0. Installed
-    # first, so that forked data workers inherit it and so that torchrun's SIGTERM, sent to every rank when one
-    # fails, cannot cut off this rank's own error message (kept until exit under torchrun)
+    # SIGTERM/SIGUSR1 (SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step boundary and
+    # exit 0. Installed first, so that torchrun's SIGTERM, sent to every rank when one fails, cannot cut off this
+    # rank's own error message (kept until exit under torchrun); loader workers ignore them (data.init_worker)
     STOP['signal'] = 0
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        train(cfg, rank, world_size, device)
+        with full_disk_is_one_line():
+            train(cfg, rank, world_size, device)
     except config.UserError as e:
         if world_size > 1 and not e.every_rank:  # this rank alone: the others will see their collectives fail
             with contextlib.suppress(Exception):

@@ -242,14 +242,14 @@ def test_bad_paths_and_formats_raise_one_line_before_loading(tmp_path):
     with open(tmp_path / 'dict.pkl', 'wb') as f:
         pickle.dump({'a': 1}, f)
     r = dataclasses.replace
-    cases = [(r(cfgs['cc3m'], metadata=str(tmp_path / 'nope.npy')), FileNotFoundError, 'nope.npy not found'),
-             (r(cfgs['cc3m'], root=str(tmp_path / 'nowhere')), FileNotFoundError, 'nowhere not found'),
+    cases = [(r(cfgs['cc3m'], metadata=str(tmp_path / 'nope.npy')), UserError, 'nope.npy not found'),
+             (r(cfgs['cc3m'], root=str(tmp_path / 'nowhere')), UserError, 'nowhere not found'),
              (r(cfgs['cc3m'], root=str(tmp_path / 'shards')), ValueError, 'none of the first 6 samples'),
              (r(cfgs['cc12m'], metadata=str(tmp_path / 'ints.npy')), UserError, "{'image_name'"),
              (r(cfgs['cc12m'], metadata=str(tmp_path / 'cc3m.npy')), UserError, "{'image_name'"),
              (r(cfgs['yfcc15m'], metadata=str(tmp_path / 'dict.pkl')), UserError, 'pickled list'),
              (r(cfgs['csv'], csv_caption_key='caption'), UserError, "no column 'caption'"),
-             (r(cfgs['wds'], metadata=str(tmp_path / 'shards' / '{00..02}.tar')), FileNotFoundError, '1 of 3 shards'),
+             (r(cfgs['wds'], metadata=str(tmp_path / 'shards' / '{00..02}.tar')), UserError, '1 of 3 shards'),
              (r(cfgs['wds'], workers=3), ValueError, '2 shards cannot feed'),
              (r(cfgs['cc3m'], dataset='merged29m'), ValueError, "joined by '---'"),
              (r(cfgs['cc3m'], batch_size=7), ValueError, 'less than one batch')]
