@@ -19,13 +19,50 @@ def _f(default, help):
     return field(default=default, metadata={'help': help})
 
 
+# --- Methods ---
+@dataclass(frozen=True)
+class Method:
+    """One objective (recipe §2): the loss it trains, the model parts it needs, the strong views it reads, and the
+    settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
+    loss: str                 # model.py function of its contrastive term: (out, cfg) -> {'loss', ...}
+    extra: str = ''           # model.py function of the term added to it: (out, cfg, target) -> {'loss', ...}
+    weight: str = ''          # the config field that weights the extra term (none: 1)
+    heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
+    #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
+    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them
+    momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
+    preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
+    fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
+    recipes: dict = field(default_factory=dict)  # {(dataset, model or None): settings} on top of that dataset's recipe
+
+
+# recipe §8.1: a plain baseline has no augmented views and must also switch off the weak stopword removal
+_PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False)
+_SIGLIP = dict(logit_scale_init=math.log(10.0), l2l_logit_scale_init=math.log(10.0))  # t = exp(t') = 10 (Zhai et al.)
+_NONCONTRASTIVE = {('cc12m', None): dict(text_dropout=0.1)}  # recipe §5.1
+METHODS = {
+    'clip': Method('clip_term', views=None, preset=dict(_PLAIN, label_smoothing=0.0)),
+    'rocket': Method('cl2l_term', heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
+    'slip': Method('cl2l_term', 'slip_term', 'slip_scale', heads=('h', 'slip'), views=2),
+    'barlip': Method('cl2l_term', 'barlip_term', heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE),
+    'siamlip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE),
+    'byolip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, momentum=True,
+                     recipes=_NONCONTRASTIVE),
+    'swalip': Method('cl2l_term', 'swalip_term', 'swalip_weight', heads=('h',), views=1,
+                     fixed=dict(label_smoothing=0.0), recipes=_NONCONTRASTIVE),  # recipe §2.6
+    'siglip': Method('siglip_term', heads=('bias',), views=None, preset=dict(_PLAIN, **_SIGLIP),
+                     fixed=dict(label_smoothing=0.0)),
+    'rocket_siglip': Method('cl2l_siglip_term', heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0)),
+}
+
+
 @dataclass
 class Config:
     # --- presets ---
     dataset: str = _f('demo', 'dataset recipe: demo, cc3m, cc12m, yfcc15m, merged29m, csv, wds')
     model: str = _f('tiny', 'model preset: ' + ', '.join(['tiny', 'resnet50', 'vit_s16', 'vit_s16_12h',
                                                          'vit_s32', 'vit_b32', 'vit_b16', 'vit_l16', 'vit_l14']))
-    method: str = _f('rocket', 'objective: clip, rocket, slip, barlip, siamlip, byolip, swalip')
+    method: str = _f('rocket', 'objective: ' + ', '.join(METHODS))
 
     # --- model: image encoder ---
     vision: str = _f('vit', 'image encoder family: vit or resnet50')
@@ -56,6 +93,7 @@ class Config:
     siamlip_proj_dim: int = _f(128, 'SiamLIP/BYOLIP projector output width')
     logit_scale_init: float = _f(math.log(1 / 0.07), 'initial log logit scale of the global CLIP loss')
     l2l_logit_scale_init: float = _f(math.log(1 / 0.1), 'initial log logit scale of the local loss')
+    logit_bias_init: float = _f(-10.0, 'initial logit bias of the SigLIP terms (siglip, rocket_siglip)')
     logit_scale_max: float = _f(100.0, 'logit scales are clamped to [1, this] after every step')
 
     # --- objective ---
@@ -64,11 +102,11 @@ class Config:
                                      'pair never has it, except with --method=clip, where it applies to '
                                      'the only (global) term')
     loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image terms: "
-                                    "sum doubles every contrastive term, plain CLIP's too (not the SLIP, BarLIP, "
-                                    "SiamLIP or SwALIP terms)")
+                                    "sum doubles every contrastive term, plain CLIP's too (not the SigLIP, SLIP, "
+                                    "BarLIP, SiamLIP or SwALIP terms)")
     gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
                                       'the paper: constants); also scales BarLIP\'s gradient: W ranks x the paper\'s '
-                                      'when true; SLIP\'s SimCLR term always gathers with gradient')
+                                      'when true; SLIP\'s SimCLR and the SigLIP terms always gather with gradient')
     slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
     slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
     barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
@@ -176,9 +214,6 @@ class Config:
 
 
 # --- presets ---
-NONCONTRASTIVE = ('barlip', 'siamlip', 'byolip', 'swalip')
-METHODS = ('clip', 'rocket', 'slip') + NONCONTRASTIVE
-
 _TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
 MODELS = {
     # tiny trains on a laptop CPU in minutes on the demo data; 16-pixel patches (a 4x4 grid at 64 px) learn its
@@ -217,22 +252,14 @@ DATASETS = tuple(RECIPES)
 
 
 def dataset_recipe(dataset, model, method):
-    """The paper's settings for a dataset; two depend on the model or the method (recipe §5.1)."""
-    r = dict(RECIPES[dataset])
-    if dataset == 'cc12m' and method in NONCONTRASTIVE:
-        r['text_dropout'] = 0.1
-    if dataset == 'yfcc15m' and method == 'rocket' and model == 'resnet50':
-        r['remove_stopwords_prob'] = 0.9
-    return r
+    """The paper's settings for a dataset; a method's row may add to them, for any model or for one (recipe §5.1)."""
+    extra = METHODS[method].recipes
+    return {**RECIPES[dataset], **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
 
 
 def method_preset(method):
-    """Settings a method implies: plain CLIP has no augmented views; SwALIP asserts no smoothing."""
-    if method == 'clip':  # recipe §8.1: a plain baseline must also switch off the weak stopword removal
-        return dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
-    if method == 'swalip':
-        return dict(label_smoothing=0.0)
-    return {}
+    """Settings a method implies (its row's preset and fixed settings)."""
+    return {**METHODS[method].preset, **METHODS[method].fixed}
 
 
 # --- parsing ---
@@ -401,11 +428,11 @@ def validate(cfg):
     _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
-    _check(cfg.method != 'swalip' or cfg.label_smoothing == 0,
-           "--method=swalip needs --label_smoothing=0 (recipe §2.6)")
-    _check(cfg.method == 'clip' or cfg.num_augs >= 1 or cfg.method == 'rocket',
-           f"--method={cfg.method} needs --num_augs >= 1 (it uses the strong views)")
-    _check(cfg.method != 'slip' or cfg.num_augs >= 2, "--method=slip needs --num_augs >= 2 (two strong views)")
+    method = METHODS[cfg.method]
+    for name, value in method.fixed.items():
+        _check(getattr(cfg, name) == value, f"--method={cfg.method} needs --{name}={value:g} (it trains only with it)")
+    _check(method.views is None or cfg.num_augs >= method.views,
+           f"--method={cfg.method} needs --num_augs >= {method.views} (it uses the strong views)")
     _check(not cfg.byol_augment or cfg.num_augs == 2, "--byol_augment needs --num_augs=2")
     _check(cfg.vision != 'vit' or cfg.vision_width % cfg.vision_heads == 0,
            f"--vision_width={cfg.vision_width} must be divisible by --vision_heads={cfg.vision_heads}")

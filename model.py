@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from config import METHODS
+
 
 # --- Gradient checkpointing ---
 @contextmanager
@@ -294,14 +296,14 @@ ACTIVATIONS = {'gelu': nn.GELU, 'quickgelu': QuickGELU}  # cfg.vision_act / cfg.
 
 
 class CLIPModel(nn.Module):
-    """Image and text encoders with the heads of cfg.method: the global linear heads z always; the local MLP
-    heads h and l2l_logit_scale for every method but clip when num_augs > 0; the method's extra heads."""
+    """Image and text encoders with the heads of cfg.method's row in config.METHODS: the global linear heads z
+    always; the local MLP heads h and l2l_logit_scale when the row lists 'h' and num_augs > 0; its other parts."""
 
     def __init__(self, cfg, vocab_size):
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size}: pass the tokenizer's vocab_size (> 0)")
-        self.method, self.text_dropout = cfg.method, cfg.text_dropout
+        parts, self.text_dropout = METHODS[cfg.method].heads, cfg.text_dropout
         self.patch_dropout = {'weak': cfg.patch_dropout_weak, 'strong': cfg.patch_dropout_strong}
         if cfg.vision == 'resnet50':
             self.visual = ResNet50()
@@ -314,20 +316,28 @@ class CLIPModel(nn.Module):
         self.image_heads = nn.ModuleDict({'z': linear_projection(v, d)})
         self.text_heads = nn.ModuleDict({'z': linear_projection(t, d)})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        if cfg.method != 'clip' and cfg.num_augs > 0:
+        local = 'h' in parts and cfg.num_augs > 0  # the local heads project the strong views only
+        if local:
             self.image_heads['h'] = mlp([v, hidden, hidden, d])
             self.text_heads['h'] = mlp([t, hidden, hidden, d])
             self.l2l_logit_scale = nn.Parameter(torch.tensor(float(cfg.l2l_logit_scale_init)))
-        if cfg.method == 'barlip':
+        if 'bias' in parts:  # SigLIP's learned logit bias, one per scale
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+            if local:
+                self.l2l_logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        self.barlip = 'barlip' in parts
+        if self.barlip:
             dims = [cfg.barlip_hidden_dim, cfg.barlip_hidden_dim, cfg.barlip_proj_dim]
             self.barlip_image, self.barlip_text = mlp([v, *dims], last_bn=True), mlp([t, *dims], last_bn=True)
-        if cfg.method in ('siamlip', 'byolip'):
+        self.siam = 'siam' in parts
+        if self.siam:
             hs, ps = cfg.siamlip_hidden_dim, cfg.siamlip_proj_dim
             self.siam_proj_image = mlp([v, hs, ps], hidden_bias=False, last_bias=False, last_bn=False)
             self.siam_proj_text = mlp([t, hs, ps], hidden_bias=False, last_bias=False, last_bn=False)
             self.siam_pred_image = mlp([ps, hs, ps], hidden_bias=False)  # the official image_text_predictor
             self.siam_pred_text = mlp([ps, hs, ps], hidden_bias=False)   # text_image_predictor
-        if cfg.method == 'slip':
+        self.slip = 'slip' in parts
+        if self.slip:
             self.slip_image = mlp([v, hidden, hidden, 256])  # SLIP's SimCLR image MLP (recipe §2.8)
 
     @property
@@ -338,7 +348,7 @@ class CLIPModel(nn.Module):
     def _head(self, heads, head):
         if head not in heads:
             raise ValueError(f"head {head!r} is not in this model's heads {self.heads}; the local head 'h' exists "
-                             f"for methods other than clip with num_augs > 0")
+                             f"for the methods with local heads (config.METHODS) with num_augs > 0")
         return heads[head]
 
     def encode_image(self, images, head='z'):
@@ -395,15 +405,18 @@ class CLIPModel(nn.Module):
             out['h_image'] = [self.image_heads['h'](f) for f in f_image[1:]]
             out['h_text'] = [self.text_heads['h'](f) for f in f_text[1:]]
             out['l2l_logit_scale'] = self.l2l_logit_scale.exp()
-        if self.method == 'barlip':
+        for name in ('logit_bias', 'l2l_logit_bias'):
+            if hasattr(self, name):
+                out[name] = getattr(self, name)
+        if self.barlip:
             out['barlip_image'] = [self.barlip_image(f) for f in f_image]
             out['barlip_text'] = [self.barlip_text(f) for f in f_text]
-        if self.method in ('siamlip', 'byolip'):
+        if self.siam:
             out['siam_proj_image'] = [self.siam_proj_image(f) for f in f_image]
             out['siam_proj_text'] = [self.siam_proj_text(f) for f in f_text]
             out['siam_pred_image'] = [self.siam_pred_image(p) for p in out['siam_proj_image']]
             out['siam_pred_text'] = [self.siam_pred_text(p) for p in out['siam_proj_text']]
-        if self.method == 'slip':
+        if self.slip:
             out['slip_image'] = [self.slip_image(f) for f in f_image[1:]]
         return out
 
@@ -877,39 +890,92 @@ def swalip_loss(h_image, h_text, l2l_logit_scale, epsilon=0.05, iters=3, with_gr
     return {'loss': loss}
 
 
-OBJECTIVES = ('clip', 'rocket', 'slip', 'barlip', 'siamlip', 'byolip', 'swalip')
+def siglip_loss(z_image, z_text, logit_scale, logit_bias):
+    """SigLIP (Zhai et al., 2023; recipe §2.9): the sum over the B x N pairs of -log σ(label · (t <x, y> + b)),
+    label +1 for a sample's own caption and -1 for every other, / B. z_*: (B, D), or (V, B, D) for V views, then
+    averaged over the V x U view pairs; normalised here. logit_scale: t, already exponentiated."""
+    # Exact under DDP: this rank's B images against every rank's texts, gathered with gradient (one all-gather, as
+    # clip_loss; the mean over ranks of B-row losses is the W*B-row loss). The paper's ring of W - 1 chunk
+    # exchanges gives the same numbers and only saves memory at batches far above ours (B x N logits here).
+    image = F.normalize(z_image.float(), dim=-1).reshape(-1, *z_image.shape[-2:])   # (V, B, D)
+    text = F.normalize(z_text.float(), dim=-1).reshape(-1, *z_text.shape[-2:])      # (U, B, D)
+    logits = logit_scale * _similarities(image, _gather_views(text, with_grad=True)) + logit_bias  # (V, U, B, N)
+    B, N = logits.shape[-2:]
+    labels = 2 * (_positives(B, logits.device)[:, None] == torch.arange(N, device=logits.device)).float() - 1  # (B, N)
+    return {'loss': -F.logsigmoid(labels * logits).sum(-1).mean()}
+
+
+def cl2l_siglip_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_scale, logit_bias, l2l_logit_bias):
+    """CL2L (recipe §2.3) with SigLIP as its pair term: (G + A*Lc) / (1+A), G the sigmoid loss of the global z pair,
+    Lc its mean over the A x A strong h pairs with the local scale and bias. A = 0 is siglip_loss."""
+    g = siglip_loss(z_image, z_text, logit_scale, logit_bias)['loss']
+    A = len(h_image)
+    if A == 0:
+        return {'loss': g, 'global_loss': g}
+    local = siglip_loss(torch.stack(h_image), torch.stack(h_text), l2l_logit_scale, l2l_logit_bias)['loss']
+    return {'loss': (g + A * local) / (1 + A), 'global_loss': g, 'local_loss': local}
+
+
+# --- Objectives ---
+# A method's row in config.METHODS names its contrastive term and the term added to it: these functions, which
+# hand each loss above its inputs from the model's output dict (out) and the config.
+def clip_term(out, cfg):
+    """Plain CLIP (recipe §2.2): label smoothing, if any, on its only (global) pair."""
+    return clip_loss(out['z_image'], out['z_text'], out['logit_scale'], cfg.label_smoothing, cfg.loss_reduction,
+                     cfg.gather_with_grad)
+
+
+def cl2l_term(out, cfg):
+    """CLIP 🚀's CL2L loss (recipe §2.3); without strong views, the global pair alone."""
+    return rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
+                       out['logit_scale'], out.get('l2l_logit_scale'), cfg.label_smoothing, cfg.loss_reduction,
+                       cfg.gather_with_grad)
+
+
+def siglip_term(out, cfg):
+    return siglip_loss(out['z_image'], out['z_text'], out['logit_scale'], out['logit_bias'])
+
+
+def cl2l_siglip_term(out, cfg):
+    return cl2l_siglip_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
+                            out['logit_scale'], out.get('l2l_logit_scale'), out['logit_bias'],
+                            out.get('l2l_logit_bias'))
+
+
+def slip_term(out, cfg, target):
+    return slip_loss(out['slip_image'][0], out['slip_image'][1], cfg.slip_temperature)
+
+
+def barlip_term(out, cfg, target):
+    return barlip_loss(out['barlip_image'], out['barlip_text'], cfg.barlip_lambda, cfg.barlip_scale,
+                       cfg.gather_with_grad)
+
+
+def siamlip_term(out, cfg, target):
+    """SiamLIP's targets are the model's own projections; BYOLIP's the momentum model's (target)."""
+    return siamlip_loss(out['siam_pred_image'], out['siam_pred_text'], target['siam_proj_image'],
+                        target['siam_proj_text'])
+
+
+def swalip_term(out, cfg, target):
+    return swalip_loss(out['h_image'], out['h_text'], out['l2l_logit_scale'], cfg.sk_epsilon, cfg.sk_iters,
+                       cfg.gather_with_grad)
 
 
 def compute_loss(out, cfg, target=None):
-    """The objective of cfg.method on the model's output dict (recipe §2): CLIP, or CLIP 🚀 plus the method's
-    extra term. target: the momentum model's output dict (byolip). Returns {'loss', components, accuracies}."""
-    if cfg.method not in OBJECTIVES:
-        raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(OBJECTIVES)}")
-    if cfg.method == 'byolip' and target is None:
-        raise ValueError("method byolip needs target=<the momentum model's output dict>")
-    with_grad = cfg.gather_with_grad
-    if cfg.method == 'clip':
-        losses = clip_loss(out['z_image'], out['z_text'], out['logit_scale'], cfg.label_smoothing,
-                           cfg.loss_reduction, with_grad)
-    else:
-        losses = rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
-                             out['logit_scale'], out.get('l2l_logit_scale'), cfg.label_smoothing,
-                             cfg.loss_reduction, with_grad)
-    extra, weight = None, 1.0
-    if cfg.method == 'slip':
-        extra, weight = slip_loss(out['slip_image'][0], out['slip_image'][1], cfg.slip_temperature), cfg.slip_scale
-    elif cfg.method == 'barlip':
-        extra = barlip_loss(out['barlip_image'], out['barlip_text'], cfg.barlip_lambda, cfg.barlip_scale, with_grad)
-    elif cfg.method in ('siamlip', 'byolip'):
-        v = target if cfg.method == 'byolip' else out
-        extra = siamlip_loss(out['siam_pred_image'], out['siam_pred_text'], v['siam_proj_image'], v['siam_proj_text'])
-    elif cfg.method == 'swalip':
-        extra = swalip_loss(out['h_image'], out['h_text'], out['l2l_logit_scale'], cfg.sk_epsilon, cfg.sk_iters,
-                            with_grad)
-        weight = cfg.swalip_weight
-    if extra is not None:
+    """The objective of cfg.method's row (recipe §2): its contrastive term plus its weighted extra term, if any.
+    target: the momentum model's output dict (a row with momentum). Returns {'loss', components, accuracies}."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    method = METHODS[cfg.method]
+    if method.momentum and target is None:
+        raise ValueError(f"method {cfg.method} needs target=<the momentum model's output dict>")
+    losses = globals()[method.loss](out, cfg)
+    if method.extra:
+        extra = globals()[method.extra](out, cfg, target if method.momentum else out)
+        weight = getattr(cfg, method.weight) if method.weight else 1.0
         total = losses['loss'] + weight * extra['loss']
         losses = {**losses, **extra, f'{cfg.method}_loss': extra['loss'], 'loss': total}
-    losses.update({k: out[k] for k in ('logit_scale', 'l2l_logit_scale') if k in out})
+    losses.update({k: out[k] for k in ('logit_scale', 'l2l_logit_scale', 'logit_bias', 'l2l_logit_bias') if k in out})
     # everything but the loss is for logging: detached, so that keeping it does not keep the graph alive
     return {k: v if k == 'loss' else v.detach() for k, v in losses.items()}

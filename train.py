@@ -567,8 +567,8 @@ def restore_epoch_state(loop, state, device):
 
 
 def build_training(cfg, vocab_size, device, rank, world_size):
-    """The model, BYOLIP's momentum copy, AdamW and the GradScaler, initialised identically on every rank (recipe
-    §5.5); the model line is printed by rank 0 only."""
+    """The model, its momentum copy (a row of config.METHODS with momentum: BYOLIP), AdamW and the GradScaler,
+    initialised identically on every rank (recipe §5.5); the model line is printed by rank 0 only."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
     if cfg.grad_checkpointing:
@@ -578,7 +578,7 @@ def build_training(cfg, vocab_size, device, rank, world_size):
     if world_size > 1 and device.type == 'cuda':  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (GPU only: on CPU each rank keeps its own BN)
     momentum_model = None
-    if cfg.method == 'byolip':
+    if config.METHODS[cfg.method].momentum:
         momentum_model = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=device.type == 'cuda')

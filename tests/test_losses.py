@@ -6,12 +6,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import config
 from config import Config
 
-from model import (all_reduce_mean, barlip_loss, clip_loss, compute_loss, gather, rocket_loss, sinkhorn,
-                   siamlip_loss, slip_loss, swalip_loss)
+from model import (all_reduce_mean, barlip_loss, cl2l_siglip_loss, clip_loss, compute_loss, gather, rocket_loss,
+                   siglip_loss, sinkhorn, siamlip_loss, slip_loss, swalip_loss)
 
-METHODS = ('clip', 'rocket', 'slip', 'barlip', 'siamlip', 'byolip', 'swalip')
+METHODS = tuple(config.METHODS)
 
 
 # --- independent references: loops over rows and pairs, explicit log-softmax, float64 ---
@@ -85,6 +86,13 @@ def ref_simclr(x1, x2, temperature):
     return total / (2 * B)
 
 
+def ref_siglip(x, y, t, b):
+    """Σ_r Σ_n log(1 + exp(-label_rn (t x_r . y_n + b))) / B, label +1 on the diagonal and -1 elsewhere."""
+    x, y = unit(x), unit(y)
+    pairs = [(1.0 if r == n else -1.0) * (t * (x[r] @ y[n]) + b) for r in range(len(x)) for n in range(len(y))]
+    return sum(torch.log1p(torch.exp(-z)) for z in pairs) / len(x)
+
+
 def ref_barlow(x, y, lambd):
     B, D = x.shape
     c = [[sum(x[r, i].double() * y[r, j].double() for r in range(B)) / B for j in range(D)] for i in range(D)]
@@ -135,6 +143,25 @@ def test_rocket_without_views_is_clip():
     for reduction in ('avg', 'sum'):
         rocket = rocket_loss(z_i, z_t, [], [], s, None, label_smoothing=0.3, reduction=reduction)['loss']
         assert torch.equal(rocket, clip_loss(z_i, z_t, s, 0.0, reduction)['loss'])
+
+
+def test_siglip_matches_loops():
+    z_i, z_t = leaves((6, 5), (6, 5), seed=7)
+    t, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    assert_same_value_and_grad(siglip_loss(z_i, z_t, t, b)['loss'], ref_siglip(z_i, z_t, t, b), [z_i, z_t, t, b])
+    t, b = torch.tensor(3.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)  # where every pair matters
+    assert_same_value_and_grad(siglip_loss(z_i, z_t, t, b)['loss'], ref_siglip(z_i, z_t, t, b), [z_i, z_t, t, b])
+
+
+def test_cl2l_siglip_matches_loops():
+    z_i, z_t, h_i1, h_i2, h_t1, h_t2 = leaves(*[(5, 4)] * 6, seed=8)
+    s, s_h, b, b_h = (torch.tensor(v, requires_grad=True) for v in (4.0, 2.0, -1.0, 0.5))
+    ours = cl2l_siglip_loss(z_i, z_t, [h_i1, h_i2], [h_t1, h_t2], s, s_h, b, b_h)['loss']
+    local = sum(ref_siglip(h_i, h_t, s_h, b_h) for h_i in (h_i1, h_i2) for h_t in (h_t1, h_t2)) / 4
+    ref = (ref_siglip(z_i, z_t, s, b) + 2 * local) / 3
+    assert_same_value_and_grad(ours, ref, [z_i, z_t, h_i1, h_i2, h_t1, h_t2, s, s_h, b, b_h])
+    assert torch.equal(cl2l_siglip_loss(z_i, z_t, [], [], s, None, b, None)['loss'],
+                       siglip_loss(z_i, z_t, s, b)['loss'])
 
 
 def test_slip_matches_loops():
@@ -227,6 +254,7 @@ def toy_params(seed=0):
          [('z', 8), ('h', 8), ('barlip', 16), ('siam', 5), ('slip', 8)]}
     p['pred'] = torch.randn(5, 5, generator=g)
     p['logit_scale'], p['l2l_logit_scale'] = torch.tensor(math.log(10.0)), torch.tensor(math.log(5.0))
+    p['logit_bias'], p['l2l_logit_bias'] = torch.tensor(-2.0), torch.tensor(-1.0)
     return {k: v.requires_grad_() for k, v in p.items()}
 
 
@@ -242,6 +270,7 @@ def toy_forward(p, feats):
     return {'z_image': img[0] @ p['z'], 'z_text': txt[0] @ p['z'] * 0.5,
             'h_image': heads(img[1:], p['h']), 'h_text': heads(txt[1:], -p['h']),
             'logit_scale': p['logit_scale'].exp(), 'l2l_logit_scale': p['l2l_logit_scale'].exp(),
+            'logit_bias': p['logit_bias'], 'l2l_logit_bias': p['l2l_logit_bias'],
             'barlip_image': heads(img, p['barlip']), 'barlip_text': heads(txt, p['barlip'].flip(1)),
             'siam_proj_image': heads(img, p['siam']), 'siam_proj_text': heads(txt, p['siam'] * 2),
             'siam_pred_image': heads(img, p['siam'] @ p['pred']),
@@ -250,7 +279,7 @@ def toy_forward(p, feats):
 
 
 def method_config(method, with_grad=True):
-    return Config(method=method, num_augs=0 if method == 'clip' else A, gather_with_grad=with_grad,
+    return Config(method=method, num_augs=0 if config.METHODS[method].views is None else A, gather_with_grad=with_grad,
                   label_smoothing=0.0 if method == 'swalip' else 0.1, loss_reduction='sum', slip_scale=0.5,
                   swalip_weight=0.3)
 
@@ -310,6 +339,8 @@ def _worker(rank, init_file, results):
     feats = toy_features(2 * B)[:, :, rank * B:(rank + 1) * B]
     res = {m: _loss_and_grads(m, feats) for m in METHODS}
     res['rocket_paper'] = _loss_and_grads('rocket', feats, with_grad=False)
+    for method in ('siglip', 'rocket_siglip'):  # SigLIP always gathers with gradient: exact either way
+        res[f'{method}_paper'] = _loss_and_grads(method, feats, with_grad=False)
     x = toy_features(2 * B)[0, 0, rank * B:(rank + 1) * B].requires_grad_()
     for with_grad in (True, False):
         loss = barlip_loss([x], [x.flip(1)], with_grad=with_grad)['loss']
@@ -322,8 +353,8 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / 'init'), str(tmp_path / 'res')), nprocs=2)
     ranks = [torch.load(tmp_path / f'res.{r}') for r in range(2)]
     feats = toy_features(2 * B)
-    for method in METHODS:
-        loss, grads = _loss_and_grads(method, feats)
+    for method in METHODS + ('siglip_paper', 'rocket_siglip_paper'):
+        loss, grads = _loss_and_grads(method.removesuffix('_paper'), feats)
         # DDP averages the per-rank gradients; the logged loss is the per-rank mean
         assert torch.allclose((ranks[0][method][0] + ranks[1][method][0]) / 2, loss, atol=1e-5), method
         for g, g0, g1 in zip(grads, ranks[0][method][1], ranks[1][method][1], strict=True):

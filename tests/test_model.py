@@ -431,6 +431,7 @@ EXTRA_KEYS = {'clip': set(), 'rocket': set(), 'swalip': set(), 'slip': {'slip_im
               'barlip': {'barlip_image', 'barlip_text'},
               'siamlip': {'siam_proj_image', 'siam_proj_text', 'siam_pred_image', 'siam_pred_text'}}
 EXTRA_KEYS['byolip'] = EXTRA_KEYS['siamlip']
+EXTRA_KEYS['siglip'] = EXTRA_KEYS['rocket_siglip'] = set()  # their logit biases: scalars, checked apart
 EXTRA_DIMS = {'slip_image': 256, 'barlip_image': 40, 'barlip_text': 40}
 
 
@@ -441,14 +442,17 @@ def test_forward_keys_and_shapes_per_method(method, A):
     model = build_model(cfg, VOCAB).train()
     A, B = cfg.num_augs, 4
     out = model(torch.randn(B, 3, 32, 32), captions(B, 1 + A)[0], [torch.randn(B, 3, 32, 32) for _ in range(A)])
-    local = {'h_image', 'h_text', 'l2l_logit_scale'} if method != 'clip' and A > 0 else set()
-    assert set(out) == {'z_image', 'z_text', 'logit_scale'} | local | EXTRA_KEYS[method]
+    local = {'h_image', 'h_text', 'l2l_logit_scale'} if 'h' in config.METHODS[method].heads and A > 0 else set()
+    biases = set() if 'bias' not in config.METHODS[method].heads else {'logit_bias'} | (
+        {'l2l_logit_bias'} if local else set())
+    assert set(out) == {'z_image', 'z_text', 'logit_scale'} | local | EXTRA_KEYS[method] | biases
     assert model.heads == (('z', 'h') if local else ('z',))
     assert out['z_image'].shape == out['z_text'].shape == (B, 16)
-    assert out['logit_scale'].ndim == 0 and out['logit_scale'].item() == pytest.approx(1 / 0.07)
+    assert out['logit_scale'].ndim == 0 and out['logit_scale'].item() == pytest.approx(math.exp(cfg.logit_scale_init))
     assert model.logit_scale.ndim == 0 and isinstance(model.logit_scale, nn.Parameter)
+    assert all(out[k].ndim == 0 and out[k].item() == -10 and isinstance(out[k], nn.Parameter) for k in biases)
     if local:
-        assert out['l2l_logit_scale'].item() == pytest.approx(1 / 0.1)
+        assert out['l2l_logit_scale'].item() == pytest.approx(math.exp(cfg.l2l_logit_scale_init))
     else:
         assert not hasattr(model, 'l2l_logit_scale')
     for key in local - {'l2l_logit_scale'} | EXTRA_KEYS[method]:
