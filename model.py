@@ -204,12 +204,12 @@ class VisionTransformer(nn.Module):
         self.ln_pre = LayerNorm(width, eps=eps) if openai else nn.Identity()
         self.transformer = Transformer(width, layers, heads, act, eps=eps, causal=False)
         self.ln_post = LayerNorm(width, eps=eps)
-        nn.init.normal_(self.class_embedding, std=1e-6)
-        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
-        for m in self.transformer.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        (init_openai_vit if openai else init_timm_vit)(self)
+
+    def no_weight_decay(self):
+        """Names of parameters that take no weight decay whatever their shape: OpenAI's 1-D class token (open_clip
+        leaves it undecayed); timm's (1, 1, D) one is decayed, as in the official code (recipe §5.2)."""
+        return {'class_embedding'} if isinstance(self.ln_pre, LayerNorm) else set()
 
     def interpolate_pos_embed(self, h, w):
         """Position embeddings (1, 1+h*w, D) for an h x w patch grid: the trained grid resampled bicubically;
@@ -235,6 +235,29 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x)  # identity unless style='openai'
         cls = torch.zeros(B, dtype=torch.long, device=x.device)
         return self.ln_post(self.transformer(x, index=cls)[:, 0])  # (B, D); LN is per token
+
+
+def init_timm_vit(vit):
+    """timm's ViT init (the official code's, recipe §1.2): every Linear of the blocks trunc-normal 0.02 with zero
+    biases, position embedding trunc-normal 0.02, class token std 1e-6; the patch conv keeps PyTorch's default."""
+    nn.init.normal_(vit.class_embedding, std=1e-6)
+    nn.init.trunc_normal_(vit.positional_embedding, std=0.02)
+    for m in vit.transformer.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
+def init_openai_vit(vit):
+    """OpenAI CLIP's ViT init (open_clip's too, recipe §1.2): class and position embeddings N(0, 1/width),
+    nn.MultiheadAttention's xavier-uniform packed in-projection with zero biases, and PyTorch's Linear default
+    (U(±1/√fan_in)) for the out-projection and the MLP. At small widths this learns far faster than timm's 0.02."""
+    nn.init.normal_(vit.class_embedding, std=vit.width ** -0.5)
+    nn.init.normal_(vit.positional_embedding, std=vit.width ** -0.5)
+    for block in vit.transformer.resblocks:
+        nn.init.xavier_uniform_(block.attn.in_proj.weight)
+        nn.init.zeros_(block.attn.in_proj.bias)
+        nn.init.zeros_(block.attn.out_proj.bias)
 
 
 # --- Text transformer ---

@@ -113,12 +113,15 @@ def seed_everything(seed):
 
 # --- Optimizer and schedule ---
 def param_groups(model, weight_decay):
-    """AdamW groups (recipe §5.2): tensors with ndim < 2 (biases, norm affines, logit scales) get no weight
-    decay; weight matrices, conv kernels, embeddings, positional embeddings and the CLS token do."""
+    """AdamW groups (recipe §5.2): tensors with ndim < 2 (biases, norm affines, logit scales) and those a module
+    names in its no_weight_decay() (the OpenAI-style ViT's class token) get no weight decay; weight matrices,
+    conv kernels, embeddings, positional embeddings and the timm-style CLS token do."""
+    exempt = {id(getattr(m, name)) for m in model.modules() if hasattr(m, 'no_weight_decay')
+              for name in m.no_weight_decay()}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and id(p) not in exempt else no_decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 

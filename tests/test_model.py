@@ -181,7 +181,7 @@ def test_vit_forward_flops_match_the_closed_form():
 
 
 def test_vit_init():
-    """Linear weights truncated normal std 0.02 with zero biases, position embedding std 0.02, CLS std 1e-6."""
+    """timm style: Linear weights truncated normal std 0.02 with zero biases, position embedding std 0.02, CLS std 1e-6."""
     torch.manual_seed(0)
     vit = VisionTransformer(64, 8, 192, 2, 3)
     for name, m in vit.transformer.named_modules():
@@ -189,6 +189,37 @@ def test_vit_init():
             assert m.weight.std().item() == pytest.approx(0.02, rel=0.03) and torch.all(m.bias == 0), name
     assert vit.positional_embedding.std().item() == pytest.approx(0.02, rel=0.05)
     assert 0 < vit.class_embedding.abs().max().item() < 1e-5
+    assert vit.no_weight_decay() == set()
+
+
+def test_openai_vit_init_is_open_clips():
+    """OpenAI style, as OpenAI CLIP and open_clip: class and position embeddings std width^-1/2, xavier-uniform
+    in-projection (std sqrt(2 / (w + 3w))) with zero bias, zero out-projection bias, PyTorch's Linear default
+    (std 1/sqrt(3 fan_in)) elsewhere, MLP biases U(+-1/sqrt(fan_in)); compared with open_clip's own tower."""
+    torch.manual_seed(0)
+    w = 256
+    vit = VisionTransformer(64, 8, w, 2, 4, style='openai')
+    assert vit.class_embedding.std().item() == pytest.approx(w ** -0.5, rel=0.2)
+    assert vit.positional_embedding.std().item() == pytest.approx(w ** -0.5, rel=0.05)
+    for block in vit.transformer.resblocks:
+        assert block.attn.in_proj.weight.std().item() == pytest.approx((2 / (4 * w)) ** 0.5, rel=0.03)
+        assert torch.all(block.attn.in_proj.bias == 0) and torch.all(block.attn.out_proj.bias == 0)
+        for linear, fan_in in ((block.attn.out_proj, w), (block.mlp.c_fc, w), (block.mlp.c_proj, 4 * w)):
+            assert linear.weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.03)
+        assert 0 < block.mlp.c_fc.bias.abs().max().item() <= w ** -0.5
+    assert vit.no_weight_decay() == {'class_embedding'}
+    open_clip = pytest.importorskip('open_clip.transformer')
+    theirs = open_clip.VisionTransformer(64, 8, w, 2, 4, 4.0, output_dim=64)
+    ours = dict(vit.named_parameters())
+    pairs = [('class_embedding', 'class_embedding'), ('positional_embedding', 'positional_embedding')]
+    for i in range(2):
+        pairs += [(f'transformer.resblocks.{i}.attn.in_proj.weight', f'transformer.resblocks.{i}.attn.in_proj_weight'),
+                  (f'transformer.resblocks.{i}.attn.out_proj.weight', f'transformer.resblocks.{i}.attn.out_proj.weight'),
+                  (f'transformer.resblocks.{i}.mlp.c_fc.weight', f'transformer.resblocks.{i}.mlp.c_fc.weight'),
+                  (f'transformer.resblocks.{i}.mlp.c_proj.weight', f'transformer.resblocks.{i}.mlp.c_proj.weight')]
+    theirs = dict(theirs.named_parameters())
+    for a, b in pairs:
+        assert ours[a].std().item() == pytest.approx(theirs[b].std().item(), rel=0.2), a
 
 
 def test_position_embedding_interpolation():

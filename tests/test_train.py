@@ -99,6 +99,18 @@ def test_weight_decay_groups_of_the_real_model():
     decay, no_decay = train.param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in no_decay['params']} == expected_no_decay
+    assert 'visual.class_embedding' in {names[id(p)] for p in decay['params']}  # timm style: decayed, as officially
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+def test_openai_vit_class_token_takes_no_weight_decay():
+    """OpenAI-style ViT: its class token is exempt (open_clip's 1-D token is); every other tensor by the ndim rule."""
+    cfg = config.resolve({**TINY_FLAGS, 'vit_style': 'openai'}, verbose=False)
+    model = train.build_model(cfg, 1000)
+    decay, no_decay = train.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay['params']} == {
+        n for n, p in model.named_parameters() if p.ndim < 2 or n == 'visual.class_embedding'}
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
 
 
