@@ -88,9 +88,9 @@ def read_checkpoint(path, overrides=None, defaults=None):
     try:
         ckpt = load_weights_file(path)
     except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
-        if isinstance(e, pickle.UnpicklingError) and 'Weights only load failed' in str(e):
-            found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1] if found else 'objects'} "
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
+            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
                             f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
                             f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
                 from None

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from bench import exit_on_help
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = next((int(a.split('=', 1)[1]) for a in sys.argv[1:] if a.startswith('--steps=')), 8)
 TINY = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32', '--image_size=64',
@@ -65,7 +67,8 @@ def write_data(folder):
     (folder / 'huge.csv').write_text('\n'.join([*rows[:6], 'huge.png,a huge flat image', *rows[6:]]) + '\n')
 
 
-def main():
+def main(argv=None):
+    exit_on_help(sys.argv[1:] if argv is None else argv, __doc__)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_data(folder)
