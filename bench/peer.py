@@ -103,17 +103,11 @@ def patch_old_vit_init():
     """The ViT init before the open_clip comparison, for every style: timm's trunc-normal 0.02 for every Linear
     of the blocks (zero biases), class token std 1e-6, position embedding 0.02."""
     import model
-    import torch.nn as nn
     original = model.VisionTransformer.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        nn.init.normal_(self.class_embedding, std=1e-6)
-        nn.init.trunc_normal_(self.positional_embedding, std=0.02)
-        for m in self.transformer.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        model.init_timm_vit(self)
     model.VisionTransformer.__init__ = init
 
 
