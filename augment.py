@@ -18,6 +18,8 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
+from config import atomic_write
+
 
 # --- Text cleaning ---
 def clean_text(text):
@@ -611,12 +613,9 @@ def load_synonyms(wordnet_dir):
     except (ValueError, LookupError) as e:  # includes UnicodeDecodeError, IndexError, KeyError
         raise ValueError(f"{root}: unreadable WordNet 3.0 files ({e!r}); reinstall wordnet-base or fix "
                          f"--wordnet_dir") from None
-    try:  # write-then-rename so concurrent workers never read a half-written cache
+    try:  # atomic, so concurrent workers never read a half-written cache
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f'.{os.getpid()}.tmp')
-        with open(tmp, 'wb') as f:
-            pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         pass  # read-only home: the table is rebuilt by each process
     return Synonyms(*tables)

@@ -5,11 +5,17 @@ Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
 """
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 
 def _f(default, help):
@@ -347,30 +353,38 @@ def _convert(name, raw):
                           f"got {raw!r}") from None
 
 
-def _split_flags(argv):
-    """['--a=1', '--b', '2', '--c'] -> {'a': '1', 'b': '2', 'c': 'true'}; dashes in keys become underscores."""
-    out, i = {}, 0
+def parse_flags(argv, known, switches=(), positional=False):
+    """(positional arguments, {key: raw value}) of ['a.pt', '--k=v', '--k', 'v', '--switch']: the one flag parser of
+    every command. Dashes in keys become underscores; a key not in `known` raises ConfigError naming the nearest."""
+    args, out, i = [], {}, 0
     while i < len(argv):
-        arg = argv[i]
+        arg, i = argv[i], i + 1
         if not arg.startswith('--') or arg == '--':
-            raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
+            if not positional:
+                raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
+            args.append(arg)
+            continue
         key, eq, value = arg[2:].partition('=')
         key = key.replace('-', '_')
         if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and not nxt.startswith('--'):
+            nxt = argv[i] if i < len(argv) else None
+            if key in switches and (nxt is None or nxt.lower() not in _TRUE + _FALSE):
+                value = 'true'  # a bare switch; a following path stays positional
+            elif nxt is not None and not nxt.startswith('--'):
                 value, i = nxt, i + 1
-            elif key in _FIELDS and isinstance(_FIELDS[key].default, bool):
-                value = 'true'
-            else:
+            elif key in known:
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
-        if key not in _FIELDS:
-            close = difflib.get_close_matches(key, list(_FIELDS), n=3, cutoff=0.5)
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
             raise ConfigError(f"unknown option --{key}{hint}")
         out[key] = value
-        i += 1
-    return out
+    return args, out
+
+
+def _split_flags(argv):
+    """train.py's flags: {key: raw value} of Config fields; booleans may go without a value."""
+    return parse_flags(argv, _FIELDS, [k for k, f in _FIELDS.items() if isinstance(f.default, bool)])[1]
 
 
 def _check(cond, msg):
@@ -507,10 +521,68 @@ def parse_args(argv=None):
 
 
 def save_json(cfg, path):
-    with open(path, 'w') as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    atomic_write(path, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
 
 
 def load_json(path):
     with open(path) as f:
         return Config.from_dict(json.load(f))
+
+
+# --- Files ---
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+TMP_NAME = '.{name}.{pid}.tmp'  # a killed writer leaves one behind; train.py removes those of checkpoints
+
+
+def atomic_write(path, write, size=None):
+    """write(file) into a temporary file beside `path`, fsync, rename it over `path`, fsync the folder: readers and
+    crashes see the old file or the new one, never half of one. The one writer of every file the project makes;
+    lack of space raises OSError(ENOSPC) naming the `size` bytes needed, and leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(TMP_NAME.format(name=path.name, pid=os.getpid()))
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save raises a RuntimeError, with the OSError as its context
+        if getattr(e, 'errno', None) in NO_SPACE or getattr(e.__context__, 'errno', None) in NO_SPACE:
+            need = f"it needs ~{size:,} bytes, " if size else ''
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path}: {need}"
+                                        f"{shutil.disk_usage(path.parent).free:,} are free") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- Processes ---
+def setup_distributed(cfg):
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU) and split the cores between loader workers and
+    torch threads (cfg.workers, cfg.threads); returns (rank, world_size, device). Used by training and evaluation."""
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    if cfg.device == 'cpu' or (cfg.device == 'auto' and not torch.cuda.is_available()):
+        device = torch.device('cpu')
+    elif not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+    elif cfg.device.startswith('cuda:') and world_size == 1:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
+    # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
+    cfg.workers, cfg.threads = cpu_split(cfg.workers, cfg.threads, device.type,
+                                         int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    torch.set_num_threads(cfg.threads)
+    if world_size > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None)
+    return rank, world_size, device

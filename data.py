@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
-from config import ConfigError, UserError, run_cli
+from config import ConfigError, UserError, atomic_write, run_cli
 
 
 # --- BPE tokenizer ---
@@ -406,25 +406,12 @@ def cached_arrays(metadata, output_dir, how, build):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for name, array in arrays.items():
-                write_atomically(folder / f'{name}.npy', lambda f: np.save(f, array))
-            write_atomically(folder / 'stamp.json', lambda f: f.write(json.dumps(stamp).encode()))
+                atomic_write(folder / f'{name}.npy', lambda f: np.save(f, array))
+            atomic_write(folder / 'stamp.json', lambda f: f.write(json.dumps(stamp).encode()))
             break
         except OSError:
             continue
     return arrays
-
-
-def write_atomically(path, write):
-    """write(file) into a temporary file beside path, then rename it to path: readers never see half a file."""
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError:
-        if tmp.exists():
-            tmp.unlink()
-        raise
 
 
 class FileReader:
@@ -967,7 +954,7 @@ def write_index(index, files):
     for file in files:
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(file, lambda f: f.write(data))
+            atomic_write(file, lambda f: f.write(data))
         except OSError:
             continue
         if file != files[0]:

@@ -41,7 +41,8 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import DATASETS, Config, ConfigError, UserError, cpu_split, run_cli
+from config import (DATASETS, Config, ConfigError, UserError, atomic_write, parse_flags, run_cli,
+                    setup_distributed)
 from model import CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
 from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
                   demo_retrieval, load_image, merges_text)
@@ -835,9 +836,7 @@ def cached_features(model, cfg, dataset, path, key, heads, rank=0, world_size=1)
     features, labels = image_features(model, cfg, dataset, heads, rank, world_size)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + '.tmp')
-        torch.save({'key': key, 'features': features, 'labels': labels}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save({'key': key, 'features': features, 'labels': labels}, f))
 
 
 def probe_features(model, cfg, name, train, test, classnames, metric, probe, rank=0, world_size=1):
@@ -1057,23 +1056,10 @@ USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--da
 
 def parse_argv(argv):
     """(checkpoint paths, {flag: value}); bad flags raise ConfigError with one line."""
-    paths, flags = [], {}
-    for arg in argv:
-        if not arg.startswith('--'):
-            paths.append(arg)
-            continue
-        key, eq, value = arg[2:].partition('=')
-        key = key.replace('-', '_')
-        eq, value = ('=', 'true') if key in SWITCHES and not eq else (eq, value)
-        if key not in FLAGS:
-            close = difflib.get_close_matches(key, FLAGS, n=1)
-            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{close[0]}?" if close else
-                                                            f"; options: {', '.join('--' + f for f in FLAGS)}"))
-        if key in SWITCHES and not eq:
-            value = 'true'
-        elif not eq or not value:
-            raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
-        flags[key] = value
+    paths, flags = parse_flags(argv, FLAGS, SWITCHES, positional=True)
+    empty = [k for k, v in flags.items() if not v]
+    if empty:
+        raise ConfigError(f"--{empty[0]} needs a value: --{empty[0]}=VALUE")
     if 'check_data' in flags:
         if flags['check_data'] not in ('true', '1') or paths:
             raise ConfigError("--check_data takes no value and no checkpoint: python evaluate.py --check_data "
@@ -1132,27 +1118,16 @@ def _run(argv):
     if 'check_data' in flags:
         return check_data(flags.get('data_root', ''), catalog, labels or read_json(ASSETS / 'labels.json',
                                                                                     'labels file'))
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    device = torch.device(flags.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda: no CUDA device is visible; use --device=cpu")
-    if world_size > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-        if device.type == 'cuda':
-            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-            torch.cuda.set_device(device)
-    rank = dist.get_rank() if world_size > 1 else 0
+    # the cores are split as in training: same thread count, same float results
+    cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)
+    rank, world_size, device = setup_distributed(cores)
     records, written = [], []
     for path in paths:
         ckpt = read_checkpoint(path, import_overrides(flags))
         cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device, flags.get('bpe_path'))
         cfg.data_root = flags.get('data_root', cfg.data_root)
         cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
-        # the cores are split as in training (config.cpu_split): same thread count, same float results
-        cfg.workers, threads = cpu_split(int(flags.get('workers', -1)), 0, device.type,
-                                         int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-        torch.set_num_threads(threads)
-        cfg.device = device.type
+        cfg.workers, cfg.device = cores.workers, device.type
         datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                     list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
         probe = probe_settings(path, flags, device, rank)
@@ -1187,24 +1162,22 @@ def _run(argv):
     return records
 
 
-def _command_flags(argv):
-    """{flag: value} of a command's '--key=value' or '--key value' arguments."""
-    flags, args = {}, list(argv)
-    while args:
-        key, eq, value = args.pop(0).partition('=')
-        if not eq and args and not args[0].startswith('--'):
-            value = args.pop(0)
-        flags[key[2:].replace('-', '_')] = value
-    return flags
+def command_flags(argv, known, usage):
+    """{flag: value} of a --convert or --export command line; anything else raises `usage`."""
+    try:
+        return parse_flags(argv, known, ('guess_heads',))[1]
+    except ConfigError:
+        raise usage from None
 
 
 def convert(argv):
     """python evaluate.py --convert IN --out OUT [--vision_heads=N ...]: a released checkpoint (import_checkpoint)
     written as one of ours with the tokenizer's merges, atomically; OUT must not exist yet."""
-    flags = _command_flags(argv)
-    if not set(flags) <= {'convert', 'out', *IMPORT_FLAGS} or not flags.get('convert') or not flags.get('out'):
-        raise ConfigError("usage: python evaluate.py --convert IN --out OUT [--vision_heads=N] [--text_heads=N] "
-                          "[--vision_act=gelu|quickgelu] [--text_act=gelu|quickgelu] [--bpe_path=FILE]")
+    usage = ConfigError("usage: python evaluate.py --convert IN --out OUT [--vision_heads=N] [--text_heads=N] "
+                        "[--vision_act=gelu|quickgelu] [--text_act=gelu|quickgelu] [--bpe_path=FILE]")
+    flags = command_flags(argv, {'convert', 'out', *IMPORT_FLAGS}, usage)
+    if not flags.get('convert') or not flags.get('out'):
+        raise usage
     out = Path(flags['out'])
     if out.exists():
         raise UserError(f"--out={out} already exists; give a new path (nothing is overwritten)")
@@ -1229,9 +1202,7 @@ def convert(argv):
         raise UserError(f"{flags['convert']}: --bpe_path={bpe_path} gives {vocab} tokens but the weights have "
                         f"{model.text.token_embedding.num_embeddings}; pass the merges the model was trained with")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: torch.save(ckpt, f))
     print(f"wrote {out}")
     return ckpt
 
@@ -1244,7 +1215,7 @@ def export(argv):
     """python evaluate.py --export CKPT --out DIR: a checkpoint in open_clip's local-dir layout (open_clip_config.json,
     open_clip_pytorch_model.bin; the merges too for a vocabulary other than CLIP's), for
     open_clip.create_model_and_transforms('local-dir:DIR') and clip_benchmark. DIR must not exist yet."""
-    flags = _command_flags(argv)
+    flags = command_flags(argv, {'export', 'out'}, ConfigError(EXPORT_USAGE))
     if set(flags) != {'export', 'out'} or not all(flags.values()):
         raise ConfigError(EXPORT_USAGE)
     path, out = flags['export'], Path(flags['out'])
@@ -1263,12 +1234,13 @@ def export(argv):
     note = ''
     if hashlib.sha256(merges).hexdigest() != CLIP_MERGES_SHA256:  # open_clip's tokenizer reads a gzipped merges file
         # no final newline: open_clip reads a short file's trailing empty line as one more token
-        (tmp / 'bpe_merges.txt.gz').write_bytes(gzip.compress(merges.rstrip(b'\n'), mtime=0))
+        merges = gzip.compress(merges.rstrip(b'\n'), mtime=0)
+        atomic_write(tmp / 'bpe_merges.txt.gz', lambda f: f.write(merges))
         model_cfg['text_cfg']['tokenizer_kwargs'] = {'bpe_path': str(out.resolve() / 'bpe_merges.txt.gz')}
         note = "; its own vocabulary, in bpe_merges.txt.gz, named by absolute path in open_clip_config.json"
-    (tmp / 'open_clip_config.json').write_text(json.dumps({'model_cfg': model_cfg, 'preprocess_cfg': preprocess_cfg},
-                                                          indent=2))
-    torch.save(state, tmp / 'open_clip_pytorch_model.bin')
+    config_json = json.dumps({'model_cfg': model_cfg, 'preprocess_cfg': preprocess_cfg}, indent=2).encode()
+    atomic_write(tmp / 'open_clip_config.json', lambda f: f.write(config_json))
+    atomic_write(tmp / 'open_clip_pytorch_model.bin', lambda f: torch.save(state, f))
     os.replace(tmp, out)
     print(f"wrote {out} (open_clip local-dir: z projections{note}); not exported, open_clip's CLIP has no place for "
           f"them: {', '.join(left_out) or 'nothing'}")
@@ -1279,9 +1251,7 @@ def _write_json(obj, path):
     """Strict JSON (an undefined metric is null, so a NaN here is a bug), replaced atomically."""
     text = json.dumps(obj, indent=2, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):

@@ -40,31 +40,6 @@ from model import autocast_dtype, build_model, compute_loss
 
 
 # --- Distributed set-up ---
-def setup_distributed(cfg):
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU); returns (rank, world_size, device)."""
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    if cfg.device == 'cpu' or (cfg.device == 'auto' and not torch.cuda.is_available()):
-        device = torch.device('cpu')
-    elif not torch.cuda.is_available():
-        raise config.ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
-    elif cfg.device.startswith('cuda:') and world_size == 1:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
-    # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
-    cfg.workers, cfg.threads = config.cpu_split(cfg.workers, cfg.threads, device.type,
-                                                int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-    torch.set_num_threads(cfg.threads)
-    if world_size > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None)
-    return rank, world_size, device
-
-
 def all_reduce(x, op=dist.ReduceOp.SUM):
     """All-reduce a tensor across ranks (a no-op in one process)."""
     if dist.is_initialized():
@@ -157,7 +132,7 @@ def ema_update(momentum_model, model, tau):
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same directory, fsync, rename over `path`, fsync the directory:
     a crash at any moment leaves either the old file or the new one, never a torn one."""
-    atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
+    config.atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
 
 
 def tensor_bytes(obj):
@@ -175,39 +150,10 @@ def atomic_copy(source, path):
     def copy_into(f):
         with open(source, 'rb') as src:
             shutil.copyfileobj(src, f, 1 << 24)
-    atomic_write(path, copy_into, os.path.getsize(source))
+    config.atomic_write(path, copy_into, os.path.getsize(source))
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-TMP_NAME = '.{name}.{pid}.tmp'  # a killed save leaves one behind; init_output_dir removes those of checkpoints
-STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')
-
-
-def atomic_write(path, write, size):
-    """write(file) into a temporary file beside `path` (TMP_NAME), then rename it over `path`. A write that fails for
-    lack of space removes the temporary file and raises OSError(ENOSPC) naming the `size` bytes it needs."""
-    path = Path(path)
-    tmp = path.with_name(TMP_NAME.format(name=path.name, pid=os.getpid()))
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save raises a RuntimeError, with the OSError as its context
-        tmp.unlink(missing_ok=True)
-        if getattr(e, 'errno', None) in NO_SPACE or getattr(e.__context__, 'errno', None) in NO_SPACE:
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path}: it needs ~{size:,} bytes, "
-                                        f"{free:,} are free") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # config.TMP_NAME of a killed save
 
 
 def rng_state(device):
@@ -259,7 +205,7 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
         # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
         atomic_copy(out / 'checkpoint.pt', out / f'checkpoint_{step:08d}.pt')
     except OSError as e:
-        if e.errno not in NO_SPACE:
+        if e.errno not in config.NO_SPACE:
             raise
         good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
                 f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
@@ -519,7 +465,7 @@ def trim_log(cfg, step):
             record = json.loads(line)
             if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
                 keep.append(line + '\n')
-    atomic_write(path, lambda f: f.write(''.join(keep).encode()), 0)
+    config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 
 # --- Training ---
@@ -846,7 +792,7 @@ def full_disk_is_one_line():
     try:
         yield
     except OSError as e:
-        if e.errno not in (*NO_SPACE, errno.EROFS):
+        if e.errno not in (*config.NO_SPACE, errno.EROFS):
             raise
         raise config.UserError(f"cannot write {e.filename or 'a file'}: {e.strerror}; free some space or choose "
                                f"another --output_dir") from None
@@ -856,7 +802,7 @@ def main(argv=None):
     """Train with the config of the command-line flags (see config.py / --help). Purposeful errors are
     config.UserError (printed as one line by config.run_cli); under torchrun each is printed once."""
     cfg = config.parse_args(argv)
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device = config.setup_distributed(cfg)
     # SIGTERM/SIGUSR1 (SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step boundary and
     # exit 0. Installed first, so that torchrun's SIGTERM, sent to every rank when one fails, cannot cut off this
     # rank's own error message (kept until exit under torchrun); loader workers ignore them (data.init_worker)
