@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import shutil
-import re
 import struct
 import sys
 import time
@@ -41,14 +40,13 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import (DATASETS, Config, ConfigError, UserError, atomic_write, parse_flags, run_cli,
-                    setup_distributed)
-from model import CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
+from config import (CLIP_BPE, IMPORT_FLAGS, Config, ConfigError, UserError, atomic_save, atomic_write, export_open_clip,
+                    first_line, import_overrides, parse_flags, read_checkpoint, run_cli, setup_distributed)
+from model import CLIPModel, autocast_dtype, build_model
 from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
                   demo_retrieval, load_image, merges_text)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
-FORMAT = 'rocket-clip/1'
 ENSEMBLE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # w * sim_z + (1 - w) * sim_h
 RECALL_KS = (1, 5, 10)
 
@@ -69,138 +67,6 @@ CATALOGUE = {
 
 
 # --- Checkpoints ---
-def _describe(obj):
-    """A few words on what a non-rocket-clip checkpoint file holds."""
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    if 'format' in obj:
-        return f"format={obj['format']!r}"
-    if obj and all(torch.is_tensor(v) for v in obj.values()):
-        return f"a raw state_dict of {len(obj)} tensors (e.g. {next(iter(obj))!r})"
-    return f"a dict with keys {sorted(map(str, obj))[:6]}"
-
-
-def read_checkpoint(path, overrides=None, defaults=None):
-    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
-    (import_checkpoint); missing, corrupt or foreign files raise one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
-    try:
-        ckpt = load_weights_file(path)
-    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
-            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
-                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
-                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
-                from None
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {_first_line(e)}); "
-                        f"re-copy it or pick another epoch") from None
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
-        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
-    return ckpt
-
-
-def _first_line(e, limit=160):
-    """An exception's first line, cut at a word boundary."""
-    line = (str(e).strip().splitlines() or [''])[0]
-    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
-
-
-IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
-                'guess_heads')
-CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
-
-
-def import_overrides(flags):
-    """The IMPORT_FLAGS among flags, typed; a bad head count or statistic raises ConfigError."""
-    out = {k: flags[k] for k in IMPORT_FLAGS if k in flags}
-    for k in ('vision_heads', 'text_heads'):
-        if k in out and not str(out[k]).isdigit():
-            raise ConfigError(f"--{k}={out[k]}: expected a positive integer")
-        if k in out:
-            out[k] = int(out[k])
-    for k in ('image_mean', 'image_std'):
-        if k in out:
-            try:
-                out[k] = [float(x) for x in out[k].split(',')]
-            except ValueError:
-                out[k] = []
-            if len(out[k]) != 3:
-                raise ConfigError(f"--{k}={flags[k]}: expected three comma-separated numbers, e.g. 0.485,0.456,0.406")
-    if 'guess_heads' in out:
-        out['guess_heads'] = out['guess_heads'].lower() in ('', 'true', '1')
-    return out
-
-
-def open_clip_config(path):
-    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
-    head counts, activations and image statistics; {} when there is none."""
-    config = Path(path).parent / 'open_clip_config.json'
-    if not config.is_file():
-        return {}
-    model_cfg, preprocess = (read_json(config, 'open_clip config').get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
-    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
-    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
-    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
-                  vision_act=act, text_act=act)
-    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
-    return fields
-
-
-def import_checkpoint(obj, path, overrides=None, defaults=None):
-    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory (model.convert_weights), and one
-    line saying what was recognised. overrides (IMPORT_FLAGS) beat what the importer finds; defaults give the head
-    counts of a file without an official model name."""
-    try:
-        imported = convert_weights(obj)
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
-    if imported is None:
-        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
-                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
-    overrides, arch = dict(overrides or {}), imported['arch']
-    guess = overrides.pop('guess_heads', False)
-    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
-    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
-    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
-    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
-    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
-    missing = [k for k in heads if k not in fields]
-    if missing:
-        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
-                         f"its head counts are unknown (no shape shows them): pass "
-                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
-    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
-    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
-                         Path(CLIP_BPE)) if p.is_file()]
-    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
-    dataset = getattr(args, 'dataset', None)
-    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in DATASETS else 'csv'})
-    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
-              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
-              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
-    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
-             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
-             if cfg.vision == 'vit' else 'ResNet-50')
-    projections = ['z'] + ['h'] * (cfg.method != 'clip') + sorted({k.split('.')[0] for k in imported['extra']})
-    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
-    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
-            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
-            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
-            f"{source}")
-    if any(k not in {**overrides, **beside} for k in imported['assumed']):
-        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
-                "--text_act=gelu)"
-    if imported['ignored']:
-        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(line)
-    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
-            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
-
-
 def load_model(path, device='cpu', bpe_path=None):
     """Rebuild (cfg, model in eval mode, tokenizer) from a checkpoint alone."""
     return model_from_checkpoint(read_checkpoint(path), path, device, bpe_path)
@@ -213,7 +79,7 @@ def checkpoint_tokenizer(ckpt, cfg, path, bpe_path=None):
         try:
             return Tokenizer(ckpt['bpe_merges'], cfg.context_length)
         except ValueError as e:
-            raise UserError(f"{path}: its BPE merges are unreadable ({_first_line(e)}); pass --bpe_path=FILE, "
+            raise UserError(f"{path}: its BPE merges are unreadable ({first_line(e)}); pass --bpe_path=FILE, "
                             f"the merges file it was trained with") from None
     cfg.bpe_path = bpe_path or cfg.bpe_path
     try:
@@ -221,7 +87,7 @@ def checkpoint_tokenizer(ckpt, cfg, path, bpe_path=None):
     except (OSError, ValueError, UserError) as e:
         hint = '' if bpe_path else ("; this checkpoint predates bundled merges: pass --bpe_path=FILE, the merges "
                                     "file it was trained with")
-        raise UserError(f"{path}: {_first_line(e, 240)}{hint}") from None
+        raise UserError(f"{path}: {first_line(e, 240)}{hint}") from None
 
 
 def model_from_checkpoint(ckpt, path, device, bpe_path=None):
@@ -243,7 +109,7 @@ def model_from_checkpoint(ckpt, path, device, bpe_path=None):
 
 def _state_dict_problems(e, lines=3, width=300):
     """torch's load_state_dict problems (tensor names and shapes), the first few, each cut after a name."""
-    problems = [p.strip() for p in str(e).strip().splitlines()[1:] if p.strip()] or [_first_line(e)]
+    problems = [p.strip() for p in str(e).strip().splitlines()[1:] if p.strip()] or [first_line(e)]
     short = [p if len(p) <= width else p[:width].rsplit(', ', 1)[0] + ', ...' for p in problems[:lines]]
     return '; '.join(short) + (f'; and {len(problems) - lines} more' if len(problems) > lines else '')
 
@@ -533,7 +399,7 @@ def read_cifar(name, path, label_key):
         images = np.asarray(batch['data'], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, H, W, C)
         labels = list(batch[label_key])
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{name}: {path} is not a CIFAR python batch ({type(e).__name__}: {_first_line(e)}); "
+        raise UserError(f"{name}: {path} is not a CIFAR python batch ({type(e).__name__}: {first_line(e)}); "
                         f"re-download it") from None
     if len(images) != len(labels):
         raise UserError(f"{name}: {path} has {len(images)} images but {len(labels)} labels; re-download it")
@@ -586,7 +452,7 @@ def read_split(name, root, split, classnames):
     try:
         found = torchvision.datasets.ImageFolder(folder)
     except (FileNotFoundError, OSError) as e:  # no class folders, or a class folder without images
-        raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({_first_line(e)})") from None
+        raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
     return [p for p, _ in found.samples], found.targets, len(found.classes)
 
 
@@ -631,7 +497,7 @@ def read_custom_set(spec, transform):
     try:
         found = torchvision.datasets.ImageFolder(root, allow_empty=True)
     except (FileNotFoundError, OSError) as e:  # no class folders
-        raise UserError(f"{root}/ needs one sub-folder of images per class ({_first_line(e)})") from None
+        raise UserError(f"{root}/ needs one sub-folder of images per class ({first_line(e)})") from None
     classnames = (_listed(spec['classnames'], root / 'classnames.txt', 'classnames')
                   or [c.replace('_', ' ') for c in found.classes])
     if len(classnames) != len(found.classes):
@@ -1195,14 +1061,14 @@ def convert(argv):
     try:  # the merges travel with the weights, as in a trained checkpoint: no --bpe_path needed to evaluate it
         ckpt['bpe_merges'] = checkpoint_merges(bpe_path)
     except UserError as e:
-        raise UserError(f"{flags['convert']}: {_first_line(e, 240)}; pass --bpe_path=FILE, the merges the model "
+        raise UserError(f"{flags['convert']}: {first_line(e, 240)}; pass --bpe_path=FILE, the merges the model "
                         f"was trained with (CLIP's {CLIP_BPE}), so that the converted file carries them") from None
     vocab = Tokenizer(ckpt['bpe_merges']).vocab_size
     if vocab != model.text.token_embedding.num_embeddings:
         raise UserError(f"{flags['convert']}: --bpe_path={bpe_path} gives {vocab} tokens but the weights have "
                         f"{model.text.token_embedding.num_embeddings}; pass the merges the model was trained with")
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: torch.save(ckpt, f))
+    atomic_save(ckpt, out)
     print(f"wrote {out}")
     return ckpt
 

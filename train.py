@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -35,7 +34,7 @@ from tqdm import tqdm
 import config
 from augment import finish_views
 from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
-from evaluate import FORMAT as CHECKPOINT_FORMAT, evaluate, print_table, read_checkpoint
+from evaluate import evaluate, print_table
 from model import autocast_dtype, build_model, compute_loss
 
 
@@ -129,33 +128,6 @@ def ema_update(momentum_model, model, tau):
 
 
 # --- Checkpoints ---
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, fsync, rename over `path`, fsync the directory:
-    a crash at any moment leaves either the old file or the new one, never a torn one."""
-    config.atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
-
-
-def tensor_bytes(obj):
-    """The bytes of the tensors and byte strings in nested dicts, lists and tuples: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, bytes):
-        return len(obj)
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(map(tensor_bytes, items))
-
-
-def atomic_copy(source, path):
-    """An independent copy of `source` at `path`, written as atomic_save writes."""
-    def copy_into(f):
-        with open(source, 'rb') as src:
-            shutil.copyfileobj(src, f, 1 << 24)
-    config.atomic_write(path, copy_into, os.path.getsize(source))
-
-
-STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # config.TMP_NAME of a killed save
-
-
 def rng_state(device):
     """This process's RNG states as tensors and plain Python data (loadable with weights_only=True); the CUDA
     state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
@@ -191,52 +163,19 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
         states = [(rng_state(device), epoch_state)]
     if rank != 0:
         return
-    ckpt = {'format': CHECKPOINT_FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
+    ckpt = {'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
             'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
             'epoch_sums': [s[1] for s in states], 'metrics': metrics,
             'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
-    out, saved = Path(cfg.output_dir), False
-    try:
-        atomic_save(ckpt, out / 'checkpoint.pt')
-        saved = True
-        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
-        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
-        atomic_copy(out / 'checkpoint.pt', out / f'checkpoint_{step:08d}.pt')
-    except OSError as e:
-        if e.errno not in config.NO_SPACE:
-            raise
-        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
-                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
-        raise config.UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
-                               f"--resume=auto") from None
-    for old in sorted(out.glob('checkpoint_*.pt'))[:-cfg.keep_last]:
-        old.unlink()
-
-
-def read_resume(path):
-    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
-    try:
-        return read_checkpoint(path)
-    except (ValueError, config.UserError) as e:  # evaluate.read_checkpoint's one-line refusals
-        error = e
-    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
-        try:
-            step = read_checkpoint(numbered)['step']
-        except (ValueError, config.UserError):
-            continue
-        if numbered.resolve() != Path(path).resolve():
-            raise config.UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
-                                   f"from it with --resume={numbered}") from None
-    raise config.UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
-                           f"or another --output_dir") from None
+    config.save_checkpoint(ckpt, cfg.output_dir, cfg.keep_last)
 
 
 def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_size, batch_size):
     """Restore training state in place; returns (step, data position, this rank's RNG state or None, this rank's
     running epoch sums or None)."""
-    ckpt = read_resume(path)
+    ckpt = config.read_resume(path)
     try:
         model.load_state_dict(ckpt['model'])
         if momentum_model is not None:
@@ -271,7 +210,7 @@ def maybe_init_weights(model, cfg, resume, master):
     if not cfg.init or resume is not None:
         return
     # a released file without an official model name does not tell its head counts: the run's are taken
-    ckpt = read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
+    ckpt = config.read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
     theirs = ckpt['config']
     fields = ['vision'] if theirs['vision'] != cfg.vision else [
         k for k in ARCH_FIELDS if k in theirs and (cfg.vision == 'vit' or k not in VIT_FIELDS)]
@@ -318,18 +257,7 @@ def check_output_dir(cfg):
         if (out / 'checkpoint.pt').exists():
             raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
                                    f"it or --overwrite to start over")
-    resume = None
-    if cfg.resume == 'auto':
-        resume = out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
-        numbered = sorted(out.glob('checkpoint_*.pt'))
-        if resume is None and numbered:  # starting over would delete them
-            raise config.UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
-                                   f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
-    elif cfg.resume:
-        resume = Path(cfg.resume)
-        if not resume.is_file():
-            raise config.UserError(f"--resume={cfg.resume}: no such checkpoint; give a checkpoint.pt path or auto")
-    return resume
+    return config.find_resume(out, cfg.resume)
 
 
 def check_writable(out):
@@ -351,7 +279,7 @@ def init_output_dir(cfg, resume, rank):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.iterdir():
-            if STALE_TMP.fullmatch(stale.name):
+            if config.STALE_TMP.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
             for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import config
 import evaluate
 from augment import eval_transform
 from config import Config
@@ -28,7 +29,7 @@ def setup(tmp_path):
     torch.manual_seed(4)
     model = CLIPModel(cfg, Tokenizer(merges).vocab_size).eval()
     path = tmp_path / 'ckpt.pt'
-    torch.save({'format': evaluate.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
+    torch.save({'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
                 'bpe_merges': merges}, path)
     root = tmp_path / 'shapes'
     for name in CLASSES:

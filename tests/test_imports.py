@@ -10,7 +10,8 @@ from PIL import Image
 
 from config import Config
 from data import load_merges, save_merges
-from evaluate import main, read_checkpoint
+from config import read_checkpoint
+from evaluate import main
 
 FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
 CLIP_BPE = FIXTURES.parent / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'

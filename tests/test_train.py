@@ -131,9 +131,9 @@ def test_every_parameter_gets_a_gradient(method):
 # --- Checkpoints ---
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / 'checkpoint.pt'
-    train.atomic_save({'step': 1, 'w': torch.arange(3)}, path)
+    config.atomic_save({'step': 1, 'w': torch.arange(3)}, path)
     with pytest.raises(Exception):
-        train.atomic_save({'step': 2, 'bad': lambda: 0}, path)  # pickling fails midway through the write
+        config.atomic_save({'step': 2, 'bad': lambda: 0}, path)  # pickling fails midway through the write
     assert load(path)['step'] == 1
     assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pt']  # no temporary file left behind
 
@@ -165,7 +165,7 @@ def test_demo_steps_lower_the_loss(tmp_path):
     assert len(losses) == 16 and all(map(math.isfinite, losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
     ckpt = load(tmp_path / 'checkpoint.pt')  # weights_only=True: tensors and plain data only
-    assert ckpt['format'] == train.CHECKPOINT_FORMAT and ckpt['step'] == 16
+    assert ckpt['format'] == config.FORMAT and ckpt['step'] == 16
     assert data.load_merges(ckpt['bpe_merges']) == data.load_merges(data.DEMO_BPE_PATH)  # evaluates anywhere
     assert ckpt['data'] == {'epoch': 2, 'batch': 0, 'world_size': 1, 'batch_size': 8}
     assert sorted(p.name for p in tmp_path.glob('checkpoint_*.pt')) == ['checkpoint_00000008.pt',
