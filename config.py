@@ -21,49 +21,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model import METHODS
+
 
 def _f(default, help):
     """A dataclass field with a help string (shown by --help)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={'help': help})
     return field(default=default, metadata={'help': help})
-
-
-# --- Methods ---
-@dataclass(frozen=True)
-class Method:
-    """One objective (recipe §2): the loss it trains, the model parts it needs, the strong views it reads, and the
-    settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
-    loss: str                 # model.py function of its contrastive term: (out, cfg) -> {'loss', ...}
-    extra: str = ''           # model.py function of the term added to it: (out, cfg, target) -> {'loss', ...}
-    weight: str = ''          # the config field that weights the extra term (none: 1)
-    heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
-    #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
-    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them
-    momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
-    preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
-    fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
-    recipes: dict = field(default_factory=dict)  # {(dataset, model or None): settings} on top of that dataset's recipe
-
-
-# recipe §8.1: a plain baseline has no augmented views and must also switch off the weak stopword removal
-_PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False)
-_SIGLIP = dict(logit_scale_init=math.log(10.0), l2l_logit_scale_init=math.log(10.0))  # t = exp(t') = 10 (Zhai et al.)
-_NONCONTRASTIVE = {('cc12m', None): dict(text_dropout=0.1)}  # recipe §5.1
-METHODS = {
-    'clip': Method('clip_term', views=None, preset=dict(_PLAIN, label_smoothing=0.0)),
-    'rocket': Method('cl2l_term', heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
-    'slip': Method('cl2l_term', 'slip_term', 'slip_scale', heads=('h', 'slip'), views=2),
-    'barlip': Method('cl2l_term', 'barlip_term', heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE),
-    'siamlip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE),
-    'byolip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, momentum=True,
-                     recipes=_NONCONTRASTIVE),
-    'swalip': Method('cl2l_term', 'swalip_term', 'swalip_weight', heads=('h',), views=1,
-                     fixed=dict(label_smoothing=0.0), recipes=_NONCONTRASTIVE),  # recipe §2.6
-    'siglip': Method('siglip_term', heads=('bias',), views=None, preset=dict(_PLAIN, **_SIGLIP),
-                     fixed=dict(label_smoothing=0.0)),
-    'rocket_siglip': Method('cl2l_siglip_term', heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0)),
-}
 
 
 @dataclass
@@ -321,9 +286,8 @@ class StdoutOrStderr:
 
 
 def run_cli(main_fn, argv=None):
-    """Run a command-line entry point: a UserError prints `error: <message>` on one line and exits with its
-    code (naming the rank under torchrun when it is not rank 0); any other exception is a bug and keeps its
-    traceback. Output goes on to stderr once stdout's reader has gone."""
+    """Run a command: a UserError prints `error: <message>` on one line (naming a rank other than 0) and exits
+    with its code; any other exception is a bug and keeps its traceback. Output survives stdout's reader going."""
     if not isinstance(sys.stdout, StdoutOrStderr) and sys.stdout is not None:
         sys.stdout = StdoutOrStderr(sys.stdout)
     try:
@@ -391,6 +355,12 @@ def _split_flags(argv):
     return parse_flags(argv, _FIELDS, [k for k, f in _FIELDS.items() if isinstance(f.default, bool)])[1]
 
 
+CHOICES = {'vision': ('vit', 'resnet50'), 'vit_style': ('timm', 'openai'), 'vision_act': ('gelu', 'quickgelu'),
+           'text_act': ('gelu', 'quickgelu'), 'loss_reduction': ('avg', 'sum'), 'caption_sampling': ('single', 'multi'),
+           'precision': ('auto', 'fp32', 'bf16', 'fp16'), 'device': ('auto', 'cpu', 'cuda'),
+           'augment_device': ('cpu', 'cuda')}
+
+
 def _check(cond, msg):
     if not cond:
         raise ConfigError(msg)
@@ -401,18 +371,10 @@ def validate(cfg):
     _check(cfg.dataset in DATASETS, f"--dataset={cfg.dataset}: choose one of {', '.join(DATASETS)}")
     _check(cfg.model in MODELS, f"--model={cfg.model}: choose one of {', '.join(MODELS)}")
     _check(cfg.method in METHODS, f"--method={cfg.method}: choose one of {', '.join(METHODS)}")
-    _check(cfg.vision in ('vit', 'resnet50'), f"--vision={cfg.vision}: choose vit or resnet50")
-    _check(cfg.vit_style in ('timm', 'openai'), f"--vit_style={cfg.vit_style}: choose timm or openai")
-    for name in ('vision_act', 'text_act'):
-        _check(getattr(cfg, name) in ('gelu', 'quickgelu'), f"--{name}={getattr(cfg, name)}: choose gelu or quickgelu")
-    _check(cfg.loss_reduction in ('avg', 'sum'), f"--loss_reduction={cfg.loss_reduction}: choose avg or sum")
-    _check(cfg.caption_sampling in ('single', 'multi'),
-           f"--caption_sampling={cfg.caption_sampling}: choose single or multi")
-    _check(cfg.precision in ('auto', 'fp32', 'bf16', 'fp16'),
-           f"--precision={cfg.precision}: choose auto, fp32, bf16 or fp16")
-    _check(cfg.device in ('auto', 'cpu', 'cuda') or cfg.device.startswith('cuda:'),
-           f"--device={cfg.device}: choose auto, cpu or cuda")
-    _check(cfg.augment_device in ('cpu', 'cuda'), f"--augment_device={cfg.augment_device}: choose cpu or cuda")
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        _check(value in choices or name == 'device' and value.startswith('cuda:'),
+               f"--{name}={value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
@@ -463,9 +425,8 @@ def validate(cfg):
 
 
 def cpu_split(workers, threads, device_type, local_world_size=1):
-    """(data-loader workers, torch threads) of one process. Explicit values are kept; -1 / 0 (auto) split the cores
-    this process may use (its CPU affinity shared by the ranks of the node) so that workers + threads never exceed
-    them: on a GPU the workers take all but one core, on a CPU one worker per 4 cores feeds the model's threads."""
+    """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the cores it may use, never
+    more in all: on a GPU the workers take all but one core, on a CPU one worker per 4 cores feeds the threads."""
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     if workers < 0:
         workers = 0 if cores == 1 else cores - 1 if device_type == 'cuda' else max(1, cores // 4)
@@ -539,9 +500,8 @@ TMP_NAME = '.{name}.{pid}.tmp'  # a killed writer leaves one behind; train.py re
 
 
 def atomic_write(path, write, size=None):
-    """write(file) into a temporary file beside `path`, fsync, rename it over `path`, fsync the folder: readers and
-    crashes see the old file or the new one, never half of one. The one writer of every file the project makes;
-    lack of space raises OSError(ENOSPC) naming the `size` bytes needed, and leaves no temporary file."""
+    """The one writer of every file: write(file) into a temporary file beside `path`, fsync, rename, fsync the folder
+    (readers and crashes see the old or the new file). A full disk raises OSError(ENOSPC) naming the size needed."""
     path = Path(path)
     tmp = path.with_name(TMP_NAME.format(name=path.name, pid=os.getpid()))
     try:
@@ -698,9 +658,9 @@ def read_resume(path):
             continue
         if numbered.resolve() != Path(path).resolve():
             raise UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
-                                   f"from it with --resume={numbered}") from None
+                            f"from it with --resume={numbered}") from None
     raise UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
-                           f"or another --output_dir") from None
+                    f"or another --output_dir") from None
 
 
 def first_line(e, limit=160):
@@ -715,23 +675,13 @@ CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
 
 
 def import_overrides(flags):
-    """The IMPORT_FLAGS among flags, typed; a bad head count or statistic raises ConfigError."""
-    out = {k: flags[k] for k in IMPORT_FLAGS if k in flags}
-    for k in ('vision_heads', 'text_heads'):
-        if k in out and not str(out[k]).isdigit():
-            raise ConfigError(f"--{k}={out[k]}: expected a positive integer")
-        if k in out:
-            out[k] = int(out[k])
+    """The IMPORT_FLAGS among flags, typed as the Config fields they set; a bad value raises ConfigError."""
+    out = {k: _convert(k, flags[k]) for k in IMPORT_FLAGS if k in flags and k != 'guess_heads'}
     for k in ('image_mean', 'image_std'):
-        if k in out:
-            try:
-                out[k] = [float(x) for x in out[k].split(',')]
-            except ValueError:
-                out[k] = []
-            if len(out[k]) != 3:
-                raise ConfigError(f"--{k}={flags[k]}: expected three comma-separated numbers, e.g. 0.485,0.456,0.406")
-    if 'guess_heads' in out:
-        out['guess_heads'] = out['guess_heads'].lower() in ('', 'true', '1')
+        _check(len(out.get(k, 'abc')) == 3, f"--{k}={flags.get(k)}: expected three comma-separated numbers, "
+                                              f"e.g. 0.485,0.456,0.406")
+    if 'guess_heads' in flags:
+        out['guess_heads'] = flags['guess_heads'].lower() in ('', 'true', '1')
     return out
 
 
@@ -755,9 +705,8 @@ def open_clip_config(path):
 
 
 def import_checkpoint(obj, path, overrides=None, defaults=None):
-    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory (model.convert_weights), and one
-    line saying what was recognised. overrides (IMPORT_FLAGS) beat what the importer finds; defaults give the head
-    counts of a file without an official model name."""
+    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory, and one line saying what was found;
+    overrides (IMPORT_FLAGS) beat what is found, defaults give the head counts of a file without a model name."""
     try:
         imported = convert_weights(obj)
     except ValueError as e:
@@ -789,7 +738,8 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
              f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
              if cfg.vision == 'vit' else 'ResNet-50')
-    projections = ['z'] + ['h'] * ('image_heads.h.0.weight' in imported['state']) + sorted({k.split('.')[0] for k in imported['extra']})
+    local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
+    projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
     epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
     line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
             f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
@@ -804,7 +754,6 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
         print(line)
     return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
             'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
-
 
 
 # Released weights.
@@ -915,10 +864,8 @@ def _arch(fmt, name, state, extra):
 
 
 def convert_weights(obj):
-    """A released SLIP / CLIP 🚀 checkpoint or an open_clip ViT state dict, in our names: {'format', 'name',
-    'epoch', 'arch' (Config fields of the weights), 'assumed' (those of them the file cannot tell), 'heads_from',
-    'state' (CLIPModel keys), 'extra' (method heads), 'ignored' (official keys left out)}; None when obj is none
-    of these. A recognised but unsupported file raises ValueError (one line)."""
+    """A released checkpoint in our names: {format, name, epoch, arch (its Config fields), assumed, heads_from, state,
+    extra (method heads), ignored (keys left out)}; None for a foreign dict, ValueError for an unsupported model."""
     if not isinstance(obj, dict):
         return None
     wrapped = isinstance(obj.get('state_dict'), dict)  # main.py's dict (or open_clip's) around the state_dict
@@ -1017,9 +964,8 @@ def _vision_tower(cfg, state):
 
 
 def export_open_clip(cfg, state, vocab_size):
-    """Our checkpoint's weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, what is left out).
-    The z heads go as open_clip's projections; the local h heads, l2l_logit_scale and the method heads have no place
-    in open_clip's CLIP. Raises ValueError (one line) for a model open_clip cannot represent exactly."""
+    """Our weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, modules left out: every head but z
+    has no place in open_clip's CLIP); ValueError for a model open_clip cannot represent exactly."""
     vision_cfg, visual = _vision_tower(cfg, state)
     text = {re.sub(*_PACKED_QKV, k[len('text.'):]): v for k, v in state.items() if k.startswith('text.')}
     out = {**{f'visual.{k}': v for k, v in visual.items()}, **text,

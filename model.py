@@ -4,8 +4,10 @@ projectors of every method, and the model whose training forward returns every e
 build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text
 (one head), model.encode_image_heads/encode_text_heads (every head from one trunk pass).
 """
+import math
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -13,7 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from config import METHODS
 
 
 # --- Gradient checkpointing ---
@@ -315,7 +316,7 @@ ACTIVATIONS = {'gelu': nn.GELU, 'quickgelu': QuickGELU}  # cfg.vision_act / cfg.
 
 
 class CLIPModel(nn.Module):
-    """Image and text encoders with the heads of cfg.method's row in config.METHODS: the global linear heads z
+    """Image and text encoders with the heads of cfg.method's row in METHODS: the global linear heads z
     always; the local MLP heads h and l2l_logit_scale when the row lists 'h' and num_augs > 0; its other parts."""
 
     def __init__(self, cfg, vocab_size):
@@ -367,7 +368,7 @@ class CLIPModel(nn.Module):
     def _head(self, heads, head):
         if head not in heads:
             raise ValueError(f"head {head!r} is not in this model's heads {self.heads}; the local head 'h' exists "
-                             f"for the methods with local heads (config.METHODS) with num_augs > 0")
+                             f"for the methods with local heads (METHODS) with num_augs > 0")
         return heads[head]
 
     def encode_image(self, images, head='z'):
@@ -708,7 +709,7 @@ def cl2l_siglip_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_sc
 
 
 # --- Objectives ---
-# A method's row in config.METHODS names its contrastive term and the term added to it: these functions, which
+# A method's row in METHODS (below) names its contrastive term and the term added to it: these functions, which
 # hand each loss above its inputs from the model's output dict (out) and the config.
 def clip_term(out, cfg):
     """Plain CLIP (recipe §2.2): label smoothing, if any, on its only (global) pair."""
@@ -751,6 +752,43 @@ def siamlip_term(out, cfg, target):
 def swalip_term(out, cfg, target):
     return swalip_loss(out['h_image'], out['h_text'], out['l2l_logit_scale'], cfg.sk_epsilon, cfg.sk_iters,
                        cfg.gather_with_grad)
+
+
+# --- Methods ---
+@dataclass(frozen=True)
+class Method:
+    """One objective (recipe §2): the loss it trains, the model parts it needs, the strong views it reads, and the
+    settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
+    loss: str                 # the function (above) of its contrastive term: (out, cfg) -> {'loss', ...}
+    extra: str = ''           # the function (above) of the term added to it: (out, cfg, target) -> {'loss', ...}
+    weight: str = ''          # the config field that weights the extra term (none: 1)
+    heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
+    #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
+    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them
+    momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
+    preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
+    fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
+    recipes: dict = field(default_factory=dict)  # {(dataset, model or None): settings} on top of that dataset's recipe
+
+
+# recipe §8.1: a plain baseline has no augmented views and must also switch off the weak stopword removal
+_PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False)
+_SIGLIP = dict(logit_scale_init=math.log(10.0), l2l_logit_scale_init=math.log(10.0))  # t = exp(t') = 10 (Zhai et al.)
+_NONCONTRASTIVE = {('cc12m', None): dict(text_dropout=0.1)}  # recipe §5.1
+METHODS = {
+    'clip': Method('clip_term', views=None, preset=dict(_PLAIN, label_smoothing=0.0)),
+    'rocket': Method('cl2l_term', heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
+    'slip': Method('cl2l_term', 'slip_term', 'slip_scale', heads=('h', 'slip'), views=2),
+    'barlip': Method('cl2l_term', 'barlip_term', heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE),
+    'siamlip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE),
+    'byolip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, momentum=True,
+                     recipes=_NONCONTRASTIVE),
+    'swalip': Method('cl2l_term', 'swalip_term', 'swalip_weight', heads=('h',), views=1,
+                     fixed=dict(label_smoothing=0.0), recipes=_NONCONTRASTIVE),  # recipe §2.6
+    'siglip': Method('siglip_term', heads=('bias',), views=None, preset=dict(_PLAIN, **_SIGLIP),
+                     fixed=dict(label_smoothing=0.0)),
+    'rocket_siglip': Method('cl2l_siglip_term', heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0)),
+}
 
 
 def compute_loss(out, cfg, target=None):

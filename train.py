@@ -148,9 +148,8 @@ def set_rng_state(state):
 
 def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size,
                     epoch_state=None):
-    """Collective: gather every rank's RNG state and running epoch sums (epoch_state) to rank 0, which writes
-    checkpoint.pt and a step-numbered copy, keeping the last cfg.keep_last copies. Refuses (on every rank) to
-    save non-finite weights."""
+    """Collective: gather every rank's RNG state and running epoch sums (epoch_state) to rank 0, which writes the
+    checkpoint (config.save_checkpoint). Refuses (on every rank) to save non-finite weights."""
     device = next(model.parameters()).device
     finite = all(torch.isfinite(p).all() for m in (model, momentum_model) if m is not None for p in m.parameters())
     if all_reduce(torch.tensor(float(not finite), device=device), dist.ReduceOp.MAX).item():
@@ -625,11 +624,10 @@ def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
     return bad
 
 
-def train(cfg, rank, world_size, device):
-    """Set up, then the loop: batch -> train_step -> log -> epoch end -> maybe save."""
-    amp_dtype = autocast_dtype(cfg, device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    with on_every_rank(world_size):  # checks and reads only: nothing is written before every rank has passed them
+def set_up(cfg, rank, world_size, device):
+    """Checks and reads on every rank (nothing is written before every rank has passed them), then the output dir:
+    (tokenizer, loader, steps per epoch, (model, momentum model, optimizer, scaler), loop, saved RNG state)."""
+    with on_every_rank(world_size):
         resume = check_output_dir(cfg)
         check_trackers(cfg)
         tokenizer = build_tokenizer(cfg)
@@ -638,21 +636,41 @@ def train(cfg, rank, world_size, device):
         if steps_per_epoch == 0:
             raise config.ConfigError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
                                      f"lower --batch_size or --update_freq")
-        model, momentum_model, optimizer, scaler = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
-        maybe_init_weights(model, cfg, resume, rank == 0)
+        parts = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
+        maybe_init_weights(parts[0], cfg, resume, rank == 0)
         seed_everything(cfg.seed + rank)  # per-rank randomness from here on (recipe §5.5)
         loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
         if resume is not None:
-            loop.step, position, rng, state = load_checkpoint(resume, model, momentum_model, optimizer, scaler, rank,
-                                                              world_size, cfg.batch_size)
+            loop.step, position, rng, state = load_checkpoint(resume, *parts, rank, world_size, cfg.batch_size)
             loop.epoch, loop.batch = position['epoch'], position['batch']
             if state is not None:
                 restore_epoch_state(loop, state, device)
     init_output_dir(cfg, resume, rank)
-    if resume is not None and rank == 0:
-        trim_log(cfg, loop.step)
     if rank == 0:
+        if resume is not None:
+            trim_log(cfg, loop.step)
         open_trackers(cfg, resume)
+    return tokenizer, loader, steps_per_epoch, parts, loop, rng
+
+
+def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
+    """Rank 0's start line, and a warning when the warmup covers the whole run."""
+    print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
+          f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
+          f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup >= last_step > loop.step:
+        print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "
+              f"run of {last_step} steps: the learning rate never decays and ends at its peak at most; lower "
+              f"--warmup_epochs", flush=True)
+
+
+def train(cfg, rank, world_size, device):
+    """Set up, then the loop: batch -> train_step -> log -> epoch end -> maybe save."""
+    amp_dtype = autocast_dtype(cfg, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    tokenizer, loader, steps_per_epoch, parts, loop, rng = set_up(cfg, rank, world_size, device)
+    model, momentum_model, optimizer, scaler = parts
     micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
     last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     train_model = wrap_model(model, cfg, device, world_size)
@@ -660,14 +678,7 @@ def train(cfg, rank, world_size, device):
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
     if rank == 0:
-        print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
-              f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
-              f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
-        warmup = int(cfg.warmup_epochs * steps_per_epoch)
-        if warmup >= last_step > loop.step:
-            print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "
-                  f"run of {last_step} steps: the learning rate never decays and ends at its peak at most; lower "
-                  f"--warmup_epochs", flush=True)
+        announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size)
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
@@ -702,9 +713,13 @@ def train(cfg, rank, world_size, device):
             break
         if epoch_end:
             data_iter = start_epoch(loader, loop)
-
     if bar is not None:
         bar.close()
+    finish(cfg, loop, stopping, rank)
+
+
+def finish(cfg, loop, stopping, rank):
+    """Rank 0 says where the run stopped and why; every rank leaves the process group together."""
     if rank == 0:
         why = f"stopped by {signal.Signals(STOP['signal']).name if STOP['signal'] else 'a stop signal'} at" \
             if stopping else "stopped at"

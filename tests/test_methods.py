@@ -137,7 +137,7 @@ def test_siglip_rows_preset_and_refuse():
 
 def test_a_new_row_is_all_a_method_needs(monkeypatch):
     """A row that is not clip or rocket may still train without strong views, and gets only the heads it lists."""
-    monkeypatch.setitem(config.METHODS, 'plain_siglip', config.Method('siglip_term', heads=('bias',), views=None))
+    monkeypatch.setitem(config.METHODS, 'plain_siglip', model_lib.Method('siglip_term', heads=('bias',), views=None))
     cfg = config.resolve({**{k: str(v) for k, v in TINY.items()}, 'method': 'plain_siglip', 'num_augs': '0'},
                          verbose=False)
     net = model_lib.build_model(cfg, VOCAB, verbose=False)
