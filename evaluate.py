@@ -74,7 +74,7 @@ def load_model(path, device='cpu', bpe_path=None):
 
 def checkpoint_tokenizer(ckpt, cfg, path, bpe_path=None):
     """The checkpoint's tokenizer: from bpe_path (--bpe_path) if given, else the merges the checkpoint carries,
-    else its config's bpe_path (checkpoints written before the merges travelled with them)."""
+    else its config's bpe_path (a checkpoint that carries no merges)."""
     if not bpe_path and ckpt.get('bpe_merges') is not None:
         try:
             return Tokenizer(ckpt['bpe_merges'], cfg.context_length)
@@ -85,7 +85,7 @@ def checkpoint_tokenizer(ckpt, cfg, path, bpe_path=None):
     try:
         return build_tokenizer(cfg)
     except (OSError, ValueError, UserError) as e:
-        hint = '' if bpe_path else ("; this checkpoint predates bundled merges: pass --bpe_path=FILE, the merges "
+        hint = '' if bpe_path else ("; this checkpoint carries no merges: pass --bpe_path=FILE, the merges "
                                     "file it was trained with")
         raise UserError(f"{path}: {first_line(e, 240)}{hint}") from None
 

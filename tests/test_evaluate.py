@@ -401,7 +401,7 @@ def test_moved_checkpoint_evaluates_without_its_bpe_file(tmp_path, capsys):
     bpe.parent.mkdir()
     bpe.write_bytes(data.DEMO_BPE_PATH.read_bytes())
     first = save_tiny(tmp_path / 'a' / 'ckpt.pt', data.checkpoint_merges(str(bpe)), bpe_path=str(bpe))
-    old = save_tiny(tmp_path / 'a' / 'old.pt', bpe_path=str(bpe))  # written before the merges travelled
+    old = save_tiny(tmp_path / 'a' / 'old.pt', bpe_path=str(bpe))  # a checkpoint that carries no merges
     before = main([str(first), '--datasets=demo'])[0]['results']
     moved = tmp_path / 'b' / 'ckpt.pt'
     moved.parent.mkdir()
