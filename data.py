@@ -189,7 +189,6 @@ class Tokenizer:
         return torch.from_numpy(tokens)
 
 
-
 # --- Vocabularies ---
 def learn_bpe(texts, vocab_size):
     """BPE merges learned from texts with CLIP's cleaning and pre-tokenisation; vocab_size = 512 + merges + 2.
@@ -620,30 +619,44 @@ class CaptionLists(Strings):
         return tuple(c.decode('utf-8', 'surrogatepass') for c in raw.split(SEP))
 
 
-def cached_arrays(metadata, output_dir, how, build):
-    """The arrays {name: array} that build() makes from the file metadata, cached as name.npy files in a folder
-    metadata.arrays beside it (in output_dir when that folder is read-only) and memory-mapped by later runs
-    while the file's size and mtime and `how` it is read are unchanged: a restart skips the parsing, and the
-    ranks of a node share the pages. Every writer replaces each file atomically and the stamp last."""
-    st, source = os.stat(metadata), Path(metadata).resolve()
-    stamp = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'how': how}
-    folders = [source.with_name(source.name + '.arrays'), Path(output_dir).resolve() / (source.name + '.arrays')]
-    for folder in folders:
+def cache_files(source, output_dir, name):
+    """Where a cache of the file `source` lives: beside it, or in output_dir when that folder is read-only."""
+    return [Path(source).resolve().parent / name, Path(output_dir).resolve() / name]
+
+
+def write_cache(files, write):
+    """write(file) for the first of files whose folder can be made and written; that file, or None."""
+    for file in files:
         try:
-            if json.loads((folder / 'stamp.json').read_text()) == stamp:
-                return {f.stem: np.load(f, mmap_mode='r') for f in folder.glob('*.npy')}
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write(file)
+            return file
+        except OSError:
+            continue
+    return None
+
+
+def cached_arrays(metadata, output_dir, how, build):
+    """The arrays {name: array} build() makes from the file metadata, cached as .npy files (cache_files) and
+    memory-mapped while its size, mtime and `how` it is read are unchanged: a restart skips the parsing."""
+    # the ranks of a node share the mapped pages; each file is replaced atomically and the stamp last
+    st = os.stat(metadata)
+    stamp = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'how': how}
+    folders = cache_files(metadata, output_dir, Path(metadata).resolve().name + '.arrays')
+    stamps = [folder / 'stamp.json' for folder in folders]
+    for file in stamps:
+        try:
+            if json.loads(file.read_text()) == stamp:
+                return {f.stem: np.load(f, mmap_mode='r') for f in file.parent.glob('*.npy')}
         except (OSError, ValueError):
             pass
     arrays = build()
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, array in arrays.items():
-                atomic_write(folder / f'{name}.npy', lambda f: np.save(f, array))
-            atomic_write(folder / 'stamp.json', lambda f: f.write(json.dumps(stamp).encode()))
-            break
-        except OSError:
-            continue
+
+    def write(file):
+        for name, array in arrays.items():
+            atomic_write(file.with_name(f'{name}.npy'), lambda f: np.save(f, array))
+        atomic_write(file, lambda f: f.write(json.dumps(stamp).encode()))
+    write_cache(stamps, write)
     return arrays
 
 
@@ -782,7 +795,7 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
     parallel, and rank 0 writes the updated index. A cached start costs one stat per shard (taken by the caller)."""
     dist = torch.distributed
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-    files = [Path(shards[0]).resolve().parent / SHARD_INDEX, Path(output_dir).resolve() / SHARD_INDEX]
+    files = cache_files(shards[0], output_dir, SHARD_INDEX)
     keys = [str(Path(s).resolve()) for s in shards]
     index, lead = {}, rank == 0 or not distributed  # without a group, each rank alone
     if lead:
@@ -819,16 +832,10 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
 def write_index(index, files):
     """Write the index atomically to the first writable place of files; say where when it is not the first."""
     data = json.dumps(index, separators=(',', ':')).encode()
-    for file in files:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(file, lambda f: f.write(data))
-        except OSError:
-            continue
-        if file != files[0]:
-            print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
-        return file
-    return None
+    file = write_cache(files, lambda file: atomic_write(file, lambda f: f.write(data)))
+    if file not in (None, files[0]):
+        print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
+    return file
 
 
 # --- Samples ---
@@ -1001,27 +1008,20 @@ def check_bad_fraction(skipped, seen, cfg):
 
 
 # --- Loaders ---
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's (epoch, index) keys in torch's DistributedSampler order (randperm seeded by seed + epoch,
-    padded to a multiple of world_size). set_epoch(epoch, start_batch) starts at batch start_batch without
-    producing the keys of the skipped samples, so they are never read or decoded."""
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's (epoch, index) keys in DistributedSampler's order. set_epoch(epoch, start_batch) starts at batch
+    start_batch without producing the keys of the skipped samples, so they are never read or decoded."""
 
     def __init__(self, size, batch_size, seed, rank, world_size):
-        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
-        self.num_samples = math.ceil(size / world_size)
-        self.epoch, self.start_batch = 0, 0
+        super().__init__(range(size), world_size, rank, shuffle=True, seed=seed)
+        self.batch_size, self.start_batch = batch_size, 0
 
     def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self):
-        return self.num_samples
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        total = self.num_samples * self.world_size
-        order = (order * math.ceil(total / self.size))[:total]  # pad by wrapping around, as torch does
-        for index in order[self.rank::self.world_size][self.start_batch * self.batch_size:]:
+        for index in itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None):
             yield self.epoch, index
 
 
