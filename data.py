@@ -192,8 +192,8 @@ class Tokenizer:
 # --- Vocabularies ---
 def learn_bpe(texts, vocab_size):
     """BPE merges learned from texts with CLIP's cleaning and pre-tokenisation; vocab_size = 512 + merges + 2.
-    Each merge updates the counts of only the words holding its pair (a pair -> words index, a lazy max-heap).
     The most frequent pair wins, ties go to the smallest (a, b) in string order: the result is deterministic."""
+    # each merge updates the counts of only the words holding its pair (a pair -> words index, a lazy max-heap)
     if not 514 <= vocab_size <= 514 + MAX_MERGES:
         raise ValueError(f"vocab_size={vocab_size} must be in [514, {514 + MAX_MERGES}] (512 byte symbols + merges + "
                          f"SOT and EOT; CLIP: 49408)")
@@ -292,11 +292,11 @@ MAX_BAD_IN_A_ROW = 100
 
 
 def open_image(data, max_pixels=0):
-    """PIL image from encoded bytes, turned upright by its EXIF orientation (phone photos are often stored
-    sideways with such a tag) and decoded here (so a bad file fails now, not later), except an upright JPEG: the
-    views decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
-    Deviation from recipe §4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted.
-    An image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
+    """PIL image from encoded bytes, upright by its EXIF orientation (phone photos are often stored sideways with
+    such a tag); an image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
+    # decoded here, so that a bad file fails now, except an upright JPEG: the views decode it at the DCT scale their
+    # crops allow (augment.draft) and raise UnreadableImage there. Deviation from recipe §4.1 (truncated JPEGs
+    # allowed): a truncated image is a bad sample, skipped and counted.
     img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         fit_pixels(img, max_pixels)
@@ -666,8 +666,8 @@ ZIP_END, ZIP_ENTRY, ZIP_LOCAL = struct.Struct('<4s4H2IH'), struct.Struct('<4s6H3
 
 def read_zip_member(path, name):
     """Bytes of member `name` of a zip archive with four reads and no parsing of the other entries' records
-    (zipfile.ZipFile parses all of them: ~4 ms for a 1,000-member archive). Archives with a comment, zip64,
-    encryption or an unusual compression are read by zipfile."""
+    (zipfile.ZipFile parses all of them: ~4 ms for a 1,000-member archive)."""
+    # archives with a comment, zip64, encryption or an unusual compression are read by zipfile
     with open(path, 'rb') as f:
         size = os.fstat(f.fileno()).st_size
         end = os.pread(f.fileno(), ZIP_END.size, max(0, size - ZIP_END.size))
@@ -790,9 +790,9 @@ SHARD_INDEX = 'shard_index.json'
 
 
 def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
-    """Sample counts of tar shards, computed once: rank 0 reuses the index entries (beside the first shard, else in
-    output_dir) whose shard size and mtime are unchanged; the ranks count disjoint slices of the other shards, in
-    parallel, and rank 0 writes the updated index. A cached start costs one stat per shard (taken by the caller)."""
+    """Sample counts of tar shards, computed once: rank 0 reuses the index entries whose shard size and mtime are
+    unchanged, the ranks count disjoint slices of the other shards, rank 0 writes the updated index."""
+    # a cached start costs one stat per shard (taken by the caller)
     dist = torch.distributed
     distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
     files = cache_files(shards[0], output_dir, SHARD_INDEX)
@@ -936,11 +936,11 @@ SHUFFLE_BUFFER = 1000
 
 
 class TarShards(torch.utils.data.IterableDataset):
-    """WebDataset-style shards streamed with tarfile. Each epoch the shards are shuffled (seed, epoch), split
-    across ranks then workers, and samples pass a shuffle buffer. Every worker yields a fixed number of full
-    batches (its shards are re-read if they run short, extra samples wait for the next epoch), so all ranks
-    run len(loader) batches; with equal shards that divide evenly, each sample is seen once per epoch.
-    set_epoch(epoch, start_batch) resumes at shard granularity: fully consumed shards are not read."""
+    """WebDataset-style shards streamed with tarfile: each epoch shuffled (seed, epoch), split across ranks then
+    workers, through a shuffle buffer. set_epoch(epoch, start_batch) resumes by shard: consumed ones are not read."""
+    # Every worker yields a fixed number of full batches (its shards are re-read if they run short, extra samples
+    # wait for the next epoch), so all ranks run len(loader) batches; with equal shards that divide evenly, each
+    # sample is seen once per epoch.
 
     def __init__(self, shards, counts, make_sample, cfg, rank, world_size):
         self.shards, self.counts, self.make_sample = shards, counts, make_sample
@@ -1025,25 +1025,14 @@ class EpochSampler(torch.utils.data.DistributedSampler):
             yield self.epoch, index
 
 
-class ShardLoader:
-    """A DataLoader over TarShards with the map-style loader's interface (.sampler.set_epoch, len, iter)."""
-
-    def __init__(self, dataset, loader):
-        self.sampler, self.loader = dataset, loader
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
 def init_worker(worker_id):
-    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves a checkpoint before exiting (SLURM and
-    a Ctrl-C signal the whole process group), end when the main process ends (end_workers_at_exit, and the
-    kernel's parent-death signal where the main process dies without running its exit hooks: os._exit, kill -9),
-    and freeze the objects inherited from it: the garbage collector then never writes to (and so copies) their pages
-    (measured: ~80 MB per worker with torch alone, all of a metadata list's objects; python -m bench.metadata)."""
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, end when it ends, and freeze the objects they
+    inherit from it."""
+    # The main process saves a checkpoint before exiting (SLURM and a Ctrl-C signal the whole process group). The
+    # kernel's parent-death signal ends a worker where the main process dies without its exit hooks (os._exit,
+    # kill -9; else end_workers_at_exit). Frozen, the inherited objects' pages are never written (so copied) by the
+    # garbage collector (measured: ~80 MB per worker with torch alone, all of a metadata list's objects;
+    # python -m bench.metadata).
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
     if sys.platform == 'linux':
@@ -1085,19 +1074,17 @@ def collate(samples):
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
     make_sample, row = SampleMaker(cfg, tokenizer), READERS[cfg.dataset]
-    pin = cfg.device != 'cpu' and torch.cuda.is_available()
-    if row.streamed:
-        # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
-        dataset = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                             drop_last=True, collate_fn=collate, worker_init_fn=init_worker)
-        loader = ShardLoader(dataset, loader)
+    if row.streamed:  # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
+        dataset, options = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size), {}
     else:
         dataset = TrainDataset(build_reader(cfg), make_sample)
-        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
-                                             collate_fn=collate, worker_init_fn=init_worker)
+        options = dict(sampler=EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size),
+                       persistent_workers=cfg.workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
+                                         pin_memory=cfg.device != 'cpu' and torch.cuda.is_available(),
+                                         collate_fn=collate, worker_init_fn=init_worker, **options)
+    if row.streamed:  # the map-style loader's interface; the stream splits and shuffles by the epoch it is set
+        loader.sampler.set_epoch = dataset.set_epoch
     if len(loader) == 0:
         raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
                           f"--batch_size={cfg.batch_size}; lower the batch size or add data")
@@ -1212,8 +1199,9 @@ PAIR_TEMPLATES = ('{np} and {np2}', 'a photo of {np} and {np2}', '{np} {pos} and
 
 def noun_phrase(obj, rng):
     """Words naming an object: 'small red circle', 'circle in red', 'star coloured blue', or, half of the time,
-    the shape alone ('large heart'): captions without the colour can only be matched by shape, which colour
-    overshadows otherwise (held-out shape after 3 epochs at lr 5e-4: 23% without them, 31% with a quarter)."""
+    the shape alone ('large heart')."""
+    # captions without the colour can only be matched by shape, which colour overshadows otherwise (held-out shape
+    # after 3 epochs at lr 5e-4: 23% without them, 31% with a quarter)
     size = [obj.size] if rng.random() < 0.5 else []
     if rng.random() < 0.5:
         return size + [obj.shape]
