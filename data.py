@@ -463,8 +463,9 @@ def read_shards(cfg, rank=0, world_size=1):
     counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
     if sum(counts) == 0:
         raise bad_format(cfg, 'no readable tar members')
-    if len(shards) < world_size * max(1, cfg.workers):
-        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {max(1, cfg.workers)} workers; "
+    workers = max(1, cfg.workers)
+    if len(shards) < world_size * workers:
+        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
                           f"lower --workers or write more shards")
     return shards, counts
 
@@ -1299,11 +1300,8 @@ def demo_retrieval(cfg):
 USAGE = ("python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz] | "
          "python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
 HELP = f"""usage: {USAGE}
-  build-vocab       learn BPE merges from a text file of one caption a line
-  build-demo-vocab  regenerate the demo vocabulary (learning stops early, at 128 merges, once every demo word
-                    is one token)
-  --vocab_size=N    512 byte symbols + merges + SOT and EOT (CLIP: 49408)
-  --out=PATH        the merges file to write, gzipped when it ends with .gz"""
+build-vocab learns BPE merges from a file of one caption a line; build-demo-vocab regenerates the demo vocabulary.
+--vocab_size: 512 byte symbols + merges + SOT and EOT (CLIP: 49408); --out is gzipped when it ends with .gz"""
 
 
 def usage_error(message):
@@ -1345,6 +1343,7 @@ def build_demo_vocab_main(argv, samples=2000):
     learned from the captions of the first demo training images (seed 0)."""
     _, vocab_size, out = command_flags(argv, 'build-demo-vocab takes --vocab_size=N and --out=PATH',
                                        DEMO_VOCAB_SIZE, DEMO_BPE_PATH)
+    # learning stops early, at 128 merges, once every demo word is one token
     write_vocab([c for i in range(samples) for c in demo_captions(0, 'train', i)], vocab_size, out)
     print(f"wrote {out}")
 
