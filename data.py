@@ -1,10 +1,11 @@
-"""Data: CLIP's BPE tokenizer (recipe §1.4), the datasets, the built-in demo dataset and the loaders (recipe §4)."""
-import argparse
+"""Data: CLIP's BPE tokenizer (recipe §1.4), the dataset readers, the training samples, the loaders (recipe §4) and
+the built-in demo dataset."""
 import atexit
 import bisect
 import collections
 import csv
 import ctypes
+import dataclasses
 import functools
 import gc
 import gzip
@@ -14,7 +15,6 @@ import itertools
 import json
 import math
 import multiprocessing
-import multiprocessing.util
 import os
 import pickle
 import random
@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
-from config import ConfigError, UserError, atomic_write, run_cli
+from config import ConfigError, UserError, atomic_write, parse_flags, run_cli
 
 
 # --- BPE tokenizer ---
@@ -189,11 +189,11 @@ class Tokenizer:
         return torch.from_numpy(tokens)
 
 
-# --- Vocabulary learning ---
+# --- Vocabularies ---
 def learn_bpe(texts, vocab_size):
     """BPE merges learned from texts with CLIP's cleaning and pre-tokenisation; vocab_size = 512 + merges + 2.
-    Each merge updates the counts of only the words holding its pair (a pair -> words index, a lazy max-heap).
     The most frequent pair wins, ties go to the smallest (a, b) in string order: the result is deterministic."""
+    # each merge updates the counts of only the words holding its pair (a pair -> words index, a lazy max-heap)
     if not 514 <= vocab_size <= 514 + MAX_MERGES:
         raise ValueError(f"vocab_size={vocab_size} must be in [514, {514 + MAX_MERGES}] (512 byte symbols + merges + "
                          f"SOT and EOT; CLIP: 49408)")
@@ -245,41 +245,62 @@ def merges_text(merges):
 def save_merges(merges, path):
     """Write merges in CLIP's format, gzipped when path ends with .gz."""
     data = merges_text(merges)
-    Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith('.gz') else data)
+    data = gzip.compress(data, mtime=0) if str(path).endswith('.gz') else data
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_vocab(texts, vocab_size, out):
+    """learn_bpe of texts saved to out; a vocab_size out of range is a usage error. Returns the merges."""
+    try:
+        merges = learn_bpe(texts, vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"--vocab_size: {e}") from None
+    save_merges(merges, out)
+    return merges
+
 
 DEMO_BPE_PATH = Path(__file__).resolve().parent / 'assets' / 'demo_bpe.txt.gz'
+DEMO_VOCAB_SIZE = 1024
 
 
-# --- Datasets ---
-FORMATS = {
-    'cc3m': "a .npy object array of dicts {'image_id': image path under --root, 'captions': [str, ...]}",
-    'cc12m': "a .npy object array of dicts {'image_name': image path under --root, 'captions': [str, ...]}",
-    'yfcc15m': "a pickled list of (image_id: int, title: str, description: str), images in --root/images/XX/YYY.zip",
-    'csv': "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key columns",
-    'wds': "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding key.jpg + key.txt",
-}
+def build_tokenizer(cfg):
+    """Tokenizer of cfg.bpe_path; only a dataset whose row names a vocabulary (the demo's) may leave it empty."""
+    default = READERS[cfg.dataset].vocabulary
+    if not cfg.bpe_path and default is None:
+        raise UserError(f"--dataset={cfg.dataset} needs --bpe_path: CLIP's merges file bpe_simple_vocab_16e6.txt.gz "
+                        f"ships with OpenAI CLIP and inside the open_clip_torch wheel (open_clip/), or learn one "
+                        f"with python data.py build-vocab captions.txt")
+    path = Path(cfg.bpe_path or default).expanduser()
+    if not path.is_file():
+        raise UserError(f"--bpe_path={path} not found; give a CLIP BPE merges file (.txt or .txt.gz)" if cfg.bpe_path
+                        else f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
+    return Tokenizer(str(path), cfg.context_length)
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_merges(bpe_path):
+    """The merges a tokenizer of bpe_path uses (empty: the demo vocabulary), gzipped (~210 KB for CLIP's), read
+    once per run: checkpoints carry them so that they evaluate on any machine."""
+    return gzip.compress(merges_text(load_merges(Path(bpe_path or DEMO_BPE_PATH).expanduser())), mtime=0)
+
+
+# --- Readers ---
 # everything a corrupt or missing image, archive or caption raises while being read
 BAD_SAMPLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError,
               Image.DecompressionBombError)
 MAX_BAD_IN_A_ROW = 100
-EXIF_ORIENTATION = 0x0112
-
-
-def sample_seed(*keys):
-    """A 64-bit seed mixed from integers (NumPy SeedSequence): per-sample randomness independent of workers."""
-    return int(np.random.SeedSequence([k & (2 ** 64 - 1) for k in keys]).generate_state(1, np.uint64)[0])
 
 
 def open_image(data, max_pixels=0):
-    """PIL image from encoded bytes, turned upright by its EXIF orientation (phone photos are often stored
-    sideways with such a tag) and decoded here (so a bad file fails now, not later), except an upright JPEG: the
-    views decode it at the DCT scale their crops allow (augment.draft) and raise UnreadableImage there.
-    Deviation from recipe §4.1 (truncated JPEGs allowed): a truncated image is a bad sample, skipped and counted.
-    An image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
+    """PIL image from encoded bytes, upright by its EXIF orientation (phone photos are often stored sideways with
+    such a tag); an image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
+    # decoded here, so that a bad file fails now, except an upright JPEG: the views decode it at the DCT scale their
+    # crops allow (augment.draft) and raise UnreadableImage there. Deviation from recipe §4.1 (truncated JPEGs
+    # allowed): a truncated image is a bad sample, skipped and counted.
     img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         fit_pixels(img, max_pixels)
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+    if img.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
         img.load()
         return ImageOps.exif_transpose(img)  # crops are drawn on the upright size, so no draft decoding here
     if img.format != 'JPEG':
@@ -301,13 +322,242 @@ def load_image(path, max_pixels=0):
     return open_image(Path(path).read_bytes(), max_pixels)
 
 
-def as_captions(value):
-    """Candidate captions as a non-empty tuple of str; anything else is a bad sample (ValueError)."""
-    captions = [value] if isinstance(value, str) else value
-    if not isinstance(captions, (list, tuple, np.ndarray)) or len(captions) == 0 or \
-            not all(isinstance(c, str) for c in captions):
-        raise ValueError(f"captions {value!r} are not text")
-    return tuple(captions)
+class FileReader:
+    """Images stored as files: load(i) -> (image, captions) of root / paths[i], from compact metadata arrays."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.paths = Strings(arrays, 'paths')
+
+    def __len__(self):
+        return len(self.captions)
+
+    def load(self, i):
+        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
+
+
+class YfccReader(FileReader):
+    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
+    non-empty ones of (title, description)."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.ids = arrays['ids']
+
+    def load(self, i):
+        name = f'{int(self.ids[i]):08d}'
+        data = read_zip_member(self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg')
+        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
+
+
+class MergedReader:
+    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
+
+    def __init__(self, readers):
+        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def load(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].load(i - self.starts[k])
+
+
+def metadata_arrays(cfg, parse, *how):
+    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached
+    by how it is read (cached_arrays); an error while parsing is one line naming the file and the format."""
+    path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
+    check_format(path, cfg)
+
+    def build():
+        try:
+            return parse(path)
+        except UserError:
+            raise
+        except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
+            raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
+    return cached_arrays(path, cfg.output_dir, [cfg.dataset, *how], build)
+
+
+def read_npy(cfg, key):
+    """CC3M ('image_id') or CC12M ('image_name'): a .npy object array of dicts {key: image path, 'captions': [...]}."""
+    def parse(path):
+        meta = np.load(path, allow_pickle=True)
+        return {**Strings.arrays('paths', [str(d[key]) for d in meta]),
+                **CaptionLists.arrays('captions', [d['captions'] for d in meta])}
+    arrays = metadata_arrays(cfg, parse)
+    return FileReader(existing(cfg.root, 'root', 'the folder holding the images'), arrays, cfg.max_image_pixels)
+
+
+def read_yfcc(cfg):
+    """YFCC15M: a pickled list of (image_id, title, description)."""
+    def parse(path):
+        with open(path, 'rb') as f:
+            items = pickle.load(f)
+        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
+                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
+            raise bad_format(cfg, 'entries are not (int, str, str) triples')
+        ids = np.asarray([t[0] for t in items], np.int64)
+        ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
+        return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
+    arrays = metadata_arrays(cfg, parse)
+    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
+                      cfg.max_image_pixels)
+
+
+def read_csv(cfg):
+    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
+    keys, suffix = (cfg.csv_image_key, cfg.csv_caption_key), Path(cfg.metadata).suffix.lower()
+
+    def parse(path):
+        try:
+            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
+                rows = csv.reader(f, delimiter='\t' if suffix == '.tsv' else ',')
+                header = next(rows, [])
+                missing = [k for k in keys if k not in header]
+                if missing:
+                    raise bad_format(cfg, f"no column {missing[0]!r} among {header}")
+                a, b = map(header.index, keys)
+                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
+        except UnicodeDecodeError as e:
+            raise bad_format(cfg, f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") from None
+        return {**Strings.arrays('paths', [r[0] for r in rows]),
+                **CaptionLists.arrays('captions', [r[1] for r in rows])}
+    arrays = metadata_arrays(cfg, parse, *keys, suffix)
+    root = existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else \
+        Path(cfg.metadata).expanduser().parent
+    return FileReader(root, arrays, cfg.max_image_pixels)
+
+
+MERGED = ('cc3m', 'cc12m', 'yfcc15m')  # the parts of merged29m, in the order of its --metadata and --root values
+
+
+def read_merged(cfg):
+    """Merged 29M (recipe §8.21): the readers of its parts, each read as its own row, concatenated."""
+    metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
+    if len(metadata) != len(MERGED) or len(roots) != len(MERGED):
+        raise ConfigError(f"--dataset={cfg.dataset} needs {len(MERGED)} --metadata and {len(MERGED)} --root values "
+                          f"joined by '---', in the order {'---'.join(MERGED)}")
+    return MergedReader([READERS[part].read(dataclasses.replace(cfg, dataset=part, metadata=m, root=r))
+                         for part, m, r in zip(MERGED, metadata, roots)])
+
+
+def read_shards(cfg, rank=0, world_size=1):
+    """Shard paths and sample counts of the brace pattern cfg.metadata (under --root), checked before any
+    worker starts."""
+    pattern, expects = str(Path(cfg.root) / cfg.metadata) if cfg.root else cfg.metadata, READERS[cfg.dataset].expects
+    if not cfg.metadata:
+        raise ConfigError(f"--metadata is empty; give {expects}")
+    shards = expand_braces(pattern)
+    stats, missing = [], []
+    for s in shards:
+        try:
+            stats.append(os.stat(s))
+        except OSError:
+            missing.append(s)
+    if missing:
+        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
+                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected {expects}")
+    check_format(shards[0], cfg, f'shard {shards[0]} of --metadata={cfg.metadata}')
+    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
+    if sum(counts) == 0:
+        raise bad_format(cfg, 'no readable tar members')
+    workers = max(1, cfg.workers)
+    if len(shards) < world_size * workers:
+        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
+                          f"lower --workers or write more shards")
+    return shards, counts
+
+
+# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions)); a streamed
+# format's read(cfg, rank, world_size) -> (shard paths, sample counts) for TarShards. `expects` says what
+# --metadata must be (in every format error), `kinds` what sniff may find it to be, `vocabulary` the merges
+# used when --bpe_path is empty. A new format: its read function and a row here (and a recipe in config.RECIPES).
+Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
+READERS = {
+    'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
+                   vocabulary=DEMO_BPE_PATH),
+    'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
+                   "{'image_id': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    'cc12m': Reader(functools.partial(read_npy, key='image_name'), "a .npy object array of dicts "
+                    "{'image_name': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    # pickles of protocol 0 are text, of protocol 1 binary
+    'yfcc15m': Reader(read_yfcc, "a pickled list of (image_id: int, title: str, description: str), images in "
+                      "--root/images/XX/YYY.zip", {'pickle', 'text', 'latin', 'binary'}),
+    'merged29m': Reader(read_merged, f"the {', '.join(MERGED)} metadata joined by '---'", ()),
+    'csv': Reader(read_csv, "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key "
+                  "columns", {'text'}),
+    'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
+                  "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
+}
+
+
+def build_reader(cfg):
+    """The map-style reader of cfg.dataset's row; bad paths or metadata raise one line before any worker starts."""
+    reader = READERS[cfg.dataset].read(cfg)
+    if len(reader) == 0:
+        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
+    errors = []
+    for i in range(min(len(reader), 16)):
+        try:
+            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
+            return reader
+        except BAD_SAMPLE as e:
+            errors.append(e)
+    raise ConfigError(f"none of the first {len(errors)} samples of --metadata={cfg.metadata} is readable "
+                      f"({errors[-1]!r}); check --root={cfg.root}")
+
+
+# --- Format checks ---
+def existing(path, flag, expected):
+    """Path(path), or one line naming the missing path and what was expected there."""
+    if not path:
+        raise ConfigError(f"--{flag} is empty; give {expected}")
+    if not Path(path).expanduser().exists():
+        raise UserError(f"--{flag}={path} not found; expected {expected}")
+    return Path(path).expanduser()
+
+
+def bad_format(cfg, problem):
+    return UserError(f"--metadata={cfg.metadata} ({problem}): expected {READERS[cfg.dataset].expects}")
+
+
+# magic bytes at the start of a file -> (kind, what it looks like)
+MAGIC = [(b'\x93NUMPY', 'npy', 'a NumPy .npy array'), (b'PK\x03\x04', 'zip', 'a zip archive (.zip or .npz)'),
+         (b'PK\x05\x06', 'zip', 'an empty zip archive'), (b'\x1f\x8b', 'gzip', 'gzip-compressed data'),
+         (b'BZh', 'bzip2', 'bzip2-compressed data'), (b'\xfd7zXZ\x00', 'xz', 'xz-compressed data'),
+         (b'PAR1', 'parquet', 'a Parquet table'), (b'\xff\xd8\xff', 'jpeg', 'a JPEG image'),
+         (b'\x89PNG', 'png', 'a PNG image'), (b'SQLite format 3', 'sqlite', 'an SQLite database'),
+         *((b'\x80' + bytes([protocol]), 'pickle', 'a Python pickle') for protocol in (2, 3, 4, 5))]
+
+
+def sniff(path):
+    """(kind, description) of a file from its first 4 KiB: what it looks like, for one-line format errors."""
+    with open(path, 'rb') as f:
+        head = f.read(4096)
+    if not head:
+        return 'empty', 'an empty file'
+    for magic, kind, what in MAGIC:
+        if head.startswith(magic):
+            return kind, what
+    if head[257:262] == b'ustar':
+        return 'tar', 'a tar archive'
+    if b'\x00' in head:
+        return 'binary', f'binary data starting 0x{head[:8].hex()}'
+    try:
+        kind, what, text = 'text', 'text', head.decode('utf-8') if len(head) < 4096 else head[:-3].decode('utf-8')
+    except UnicodeDecodeError:
+        kind, what, text = 'latin', 'non-UTF-8 text', head.decode('latin-1')
+    return kind, f'{what} starting {text.lstrip().splitlines()[0][:60] if text.strip() else text[:20]!r}'
+
+
+def check_format(path, cfg, name=None):
+    """Raise one line naming the file, what it looks like and what --dataset expects, when the kinds differ."""
+    kind, what = sniff(path)
+    if kind not in READERS[cfg.dataset].kinds:
+        raise UserError(f"{name or f'--metadata={path}'} looks like {what}, but --dataset={cfg.dataset} expects "
+                        f"{READERS[cfg.dataset].expects}")
 
 
 # --- Compact metadata ---
@@ -321,28 +571,32 @@ def utf8(text):
     return text.encode('utf-8', 'surrogatepass')  # lone surrogates (rare in scraped text) keep their bytes
 
 
-class Strings:
-    """A read-only list of str as one UTF-8 byte buffer plus int64 offsets (8 bytes per item beyond the text)."""
+def join_captions(value):
+    """The SEP-joined UTF-8 of an entry's candidate captions (a str or a non-empty list of str), else NOT_TEXT."""
+    if isinstance(value, str):
+        return utf8(value)
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
+        try:
+            return SEP.join([c.encode('utf-8', 'surrogatepass') for c in value])  # inlined: millions of entries
+        except AttributeError:  # an item that is not text (a number, None, bytes)
+            pass
+    return NOT_TEXT
 
-    def __init__(self, data, offsets):
-        self.data, self.offsets = data, offsets
+
+class Strings:
+    """A read-only list of str as the arrays name.data (one UTF-8 byte buffer) and name.offsets (int64, 8 bytes
+    per item beyond the text)."""
+    encode = staticmethod(utf8)
+
+    def __init__(self, arrays, name):
+        self.data, self.offsets = arrays[f'{name}.data'], arrays[f'{name}.offsets']
 
     @classmethod
-    def pack(cls, encoded):
+    def arrays(cls, name, items):
+        encoded = [cls.encode(item) for item in items]
         offsets = np.zeros(len(encoded) + 1, np.int64)
         offsets[1:] = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
-        return cls(np.frombuffer(b''.join(encoded), np.uint8), offsets)
-
-    @classmethod
-    def of(cls, texts):
-        return cls.pack([utf8(t) for t in texts])
-
-    def arrays(self, name):
-        return {f'{name}.data': self.data, f'{name}.offsets': self.offsets}
-
-    @classmethod
-    def load(cls, arrays, name):
-        return cls(arrays[f'{name}.data'], arrays[f'{name}.offsets'])
+        return {f'{name}.data': np.frombuffer(b''.join(encoded), np.uint8), f'{name}.offsets': offsets}
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -354,25 +608,10 @@ class Strings:
         return self.raw(i).decode('utf-8', 'surrogatepass')
 
 
-def join_captions(value):
-    """The SEP-joined UTF-8 of as_captions(value), or NOT_TEXT where that raises (inlined: millions of entries)."""
-    if isinstance(value, str):
-        return utf8(value)
-    if isinstance(value, (list, tuple, np.ndarray)) and len(value):
-        try:
-            return SEP.join([c.encode('utf-8', 'surrogatepass') for c in value])
-        except AttributeError:  # an item that is not text (a number, None, bytes)
-            pass
-    return NOT_TEXT
-
-
 class CaptionLists(Strings):
-    """Each entry's candidate captions (as_captions of its value) as one SEP-joined string; [i] -> tuple of str,
-    or ValueError (a bad sample) for an entry whose value was not text."""
-
-    @classmethod
-    def of(cls, values):
-        return cls.pack([join_captions(v) for v in values])
+    """Each entry's candidate captions as one SEP-joined string; [i] -> tuple of str, or ValueError (a bad
+    sample) for an entry whose captions were not text."""
+    encode = staticmethod(join_captions)
 
     def __getitem__(self, i):
         raw = self.raw(i)
@@ -381,60 +620,55 @@ class CaptionLists(Strings):
         return tuple(c.decode('utf-8', 'surrogatepass') for c in raw.split(SEP))
 
 
-def compact_ids(ids):
-    """Integer ids as a numpy array of the narrowest of uint32 / int64 that holds them."""
-    ids = np.asarray(ids, np.int64)
-    return ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids
+def cache_files(source, output_dir, name):
+    """Where a cache of the file `source` lives: beside it, or in output_dir when that folder is read-only."""
+    return [Path(source).resolve().parent / name, Path(output_dir).resolve() / name]
+
+
+def write_cache(files, write):
+    """write(file) for the first of files whose folder can be made and written; that file, or None."""
+    for file in files:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write(file)
+            return file
+        except OSError:
+            continue
+    return None
 
 
 def cached_arrays(metadata, output_dir, how, build):
-    """The arrays {name: array} that build() makes from the file metadata, cached as name.npy files in a folder
-    metadata.arrays beside it (in output_dir when that folder is read-only) and memory-mapped by later runs
-    while the file's size and mtime and `how` it is read are unchanged: a restart skips the parsing, and the
-    ranks of a node share the pages. Every writer replaces each file atomically and the stamp last."""
-    st, source = os.stat(metadata), Path(metadata).resolve()
+    """The arrays {name: array} build() makes from the file metadata, cached as .npy files (cache_files) and
+    memory-mapped while its size, mtime and `how` it is read are unchanged: a restart skips the parsing."""
+    # the ranks of a node share the mapped pages; each file is replaced atomically and the stamp last
+    st = os.stat(metadata)
     stamp = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'how': how}
-    folders = [source.with_name(source.name + '.arrays'), Path(output_dir).resolve() / (source.name + '.arrays')]
-    for folder in folders:
+    folders = cache_files(metadata, output_dir, Path(metadata).resolve().name + '.arrays')
+    stamps = [folder / 'stamp.json' for folder in folders]
+    for file in stamps:
         try:
-            if json.loads((folder / 'stamp.json').read_text()) == stamp:
-                return {f.stem: np.load(f, mmap_mode='r') for f in folder.glob('*.npy')}
+            if json.loads(file.read_text()) == stamp:
+                return {f.stem: np.load(f, mmap_mode='r') for f in file.parent.glob('*.npy')}
         except (OSError, ValueError):
             pass
     arrays = build()
-    for folder in folders:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, array in arrays.items():
-                atomic_write(folder / f'{name}.npy', lambda f: np.save(f, array))
-            atomic_write(folder / 'stamp.json', lambda f: f.write(json.dumps(stamp).encode()))
-            break
-        except OSError:
-            continue
+
+    def write(file):
+        for name, array in arrays.items():
+            atomic_write(file.with_name(f'{name}.npy'), lambda f: np.save(f, array))
+        atomic_write(file, lambda f: f.write(json.dumps(stamp).encode()))
+    write_cache(stamps, write)
     return arrays
 
 
-class FileReader:
-    """Images stored as files: load(i) -> (image, captions) of root / paths[i] (Strings, CaptionLists)."""
-    max_pixels = 0  # the pixel budget of open_image, set by build_reader
-
-    def __init__(self, root, paths, captions):
-        self.root, self.paths, self.captions = Path(root), paths, captions
-
-    def __len__(self):
-        return len(self.paths)
-
-    def load(self, i):
-        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
-
-
+# --- Zip central directory ---
 ZIP_END, ZIP_ENTRY, ZIP_LOCAL = struct.Struct('<4s4H2IH'), struct.Struct('<4s6H3I5H2I'), struct.Struct('<4s5H3I2H')
 
 
 def read_zip_member(path, name):
     """Bytes of member `name` of a zip archive with four reads and no parsing of the other entries' records
-    (zipfile.ZipFile parses all of them: ~4 ms for a 1,000-member archive). Archives with a comment, zip64,
-    encryption or an unusual compression are read by zipfile."""
+    (zipfile.ZipFile parses all of them: ~4 ms for a 1,000-member archive)."""
+    # archives with a comment, zip64, encryption or an unusual compression are read by zipfile
     with open(path, 'rb') as f:
         size = os.fstat(f.fileno()).st_size
         end = os.pread(f.fileno(), ZIP_END.size, max(0, size - ZIP_END.size))
@@ -468,190 +702,147 @@ def read_zip_member(path, name):
     return data
 
 
-class YfccReader:
-    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; captions are the
-    non-empty ones of (title, description), given as compact ids and CaptionLists."""
-    max_pixels = 0  # the pixel budget of open_image, set by build_reader
-
-    def __init__(self, root, ids, captions):
-        self.root, self.ids, self.captions = Path(root), ids, captions
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, i):
-        name = f'{int(self.ids[i]):08d}'
-        data = read_zip_member(self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg')
-        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
+# --- Tar header scan and shard index ---
+def expand_braces(pattern):
+    """'d/{000..002}.tar' -> ['d/000.tar', 'd/001.tar', 'd/002.tar'] (zero padding kept; several ranges allowed)."""
+    m = re.search(r'\{(\d+)\.\.(\d+)\}', pattern)
+    if m is None:
+        return [pattern]
+    lo, hi = m.groups()
+    return [p for i in range(int(lo), int(hi) + 1)
+            for p in expand_braces(pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])]
 
 
-class MergedReader:
-    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
-
-    def __init__(self, readers):
-        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
-
-    def __len__(self):
-        return self.starts[-1]
-
-    def load(self, i):
-        k = bisect.bisect_right(self.starts, i) - 1
-        return self.readers[k].load(i - self.starts[k])
+def member_key(name):
+    """WebDataset convention: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the extension starts at the first dot."""
+    folder, _, base = name.rpartition('/')
+    stem, _, ext = base.partition('.')
+    return f'{folder}/{stem}' if folder else stem, ext.lower()
 
 
-def _existing(path, flag, expected):
-    """Path(path), or one line naming the missing path and what was expected there."""
-    if not path:
-        raise ConfigError(f"--{flag} is empty; give {expected}")
-    if not Path(path).expanduser().exists():
-        raise UserError(f"--{flag}={path} not found; expected {expected}")
-    return Path(path).expanduser()
+# typeflags of regular files (tarfile's isfile() also counts 'S', sparse files, which scan_keys leaves to tarfile)
+REGULAR = b'07\x00'
 
 
-def _bad_format(path, dataset, problem):
-    return UserError(f"--metadata={path} ({problem}): expected {FORMATS[dataset]}")
-
-
-# magic bytes at the start of a file -> (kind, what it looks like)
-MAGIC = [(b'\x93NUMPY', 'npy', 'a NumPy .npy array'), (b'PK\x03\x04', 'zip', 'a zip archive (.zip or .npz)'),
-         (b'PK\x05\x06', 'zip', 'an empty zip archive'), (b'\x1f\x8b', 'gzip', 'gzip-compressed data'),
-         (b'BZh', 'bzip2', 'bzip2-compressed data'), (b'\xfd7zXZ\x00', 'xz', 'xz-compressed data'),
-         (b'PAR1', 'parquet', 'a Parquet table'), (b'\xff\xd8\xff', 'jpeg', 'a JPEG image'),
-         (b'\x89PNG', 'png', 'a PNG image'), (b'SQLite format 3', 'sqlite', 'an SQLite database')]
-# the kinds each dataset's metadata may be (np.load also reads pickles; yfcc pickles of protocol 0 are text)
-ACCEPTS = {'cc3m': {'npy', 'pickle'}, 'cc12m': {'npy', 'pickle'}, 'yfcc15m': {'pickle', 'text', 'latin', 'binary'},
-           'csv': {'text'}, 'wds': {'tar', 'gzip', 'bzip2', 'xz'}}
-
-
-def sniff(path):
-    """(kind, description) of a file from its first 4 KiB: what it looks like, for one-line format errors."""
+def scan_keys(path):
+    """Sample keys of a plain ustar/GNU tar from its 512-byte headers alone (4x faster than tarfile); None where
+    tarfile must read it: compressed, pax or GNU long-name headers, links, sparse members, base-256 sizes."""
+    keys, pos = set(), 0
     with open(path, 'rb') as f:
-        head = f.read(4096)
-    if not head:
-        return 'empty', 'an empty file'
-    for magic, kind, what in MAGIC:
-        if head.startswith(magic):
-            return kind, what
-    if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'):
-        return 'pickle', 'a Python pickle'
-    if head[257:262] == b'ustar':
-        return 'tar', 'a tar archive'
-    if b'\x00' in head:
-        return 'binary', f'binary data starting 0x{head[:8].hex()}'
+        while True:
+            header = os.pread(f.fileno(), 512, pos)
+            if len(header) < 512 or not header.strip(b'\0'):
+                return keys if pos else None  # the end, or a truncated archive: what it holds so far, as tarfile
+            stored = header[148:156].strip(b' \0')  # the checksum counts its own field as 8 spaces (256)
+            if not stored.isdigit() or int(stored, 8) != sum(header) - sum(header[148:156]) + 256:
+                return None if pos == 0 else keys
+            kind, size = header[156], header[124:136]
+            if kind not in REGULAR and kind != ord('5') or size[0] & 0x80:
+                return None
+            name = header[:100].split(b'\0', 1)[0]
+            if header[257:265] == b'ustar\x0000' and header[345]:
+                name = header[345:500].split(b'\0', 1)[0] + b'/' + name
+            if kind in REGULAR:
+                keys.add(member_key(name.decode('utf-8', 'surrogateescape'))[0])
+            pos += 512 + (int(size.strip(b' \0') or b'0', 8) + 511) // 512 * 512
+
+
+def count_samples(path):
+    """Number of sample keys in a shard (header scan, no data read); unreadable shards count what they hold."""
+    keys = set()
     try:
-        kind, what, text = 'text', 'text', head.decode('utf-8') if len(head) < 4096 else head[:-3].decode('utf-8')
-    except UnicodeDecodeError:
-        kind, what, text = 'latin', 'non-UTF-8 text', head.decode('latin-1')
-    return kind, f'{what} starting {text.lstrip().splitlines()[0][:60] if text.strip() else text[:20]!r}'
+        scanned = scan_keys(path)
+        if scanned is not None:
+            return len(scanned)
+        with tarfile.open(path) as tar:
+            keys.update(member_key(m.name)[0] for m in tar if m.isfile())
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        pass
+    return len(keys)
 
 
-def check_format(path, dataset, name=None):
-    """Raise one line naming the file, what it looks like and what --dataset expects, when the kinds differ."""
-    kind, what = sniff(path)
-    if kind not in ACCEPTS[dataset]:
-        raise UserError(f"{name or f'--metadata={path}'} looks like {what}, but --dataset={dataset} expects "
-                        f"{FORMATS[dataset]}")
+def count_shard(path):
+    """A shard's sample count: `successes` of the NNNNN_stats.json img2dataset writes beside it, else count_samples."""
+    try:
+        with open(Path(path).with_name(Path(path).name.split('.')[0] + '_stats.json')) as f:
+            count = json.load(f).get('successes')
+        if isinstance(count, int) and count >= 0:
+            return count
+    except (OSError, ValueError, AttributeError):
+        pass
+    return count_samples(path)
 
 
-def read_npy(metadata, root, dataset, output_dir):
-    """CC3M ('image_id') or CC12M ('image_name') NumPy metadata."""
-    path, key = _existing(metadata, 'metadata', FORMATS[dataset]), 'image_id' if dataset == 'cc3m' else 'image_name'
-    check_format(path, dataset)
-
-    def build():
-        try:
-            meta = np.load(path, allow_pickle=True)
-            paths, captions = Strings.of([str(d[key]) for d in meta]), CaptionLists.of([d['captions'] for d in meta])
-        except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError, KeyError, IndexError) as e:
-            raise _bad_format(metadata, dataset, f'{type(e).__name__}: {e}') from None
-        return {**paths.arrays('paths'), **captions.arrays('captions')}
-    arrays = cached_arrays(path, output_dir, dataset, build)
-    return FileReader(_existing(root, 'root', 'the folder holding the images'), Strings.load(arrays, 'paths'),
-                      CaptionLists.load(arrays, 'captions'))
+PARALLEL_BYTES = 64 << 20  # shards smaller than this in all are counted in-process: a pool would cost more
 
 
-def read_yfcc(metadata, root, output_dir):
-    """YFCC15M pickle of (image_id, title, description)."""
-    path = _existing(metadata, 'metadata', FORMATS['yfcc15m'])
-    check_format(path, 'yfcc15m')
-
-    def build():
-        try:
-            with open(path, 'rb') as f:
-                items = pickle.load(f)
-        except Exception as e:  # unpickling foreign data can raise almost any exception type
-            raise _bad_format(metadata, 'yfcc15m', f'{type(e).__name__}: {e}') from None
-        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
-                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
-            raise _bad_format(metadata, 'yfcc15m', 'entries are not (int, str, str) triples')
-        return {'ids': compact_ids([t[0] for t in items]), **CaptionLists.of([t[1:] for t in items]).arrays('captions')}
-    arrays = cached_arrays(path, output_dir, 'yfcc15m', build)
-    return YfccReader(_existing(root, 'root', 'the folder holding images/XX/YYY.zip'), arrays['ids'],
-                      CaptionLists.load(arrays, 'captions'))
+def count_in_parallel(paths, nbytes):
+    """count_shard of each path, over this rank's share of the CPUs (forked processes: the scan holds the GIL)."""
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    procs = min(len(paths), max(1, cpus // local))
+    if procs <= 1 or nbytes < PARALLEL_BYTES:
+        return [count_shard(p) for p in paths]
+    with multiprocessing.get_context('fork').Pool(procs) as pool:
+        return pool.map(count_shard, paths, chunksize=max(1, len(paths) // (4 * procs)))
 
 
-def read_csv(cfg):
-    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
-    path = _existing(cfg.metadata, 'metadata', FORMATS['csv'])
-    check_format(path, 'csv')
-    keys = cfg.csv_image_key, cfg.csv_caption_key
-
-    def build():
-        try:
-            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
-                rows = csv.reader(f, delimiter='\t' if path.suffix.lower() == '.tsv' else ',')
-                header = next(rows, [])
-                missing = [k for k in keys if k not in header]
-                if missing:
-                    raise _bad_format(cfg.metadata, 'csv', f"no column {missing[0]!r} among {header}")
-                a, b = map(header.index, keys)
-                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
-        except UnicodeDecodeError as e:
-            raise _bad_format(cfg.metadata, 'csv', f"not UTF-8 text: {e.reason} in "
-                                                   f"{e.object[e.start:e.start + 8]!r}") from None
-        return {**Strings.of([r[0] for r in rows]).arrays('paths'),
-                **CaptionLists.of([r[1] for r in rows]).arrays('captions')}
-    arrays = cached_arrays(path, cfg.output_dir, ['csv', *keys, path.suffix.lower()], build)
-    root = _existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else path.parent
-    return FileReader(root, Strings.load(arrays, 'paths'), CaptionLists.load(arrays, 'captions'))
+SHARD_INDEX = 'shard_index.json'
 
 
-def build_reader(cfg):
-    """The map-style reader of cfg.dataset; bad paths or metadata raise one line before any worker starts."""
-    if cfg.dataset == 'demo':
-        return DemoReader(cfg)
-    if cfg.dataset in ('cc3m', 'cc12m'):
-        reader = read_npy(cfg.metadata, cfg.root, cfg.dataset, cfg.output_dir)
-    elif cfg.dataset == 'yfcc15m':
-        reader = read_yfcc(cfg.metadata, cfg.root, cfg.output_dir)
-    elif cfg.dataset == 'csv':
-        reader = read_csv(cfg)
-    elif cfg.dataset == 'merged29m':
-        metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
-        if len(metadata) != 3 or len(roots) != 3:
-            raise ConfigError("--dataset=merged29m needs three --metadata and three --root values joined by '---', "
-                              "in the order cc3m---cc12m---yfcc15m")
-        reader = MergedReader([read_npy(metadata[0], roots[0], 'cc3m', cfg.output_dir),
-                               read_npy(metadata[1], roots[1], 'cc12m', cfg.output_dir),
-                               read_yfcc(metadata[2], roots[2], cfg.output_dir)])
-    else:
-        raise ValueError(f"--dataset={cfg.dataset} has no map-style reader")
-    if len(reader) == 0:
-        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
-    for part in getattr(reader, 'readers', [reader]):
-        part.max_pixels = cfg.max_image_pixels
-    first = min(len(reader), 16)
-    errors = []
-    for i in range(first):
-        try:
-            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
-            break
-        except BAD_SAMPLE as e:
-            errors.append(e)
-    if len(errors) == first:
-        raise ConfigError(f"none of the first {first} samples of --metadata={cfg.metadata} is readable "
-                          f"({errors[-1]!r}); check --root={cfg.root}")
-    return reader
+def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
+    """Sample counts of tar shards, computed once: rank 0 reuses the index entries whose shard size and mtime are
+    unchanged, the ranks count disjoint slices of the other shards, rank 0 writes the updated index."""
+    # a cached start costs one stat per shard (taken by the caller)
+    dist = torch.distributed
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    files = cache_files(shards[0], output_dir, SHARD_INDEX)
+    keys = [str(Path(s).resolve()) for s in shards]
+    index, lead = {}, rank == 0 or not distributed  # without a group, each rank alone
+    if lead:
+        for file in reversed(files):  # entries beside the shards win
+            try:
+                index.update(json.loads(file.read_text()))
+            except (OSError, ValueError):
+                pass
+    known = [entry[2] if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns] else None
+             for entry, st in zip(map(index.get, keys), stats)]
+    todo = [i for i, n in enumerate(known) if n is None]
+    if distributed:
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0]
+    mine = todo[rank::world_size] if distributed else todo
+    counted = dict(zip(mine, count_in_parallel([shards[i] for i in mine], sum(stats[i].st_size for i in mine))))
+    if distributed:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, counted)
+        counted = {i: n for part in parts for i, n in part.items()}
+    for i, n in counted.items():
+        known[i] = n
+    if lead and todo:  # other shard lists sharing the folder keep their entries
+        index.update({key: [st.st_size, st.st_mtime_ns, n] for key, st, n in zip(keys, stats, known)})
+        write_index(index, files)
+    if distributed:
+        box = [known]
+        dist.broadcast_object_list(box, src=0)
+        known = box[0]
+    return known
+
+
+def write_index(index, files):
+    """Write the index atomically to the first writable place of files; say where when it is not the first."""
+    data = json.dumps(index, separators=(',', ':')).encode()
+    file = write_cache(files, lambda file: atomic_write(file, lambda f: f.write(data)))
+    if file not in (None, files[0]):
+        print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
+    return file
+
+
+# --- Samples ---
+def sample_seed(*keys):
+    """A 64-bit seed mixed from integers (NumPy SeedSequence): per-sample randomness independent of workers."""
+    return int(np.random.SeedSequence([k & (2 ** 64 - 1) for k in keys]).generate_state(1, np.uint64)[0])
 
 
 class SampleMaker:
@@ -714,23 +905,6 @@ class TrainDataset(torch.utils.data.Dataset):
                            f"check --root and --metadata")
 
 
-def expand_braces(pattern):
-    """'d/{000..002}.tar' -> ['d/000.tar', 'd/001.tar', 'd/002.tar'] (zero padding kept; several ranges allowed)."""
-    m = re.search(r'\{(\d+)\.\.(\d+)\}', pattern)
-    if m is None:
-        return [pattern]
-    lo, hi = m.groups()
-    return [p for i in range(int(lo), int(hi) + 1)
-            for p in expand_braces(pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])]
-
-
-def member_key(name):
-    """WebDataset convention: 'dir/0001.jpg' -> ('dir/0001', 'jpg'); the extension starts at the first dot."""
-    folder, _, base = name.rpartition('/')
-    stem, _, ext = base.partition('.')
-    return f'{folder}/{stem}' if folder else stem, ext.lower()
-
-
 def read_shard(path):
     """Yield (key, {ext: bytes}) per sample of a tar shard, streamed; a broken tail yields (None, {}) and stops."""
     key, group = None, {}
@@ -751,47 +925,6 @@ def read_shard(path):
         yield key, group
 
 
-# typeflags of regular files (tarfile's isfile() also counts 'S', sparse files, which scan_keys leaves to tarfile)
-REGULAR = b'07\x00'
-
-
-def scan_keys(path):
-    """Sample keys of a plain ustar/GNU tar from its 512-byte headers alone (4x faster than tarfile); None where
-    tarfile must read it: compressed, pax or GNU long-name headers, links, sparse members, base-256 sizes."""
-    keys, pos = set(), 0
-    with open(path, 'rb') as f:
-        while True:
-            header = os.pread(f.fileno(), 512, pos)
-            if len(header) < 512 or not header.strip(b'\0'):
-                return keys if pos else None  # the end, or a truncated archive: what it holds so far, as tarfile
-            stored = header[148:156].strip(b' \0')  # the checksum counts its own field as 8 spaces (256)
-            if not stored.isdigit() or int(stored, 8) != sum(header) - sum(header[148:156]) + 256:
-                return None if pos == 0 else keys
-            kind, size = header[156], header[124:136]
-            if kind not in REGULAR and kind != ord('5') or size[0] & 0x80:
-                return None
-            name = header[:100].split(b'\0', 1)[0]
-            if header[257:265] == b'ustar\x0000' and header[345]:
-                name = header[345:500].split(b'\0', 1)[0] + b'/' + name
-            if kind in REGULAR:
-                keys.add(member_key(name.decode('utf-8', 'surrogateescape'))[0])
-            pos += 512 + (int(size.strip(b' \0') or b'0', 8) + 511) // 512 * 512
-
-
-def count_samples(path):
-    """Number of sample keys in a shard (header scan, no data read); unreadable shards count what they hold."""
-    keys = set()
-    try:
-        scanned = scan_keys(path)
-        if scanned is not None:
-            return len(scanned)
-        with tarfile.open(path) as tar:
-            keys.update(member_key(m.name)[0] for m in tar if m.isfile())
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        pass
-    return len(keys)
-
-
 def decode_group(group, max_pixels=0):
     """(image, captions) of one tar sample; a missing part, a bad image or non-UTF-8 text raises a BAD_SAMPLE."""
     image = next((group[e] for e in ('jpg', 'jpeg', 'png', 'webp') if e in group), None)
@@ -804,11 +937,11 @@ SHUFFLE_BUFFER = 1000
 
 
 class TarShards(torch.utils.data.IterableDataset):
-    """WebDataset-style shards streamed with tarfile. Each epoch the shards are shuffled (seed, epoch), split
-    across ranks then workers, and samples pass a shuffle buffer. Every worker yields a fixed number of full
-    batches (its shards are re-read if they run short, extra samples wait for the next epoch), so all ranks
-    run len(loader) batches; with equal shards that divide evenly, each sample is seen once per epoch.
-    set_epoch(epoch, start_batch) resumes at shard granularity: fully consumed shards are not read."""
+    """WebDataset-style shards streamed with tarfile: each epoch shuffled (seed, epoch), split across ranks then
+    workers, through a shuffle buffer. set_epoch(epoch, start_batch) resumes by shard: consumed ones are not read."""
+    # Every worker yields a fixed number of full batches (its shards are re-read if they run short, extra samples
+    # wait for the next epoch), so all ranks run len(loader) batches; with equal shards that divide evenly, each
+    # sample is seen once per epoch.
 
     def __init__(self, shards, counts, make_sample, cfg, rank, world_size):
         self.shards, self.counts, self.make_sample = shards, counts, make_sample
@@ -867,134 +1000,104 @@ class TarShards(torch.utils.data.IterableDataset):
             pending, left = 0, left - 1
 
 
-SHARD_INDEX = 'shard_index.json'
-
-
-def img2dataset_count(path):
-    """Samples written to a shard by img2dataset (`successes` of the NNNNN_stats.json beside it), or None."""
-    try:
-        with open(Path(path).with_name(Path(path).name.split('.')[0] + '_stats.json')) as f:
-            count = json.load(f).get('successes')
-    except (OSError, ValueError, AttributeError):
-        return None
-    return count if isinstance(count, int) and count >= 0 else None
-
-
-def count_shard(path):
-    """A shard's sample count: img2dataset's stats file when there is one, else a scan of the tar headers."""
-    count = img2dataset_count(path)
-    return count_samples(path) if count is None else count
-
-
-PARALLEL_BYTES = 64 << 20  # shards smaller than this in all are counted in-process: a pool would cost more
-
-
-def count_in_parallel(paths, nbytes):
-    """count_shard of each path, over this rank's share of the CPUs (forked processes: the scan holds the GIL)."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    procs = min(len(paths), max(1, cpus // local))
-    if procs <= 1 or nbytes < PARALLEL_BYTES:
-        return [count_shard(p) for p in paths]
-    with multiprocessing.get_context('fork').Pool(procs) as pool:
-        return pool.map(count_shard, paths, chunksize=max(1, len(paths) // (4 * procs)))
-
-
-def index_files(shards, output_dir):
-    """Where the shard index lives: beside the first shard, or in output_dir when that folder is read-only."""
-    return [Path(shards[0]).resolve().parent / SHARD_INDEX, Path(output_dir).resolve() / SHARD_INDEX]
-
-
-def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
-    """Sample counts of tar shards, computed once: rank 0 reuses the index entries whose shard size and mtime
-    are unchanged; the other shards are split across ranks (each counts a disjoint slice in parallel), and
-    rank 0 writes the updated index. A cached start costs one stat per shard (taken by the caller)."""
-    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    files = index_files(shards, output_dir)
-    keys = [str(Path(s).resolve()) for s in shards]
-    known, todo, lead = [None] * len(shards), [], rank == 0 or not distributed  # without a group, each rank alone
-    if lead:
-        index = {}
-        for file in reversed(files):  # entries beside the shards win
-            try:
-                index.update(json.loads(file.read_text()))
-            except (OSError, ValueError):
-                pass
-        for i, (key, st) in enumerate(zip(keys, stats)):
-            entry = index.get(key)
-            if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
-                known[i] = entry[2]
-            else:
-                todo.append(i)
-    if distributed:
-        box = [todo]
-        torch.distributed.broadcast_object_list(box, src=0)
-        todo = box[0]
-    mine = todo[rank::world_size] if distributed else todo
-    counted = dict(zip(mine, count_in_parallel([shards[i] for i in mine], sum(stats[i].st_size for i in mine))))
-    if distributed:
-        parts = [None] * world_size
-        torch.distributed.all_gather_object(parts, counted)
-        counted = {i: n for part in parts for i, n in part.items()}
-    for i, n in counted.items():
-        known[i] = n
-    if lead and todo:  # other shard lists sharing the folder keep their entries
-        index.update({key: [st.st_size, st.st_mtime_ns, n] for key, st, n in zip(keys, stats, known)})
-        write_index(index, files)
-    if distributed:
-        box = [known]
-        torch.distributed.broadcast_object_list(box, src=0)
-        known = box[0]
-    return known
-
-
-def write_index(index, files):
-    """Write the index atomically to the first writable place of files; say where when it is not the first."""
-    data = json.dumps(index, separators=(',', ':')).encode()
-    for file in files:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(file, lambda f: f.write(data))
-        except OSError:
-            continue
-        if file != files[0]:
-            print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
-        return file
-    return None
-
-
-def read_shards(cfg, workers, rank=0, world_size=1):
-    """Shard paths and sample counts of cfg.metadata, checked before any worker starts."""
-    pattern = cfg.metadata if not cfg.root else str(Path(cfg.root) / cfg.metadata)
-    if not cfg.metadata:
-        raise ConfigError(f"--metadata is empty; give {FORMATS['wds']}")
-    shards = expand_braces(pattern)
-    stats, missing = [], []
-    for s in shards:
-        try:
-            stats.append(os.stat(s))
-        except OSError:
-            missing.append(s)
-    if missing:
-        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
-                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected "
-                        f"{FORMATS['wds']}")
-    check_format(shards[0], 'wds', f'shard {shards[0]} of --metadata={cfg.metadata}')
-    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
-    if sum(counts) == 0:
-        raise _bad_format(cfg.metadata, 'wds', 'no readable tar members')
-    if len(shards) < world_size * workers:
-        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
-                          f"lower --workers or write more shards")
-    return shards, counts
-
-
 def check_bad_fraction(skipped, seen, cfg):
     """Raise when more than cfg.bad_sample_threshold of the samples read this epoch were unreadable."""
     if seen and skipped / seen > cfg.bad_sample_threshold:
         raise UserError(f"{skipped} of {seen} samples read this epoch ({100 * skipped / seen:.2f}%) were unreadable "
                         f"(missing, corrupt or non-text), above --bad_sample_threshold={cfg.bad_sample_threshold}; "
                         f"fix the data or raise --bad_sample_threshold")
+
+
+# --- Loaders ---
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """This rank's (epoch, index) keys in DistributedSampler's order. set_epoch(epoch, start_batch) starts at batch
+    start_batch without producing the keys of the skipped samples, so they are never read or decoded."""
+
+    def __init__(self, size, batch_size, seed, rank, world_size):
+        super().__init__(range(size), world_size, rank, shuffle=True, seed=seed)
+        self.batch_size, self.start_batch = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.start_batch * self.batch_size, None):
+            yield self.epoch, index
+
+
+def init_worker(worker_id):
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, end when it ends, and freeze the objects they
+    inherit from it."""
+    # The main process saves a checkpoint before exiting (SLURM and a Ctrl-C signal the whole process group). The
+    # kernel's parent-death signal ends a worker where the main process dies without its exit hooks (os._exit,
+    # kill -9; else end_workers_at_exit). Frozen, the inherited objects' pages are never written (so copied) by the
+    # garbage collector (measured: ~80 MB per worker with torch alone, all of a metadata list's objects;
+    # python -m bench.metadata).
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform == 'linux':
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    gc.freeze()
+
+
+def end_workers_at_exit():
+    """At interpreter exit multiprocessing terminates daemonic children (loader workers) with SIGTERM, then joins
+    them: workers ignoring SIGTERM would never end, and neither would the main process. Kill them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+            p.join()
+
+
+atexit.register(end_workers_at_exit)  # after multiprocessing's own exit hook, so it runs before it
+
+
+def trim_tokens(tokens):
+    """(..., L) token ids -> (..., L'): the zero padding that follows every row's end dropped. The causal text
+    transformer's EOT features never see that padding, so batches of short captions cost fewer FLOPs."""
+    used = tokens.reshape(-1, tokens.shape[-1]).ne(0).any(dim=0)  # (L,) columns holding a token in any row
+    return tokens[..., :int(used.nonzero().max()) + 1 if used.any() else 1]
+
+
+def collate(samples):
+    """default_collate with the tokens trimmed to the batch's longest caption; --augment_device=cuda's images of
+    different sizes are packed into one tensor (pixels, image_sizes), the boxes then index the batch's images."""
+    images = [s.pop('images') for s in samples if 'images' in s]
+    batch = torch.utils.data.default_collate(samples)
+    batch['tokens'] = trim_tokens(batch['tokens'])
+    if images:
+        batch['boxes'][:, :, 0] += torch.tensor([0] + [len(i) for i in images[:-1]]).cumsum(0)[:, None]
+        batch['pixels'], batch['image_sizes'] = pack_images([x for i in images for x in i])
+    return batch
+
+
+def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
+    """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
+    make_sample, row = SampleMaker(cfg, tokenizer), READERS[cfg.dataset]
+    if row.streamed:  # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
+        dataset, options = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size), {}
+    else:
+        dataset = TrainDataset(build_reader(cfg), make_sample)
+        options = dict(sampler=EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size),
+                       persistent_workers=cfg.workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
+                                         pin_memory=cfg.device != 'cpu' and torch.cuda.is_available(),
+                                         collate_fn=collate, worker_init_fn=init_worker, **options)
+    if row.streamed:  # the map-style loader's interface; the stream splits and shuffles by the epoch it is set
+        loader.sampler.set_epoch = dataset.set_epoch
+    if len(loader) == 0:
+        raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
+                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")
+    return loader
+
+
+def build_eval_loader(dataset, cfg, rank=0, world_size=1):
+    """Batches of this rank's contiguous slice of dataset: exact and unpadded, the ranks' union is the whole set."""
+    n = len(dataset)
+    part = range(rank * n // world_size, (rank + 1) * n // world_size)
+    return torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, sampler=part, num_workers=cfg.workers,
+                                       pin_memory=cfg.device != 'cpu' and torch.cuda.is_available())
 
 
 # --- Demo dataset ---
@@ -1097,8 +1200,9 @@ PAIR_TEMPLATES = ('{np} and {np2}', 'a photo of {np} and {np2}', '{np} {pos} and
 
 def noun_phrase(obj, rng):
     """Words naming an object: 'small red circle', 'circle in red', 'star coloured blue', or, half of the time,
-    the shape alone ('large heart'): captions without the colour can only be matched by shape, which colour
-    overshadows otherwise (held-out shape after 3 epochs at lr 5e-4: 23% without them, 31% with a quarter)."""
+    the shape alone ('large heart')."""
+    # captions without the colour can only be matched by shape, which colour overshadows otherwise (held-out shape
+    # after 3 epochs at lr 5e-4: 23% without them, 31% with a quarter)
     size = [obj.size] if rng.random() < 0.5 else []
     if rng.random() < 0.5:
         return size + [obj.shape]
@@ -1190,191 +1294,65 @@ def demo_retrieval(cfg):
     return DemoImages(cfg, 'retrieval', 'index'), [c for c, _ in captions], [i for _, i in captions]
 
 
-def build_demo_vocab(out=DEMO_BPE_PATH, vocab_size=DEMO_VOCAB_SIZE, samples=2000):
-    """Learn the demo BPE merges from the captions of the first demo training images (seed 0) and save them."""
-    texts = [c for i in range(samples) for c in demo_captions(0, 'train', i)]
-    save_merges(learn_bpe(texts, vocab_size), out)
-
-
-
-def build_tokenizer(cfg):
-    """Tokenizer of cfg.bpe_path; only the demo dataset may leave it empty (its small vocabulary)."""
-    if not cfg.bpe_path and cfg.dataset != 'demo':
-        raise UserError(f"--dataset={cfg.dataset} needs --bpe_path: CLIP's merges file bpe_simple_vocab_16e6.txt.gz "
-                        f"ships with OpenAI CLIP and inside the open_clip_torch wheel (open_clip/), or learn one "
-                        f"with python data.py build-vocab captions.txt")
-    path = Path(cfg.bpe_path or DEMO_BPE_PATH).expanduser()
-    if not path.is_file() and cfg.bpe_path:
-        raise UserError(f"--bpe_path={path} not found; give a CLIP BPE merges file (.txt or .txt.gz)")
-    if not path.is_file():
-        raise UserError(f"demo vocabulary {path} missing; run python data.py build-demo-vocab")
-    return Tokenizer(str(path), cfg.context_length)
-
-
-@functools.lru_cache(maxsize=4)
-def checkpoint_merges(bpe_path):
-    """The merges a tokenizer of bpe_path uses (empty: the demo vocabulary), gzipped (~210 KB for CLIP's), read
-    once per run: checkpoints carry them so that they evaluate on any machine."""
-    return gzip.compress(merges_text(load_merges(Path(bpe_path or DEMO_BPE_PATH).expanduser())), mtime=0)
-
-
-# --- Loaders ---
-class EpochSampler(torch.utils.data.Sampler):
-    """This rank's (epoch, index) keys in torch's DistributedSampler order (randperm seeded by seed + epoch,
-    padded to a multiple of world_size). set_epoch(epoch, start_batch) starts at batch start_batch without
-    producing the keys of the skipped samples, so they are never read or decoded."""
-
-    def __init__(self, size, batch_size, seed, rank, world_size):
-        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
-        self.num_samples = math.ceil(size / world_size)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self):
-        return self.num_samples
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        total = self.num_samples * self.world_size
-        order = (order * math.ceil(total / self.size))[:total]  # pad by wrapping around, as torch does
-        for index in order[self.rank::self.world_size][self.start_batch * self.batch_size:]:
-            yield self.epoch, index
-
-
-class ShardLoader:
-    """A DataLoader over TarShards with the map-style loader's interface (.sampler.set_epoch, len, iter)."""
-
-    def __init__(self, dataset, loader):
-        self.sampler, self.loader = dataset, loader
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def init_worker(worker_id):
-    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which saves a checkpoint before exiting (SLURM and
-    a Ctrl-C signal the whole process group), end when the main process ends (end_workers_at_exit, and the
-    kernel's parent-death signal where the main process dies without running its exit hooks: os._exit, kill -9),
-    and freeze the objects inherited from it: the garbage collector then never writes to (and so copies) their pages
-    (measured: ~80 MB per worker with torch alone, all of a metadata list's objects; python -m bench.metadata)."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-    if sys.platform == 'linux':
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    gc.freeze()
-
-
-def end_workers_at_exit():
-    """At interpreter exit multiprocessing terminates daemonic children (loader workers) with SIGTERM, then joins
-    them: workers ignoring SIGTERM would never end, and neither would the main process. Kill them first."""
-    for p in multiprocessing.active_children():
-        if p.daemon:
-            p.kill()
-            p.join()
-
-
-atexit.register(end_workers_at_exit)  # after multiprocessing's own exit hook, so it runs before it
-
-
-def trim_tokens(tokens):
-    """(..., L) token ids -> (..., L'): the zero padding that follows every row's end dropped. The causal text
-    transformer's EOT features never see that padding, so batches of short captions cost fewer FLOPs."""
-    used = tokens.reshape(-1, tokens.shape[-1]).ne(0).any(dim=0)  # (L,) columns holding a token in any row
-    return tokens[..., :int(used.nonzero().max()) + 1 if used.any() else 1]
-
-
-def collate(samples):
-    """default_collate with the tokens trimmed to the batch's longest caption; --augment_device=cuda's images of
-    different sizes are packed into one tensor (pixels, image_sizes), the boxes then index the batch's images."""
-    images = [s.pop('images') for s in samples if 'images' in s]
-    batch = torch.utils.data.default_collate(samples)
-    batch['tokens'] = trim_tokens(batch['tokens'])
-    if images:
-        batch['boxes'][:, :, 0] += torch.tensor([0] + [len(i) for i in images[:-1]]).cumsum(0)[:, None]
-        batch['pixels'], batch['image_sizes'] = pack_images([x for i in images for x in i])
-    return batch
-
-
-def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
-    """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
-    make_sample = SampleMaker(cfg, tokenizer)
-    pin = cfg.device != 'cpu' and torch.cuda.is_available()
-    if cfg.dataset == 'wds':
-        # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
-        dataset = TarShards(*read_shards(cfg, max(1, cfg.workers), rank, world_size), make_sample, cfg, rank,
-                            world_size)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
-                                             drop_last=True, collate_fn=collate, worker_init_fn=init_worker)
-        loader = ShardLoader(dataset, loader)
-    else:
-        dataset = TrainDataset(build_reader(cfg), make_sample)
-        sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size)
-        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                             pin_memory=pin, drop_last=True, persistent_workers=cfg.workers > 0,
-                                             collate_fn=collate, worker_init_fn=init_worker)
-    if len(loader) == 0:
-        raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
-                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")
-    return loader
-
-
-def build_eval_loader(dataset, cfg, rank=0, world_size=1):
-    """Batches of this rank's contiguous slice of dataset: exact and unpadded, the ranks' union is the whole set."""
-    n = len(dataset)
-    part = range(rank * n // world_size, (rank + 1) * n // world_size)
-    return torch.utils.data.DataLoader(dataset, cfg.eval_batch_size, sampler=part, num_workers=cfg.workers,
-                                       pin_memory=cfg.device != 'cpu' and torch.cuda.is_available())
 
 
 # --- Command line ---
 USAGE = ("python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz] | "
          "python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
+HELP = f"""usage: {USAGE}
+build-vocab learns BPE merges from a file of one caption a line; build-demo-vocab regenerates the demo vocabulary.
+--vocab_size: 512 byte symbols + merges + SOT and EOT (CLIP: 49408); --out is gzipped when it ends with .gz"""
 
 
 def usage_error(message):
     raise ConfigError(f"{message}; usage: {USAGE}")
 
 
+def command_flags(argv, takes, vocab_size, out, positional=False):
+    """(positional arguments, --vocab_size, --out) of a data.py command, by config.parse_flags; a flag it does not
+    take, or a vocab_size that is not a number, is one line saying what it `takes`."""
+    known = ('vocab_size', 'out')
+    try:
+        args, flags = parse_flags(argv, known, positional=positional)
+    except ConfigError as e:
+        bad = [a for a in argv if a.startswith('--') and a[2:].partition('=')[0].replace('-', '_') not in known]
+        usage_error(f"unrecognized arguments: {' '.join(bad)}; {takes}" if bad else f"{e}; {takes}")
+    if not flags.get('vocab_size', '0').isdigit():
+        usage_error(f"--vocab_size={flags['vocab_size']} is not a whole number; {takes}")
+    return args, int(flags.get('vocab_size', vocab_size)), flags.get('out', out)
+
+
 def build_vocab_main(argv):
     """python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz]: one caption a line."""
-    parser = argparse.ArgumentParser(prog='python data.py build-vocab', description=build_vocab_main.__doc__)
-    parser.error = usage_error  # one line, through run_cli, instead of argparse's usage block
-    parser.add_argument('captions', type=Path)
-    parser.add_argument('--vocab_size', type=int, default=49408, help='512 byte symbols + merges + SOT and EOT')
-    parser.add_argument('--out', default='vocab.txt.gz', help='merges file to write (gzipped when it ends with .gz)')
-    args = parser.parse_args(argv)
-    if not args.captions.is_file():
-        raise UserError(f"captions file {args.captions} not found; give a text file with one caption a line")
-    texts = args.captions.read_text(encoding='utf-8', errors='replace').splitlines()
-    try:
-        merges = learn_bpe(texts, args.vocab_size)
-    except ValueError as e:
-        raise ConfigError(f"--vocab_size: {e}") from None
-    save_merges(merges, args.out)
-    print(f"learned {len(merges)} merges (vocab_size {len(merges) + 514}) from {len(texts)} captions: {args.out}")
+    args, vocab_size, out = command_flags(argv, 'build-vocab takes captions.txt, --vocab_size=N and --out=PATH',
+                                          49408, 'vocab.txt.gz', positional=True)
+    if not args:
+        usage_error("the following arguments are required: captions")
+    if len(args) > 1:
+        usage_error(f"unrecognized arguments: {' '.join(args[1:])}")
+    captions = Path(args[0])
+    if not captions.is_file():
+        raise UserError(f"captions file {captions} not found; give a text file with one caption a line")
+    texts = captions.read_text(encoding='utf-8', errors='replace').splitlines()
+    merges = write_vocab(texts, vocab_size, out)
+    print(f"learned {len(merges)} merges (vocab_size {len(merges) + 514}) from {len(texts)} captions: {out}")
 
 
-def build_demo_vocab_main(argv):
-    """python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]: regenerate the demo
-    vocabulary (learning stops early, at 128 merges, once every demo word is one token)."""
-    flags = dict(arg[2:].split('=', 1) for arg in argv if arg.startswith('--') and '=' in arg)
-    if len(flags) != len(argv) or not set(flags) <= {'vocab_size', 'out'} or not flags.get('vocab_size', '0').isdigit():
-        usage_error(f"build-demo-vocab takes --vocab_size=N and --out=PATH (got {' '.join(argv)})")
-    out = flags.get('out', DEMO_BPE_PATH)
-    build_demo_vocab(out, int(flags.get('vocab_size', DEMO_VOCAB_SIZE)))
+def build_demo_vocab_main(argv, samples=2000):
+    """python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]: the demo vocabulary,
+    learned from the captions of the first demo training images (seed 0)."""
+    _, vocab_size, out = command_flags(argv, 'build-demo-vocab takes --vocab_size=N and --out=PATH',
+                                       DEMO_VOCAB_SIZE, DEMO_BPE_PATH)
+    # learning stops early, at 128 merges, once every demo word is one token
+    write_vocab([c for i in range(samples) for c in demo_captions(0, 'train', i)], vocab_size, out)
     print(f"wrote {out}")
 
 
 def main(argv):
     """python data.py COMMAND [...]: build-vocab or build-demo-vocab."""
     commands = {'build-vocab': build_vocab_main, 'build-demo-vocab': build_demo_vocab_main}
-    if argv[:1] in (['-h'], ['--help']) or argv[:1] == ['build-demo-vocab'] and argv[1:2] in (['-h'], ['--help']):
-        print(f"usage: {USAGE}")
+    if {'-h', '--help'} & set(argv[:2]):
+        print(HELP)
         return
     if argv[:1] not in ([c] for c in commands):
         usage_error(f"expected a command, build-vocab or build-demo-vocab (got {' '.join(argv) or 'none'})")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from config import Config
 import data as D
 from bench import exit_on_help
 
@@ -100,7 +101,8 @@ def child(layout, path, batches, freeze):
             get = Old(pickle.load(f))
         n, nbytes = len(get.items), None
     else:
-        reader = D.read_yfcc(path, Path(path).parent, Path(path).parent)
+        folder = str(Path(path).parent)
+        reader = D.read_yfcc(Config(dataset='yfcc15m', metadata=path, root=folder, output_dir=folder))
         get, n = New(reader), len(reader)
         nbytes = reader.ids.nbytes + reader.captions.data.nbytes + reader.captions.offsets.nbytes
     seconds = time.perf_counter() - t

@@ -283,10 +283,12 @@ def test_metadata_arrays_give_back_exactly_the_source_captions_paths_and_ids(tmp
     ids = [12345000 + i for i in range(len(texts))]
     with open(tmp_path / 'y.pkl', 'wb') as f:
         pickle.dump([(i, t, texts[-1 - k]) for k, (i, t) in enumerate(zip(ids, texts))], f)
-    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')
+    yfcc_cfg = cfg_for(dataset='yfcc15m', metadata=str(tmp_path / 'y.pkl'), root=str(tmp_path),
+                       output_dir=str(tmp_path / 'out'))
+    yfcc = D.read_yfcc(yfcc_cfg)
     assert yfcc.ids.dtype == np.uint32 and yfcc.ids.tolist() == ids
     assert [yfcc.captions[k] for k in range(len(texts))] == [(t, texts[-1 - k]) for k, t in enumerate(texts)]
-    yfcc = D.read_yfcc(tmp_path / 'y.pkl', tmp_path, tmp_path / 'out')  # again, from the cached arrays
+    yfcc = D.read_yfcc(yfcc_cfg)  # again, from the cached arrays
     assert isinstance(yfcc.ids, np.memmap) and yfcc.ids.tolist() == ids and yfcc.captions[2] == (texts[2], texts[-3])
     rows = [(f'img/{t[:3]}.jpg', t) for t in texts if '\x00' not in t and '\ud800' not in t and '\n' not in t]
     with open(tmp_path / 'u.csv', 'w', encoding='utf-8', newline='') as f:
@@ -370,16 +372,16 @@ def test_shard_counts_come_from_img2dataset_stats_then_a_cached_index(tmp_path, 
     (tmp_path / '00002_stats.json').write_text(json.dumps({'count': 10, 'successes': 9, 'failed_to_download': 1}))
     cfg = cfg_for(dataset='wds', metadata=str(tmp_path / '{00000..00005}.tar'), output_dir=str(tmp_path / 'out'))
     monkeypatch.setattr(D, 'PARALLEL_BYTES', 0)
-    shards, counts = D.read_shards(cfg, 1)
+    shards, counts = D.read_shards(cfg)
     assert counts == [1, 2, 9, 4, 5, 6]  # shard 2 as its stats file says, the others scanned (in a process pool)
     index = json.loads((tmp_path / D.SHARD_INDEX).read_text())
     assert sorted(index) == sorted(str(Path(s).resolve()) for s in shards)
     scanned = []
     monkeypatch.setattr(D, 'count_shard', lambda path: scanned.append(Path(path).name) or D.count_samples(path))
-    assert D.read_shards(cfg, 1)[1] == counts and scanned == []  # reused: nothing read
+    assert D.read_shards(cfg)[1] == counts and scanned == []  # reused: nothing read
     write_tar(tmp_path / '00004.tar', [(f'new_{j}.jpg', b'xy') for j in range(3)])  # size and mtime change
-    assert D.read_shards(cfg, 1)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
-    assert D.read_shards(cfg, 1)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
+    assert D.read_shards(cfg)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
+    assert D.read_shards(cfg)[1] == [1, 2, 9, 4, 3, 6] and scanned == ['00004.tar']
     # a read-only shard folder: the index goes to the next place (output_dir)
     (tmp_path / 'file').write_text('')
     files = [tmp_path / 'file' / D.SHARD_INDEX, tmp_path / 'out' / D.SHARD_INDEX]
@@ -428,9 +430,9 @@ dist.init_process_group('gloo', init_method=f'file://{tmp}/rendezvous', rank=ran
 scanned = []
 D.count_shard = lambda path: scanned.append(os.path.basename(path)) or D.count_samples(path)
 cfg = Config(dataset='wds', metadata=f'{tmp}/{{0..7}}.tar', output_dir=f'{tmp}/out', workers=1)
-first = D.read_shards(cfg, 1, rank, 2)[1]
+first = D.read_shards(cfg, rank, 2)[1]
 mine, scanned = scanned, []
-cached = D.read_shards(cfg, 1, rank, 2)[1]
+cached = D.read_shards(cfg, rank, 2)[1]
 dist.barrier()  # neither rank leaves while the other still talks to it
 dist.destroy_process_group()
 print(json.dumps({'first': first, 'cached': cached, 'scanned': mine, 'rescanned': scanned}))
