@@ -213,7 +213,8 @@ RECIPES = {
     # (5 epochs took 18 there). Demo captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster
     # (2.5e-4: 36% after 3 epochs, 2e-3: 23%), and strong crops of at least a quarter of the scene show an object
     'demo': dict(epochs=3, batch_size=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
-                 demo_train_size=12000, demo_val_size=1000, context_length=32, strong_min_scale=0.25),
+                 demo_train_size=12000, demo_val_size=1000, context_length=32, weak_min_scale=0.9,
+                 strong_min_scale=0.25),
     'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
                  clean_before_augment=False),
     'cc12m': dict(_PAPER, text_dropout=0.05, loss_reduction='sum', clean_before_augment=False),

@@ -7,10 +7,12 @@
 The demo's training images (seed 0) are exported once as PNG + TSV (one caption each) under --cache. One
 description (SPEC) builds open_clip's model config and trainer flags (`open_clip_train.main`) and our train.py
 flags: an OpenAI-style ViT with QuickGELU on both sides, CLIP's BPE, AdamW, warmup + cosine, fp32 on the CPU,
-`--method=clip` on ours. Each run is a fresh process with one torch thread and one loader worker; the rows of a
-seed run one after another (interleaved, so machine load falls on every row alike). Both checkpoints are then
-scored by one evaluator, ours (`evaluate.evaluate` on the held-out demo tasks; open_clip's state dict through our
-importer, head counts passed explicitly). Printed per run and as means over seeds: final-window training loss
+`--method=clip` on ours, and one training crop (RandomResizedCrop, bicubic, ratio 3/4-4/3, area s-1 of the
+image: open_clip's `--aug-cfg scale=(s, 1.0)`, our `--weak_min_scale=s`; s defaults to the demo recipe's). Each run
+is a fresh process with one torch thread and one loader worker; the rows of a seed run one after another
+(interleaved, so machine load falls on every row alike). Both checkpoints are then scored by one evaluator, ours
+(`evaluate.evaluate` on the held-out demo tasks; open_clip's state dict through our importer, head counts passed
+explicitly). Printed per run and as means over seeds: final-window training loss
 (mean of the last WINDOW steps), zero-shot top-1 per demo task, retrieval R@1, training samples/s (steps after the
 first SKIP) and peak memory (the training process's max RSS). Rows other than `open_clip` and `ours` are
 ablations: ours with one or more PATCHES (changes applied in its process) and/or flags. Finished runs are cached
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+import config
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIP_BPE = ROOT.parent / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 WINDOW, SKIP = 20, 10  # final-window loss over the last 20 steps; samples/s after the first 10 steps
@@ -39,7 +43,8 @@ TASKS = ('shape', 'colour', 'colour_shape_unseen')
 # --- One description of the run ---
 SPEC = dict(train_size=12000, val_size=1000, image_size=64, patch_size=16, vision_width=128, vision_layers=4,
             vision_heads=4, text_width=128, text_layers=3, text_heads=4, context_length=32, embed_dim=64,
-            batch_size=64, lr=2.5e-4, weight_decay=0.1, beta1=0.9, beta2=0.98, eps=1e-8, warmup_steps=56, epochs=1)
+            batch_size=64, lr=2.5e-4, weight_decay=0.1, beta1=0.9, beta2=0.98, eps=1e-8, warmup_steps=56, epochs=1,
+            weak_min_scale=config.RECIPES['demo']['weak_min_scale'])
 
 
 def openclip_model_config(spec):
@@ -59,14 +64,15 @@ def openclip_argv(spec, tsv, logs, seed):
             '--beta2', str(spec['beta2']), '--eps', str(spec['eps']), '--warmup', str(spec['warmup_steps']),
             '--epochs', str(spec['epochs']), '--precision', 'fp32', '--device', 'cpu', '--workers', '1',
             '--seed', str(seed), '--logs', str(logs), '--name', 'run', '--log-every-n-steps', '1',
-            '--save-frequency', str(spec['epochs']), '--report-to', '']
+            '--save-frequency', str(spec['epochs']), '--report-to', '',
+            '--aug-cfg', f"scale=({spec['weak_min_scale']}, 1.0)"]  # its train crop is bicubic, ratio 3/4-4/3 as ours
 
 
 def ours_argv(spec, tsv, out, seed):
     steps = spec['train_size'] // spec['batch_size']
     keys = ('image_size', 'patch_size', 'vision_width', 'vision_layers', 'vision_heads', 'text_width', 'text_layers',
             'text_heads', 'context_length', 'embed_dim', 'batch_size', 'lr', 'weight_decay', 'beta1', 'beta2', 'eps',
-            'epochs')
+            'epochs', 'weak_min_scale')
     return ['--dataset=csv', f'--metadata={tsv}', '--csv_image_key=filepath', '--csv_caption_key=title',
             f'--bpe_path={CLIP_BPE}', '--method=clip', '--vit_style=openai', '--vision_act=quickgelu',
             '--text_act=quickgelu', f"--local_crop_size={spec['image_size']}",
@@ -169,11 +175,11 @@ ROWS = {
     'ours+openclip_vit_init': ('ours', ('openclip_vit_init',), ()),
     'ours+decay_class_token': ('ours', ('decay_class_token',), ()),
     'ours+openclip_decay': ('ours', ('openclip_decay',), ()),
-    'ours+crop_0.9': ('ours', (), ('--weak_min_scale=0.9',)),
+    'ours+crop_0.5': ('ours', (), ('--weak_min_scale=0.5',)),
     'ours+openai_norm': ('ours', (), OPENAI_NORM),
     'ours+lr_like_openclip': ('ours', (), ('--lr_end=0', 'LR_START')),
     'ours+all_openclip': ('ours', ('openclip_vit_init', 'openclip_decay'),
-                          ('--weak_min_scale=0.9', *OPENAI_NORM, '--lr_end=0', 'LR_START')),
+                          (*OPENAI_NORM, '--lr_end=0', 'LR_START')),
 }
 
 

@@ -82,6 +82,19 @@ def test_cc12m_yfcc_29m_recipes():
     assert (m.lr, m.caption_sampling, m.local_crop_size, m.clean_before_augment) == (2e-3, 'multi', 192, True)
 
 
+@pytest.mark.parametrize('method', ['rocket', 'clip'])
+def test_weak_crop_demo_keeps_most_of_the_scene_paper_recipes_keep_half(method):
+    """The demo's weak view crops 90-100% (its captions name both objects and their places, recipe §5.1); the
+    paper's recipes and the plain dataset formats keep the official 0.5-1, for every model."""
+    assert parse(f'--method={method}').weak_min_scale == 0.9
+    assert parse(f'--method={method}', '--model=vit_b16').weak_min_scale == 0.9
+    assert Config().weak_min_scale == 0.5 and 'weak_min_scale' not in config.MODELS['tiny']
+    for dataset in ('cc3m', 'cc12m', 'yfcc15m', 'merged29m', 'csv', 'wds'):
+        for model in ('resnet50', 'vit_b16', 'tiny'):
+            assert parse(f'--dataset={dataset}', f'--model={model}', f'--method={method}').weak_min_scale == 0.5
+    assert parse('--weak_min_scale=0.5').weak_min_scale == 0.5  # a flag still wins over the demo recipe
+
+
 def test_model_presets():
     widths = {'vit_s16': (384, 6, 16), 'vit_s16_12h': (384, 12, 16), 'vit_s32': (384, 6, 32),
               'vit_b32': (768, 12, 32), 'vit_b16': (768, 12, 16), 'vit_l16': (1024, 16, 16)}

@@ -29,6 +29,25 @@ def test_one_description_builds_both_sides():
         ('clip', 'openai', 64, 64, 32, 3)
 
 
+@pytest.mark.parametrize('scale', [None, 0.6])  # 0.6: neither side's own default, so both must read the spec
+def test_one_training_crop_reaches_both_sides(scale):
+    """open_clip's train transform and our weak view crop the same area range, bicubic, ratio 3/4-4/3; by default
+    the demo recipe's range."""
+    import config
+    from augment import ImageViews
+    from open_clip.transform import image_transform
+    from open_clip_train.params import parse_args
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    spec = peer.SPEC if scale is None else dict(peer.SPEC, weak_min_scale=scale)
+    want = (config.RECIPES['demo']['weak_min_scale'] if scale is None else scale, 1.0)
+    theirs = parse_args(peer.openclip_argv(spec, 't.tsv', 'logs', 0))
+    crop = image_transform(spec['image_size'], is_train=True, aug_cfg=theirs.aug_cfg).transforms[0]
+    assert isinstance(crop, RandomResizedCrop) and crop.interpolation == InterpolationMode.BICUBIC
+    assert tuple(crop.scale) == want and tuple(crop.ratio) == (3 / 4, 4 / 3)
+    cfg = config.resolve(config._split_flags(peer.ours_argv(spec, 't.tsv', 'out', 0)), verbose=False)
+    assert ImageViews(cfg).weak['scale'] == want
+
+
 def test_both_sides_train_and_one_evaluator_scores_them(tmp_path):
     """A few steps of each side in its own process: checkpoints evaluated by ours, every figure parsed."""
     proc = subprocess.run([sys.executable, '-m', 'bench.peer', f'--cache={tmp_path}', '--train_size=128',
