@@ -209,8 +209,8 @@ MODELS = {
 _PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
               num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
 RECIPES = {
-    # sized so that `python train.py` (tiny model, 561 steps) ends within 10 minutes on a slow 2-core AVX2 CPU
-    # (5 epochs took 18 there). Demo captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster
+    # sized so that `python train.py` (tiny model, 561 steps) ends within 10 minutes on a slow 2-core AVX2 CPU.
+    # Demo captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster
     # (2.5e-4: 36% after 3 epochs, 2e-3: 23%), and strong crops of at least a quarter of the scene show an object
     'demo': dict(epochs=3, batch_size=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
                  demo_train_size=12000, demo_val_size=1000, context_length=32, weak_min_scale=0.9,

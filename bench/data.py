@@ -5,8 +5,8 @@ The full CL2L sample (recipe §4.3): read + decode a JPEG, 1 weak + 2 strong vie
 3 tokenisations, from a CSV over a temp folder of 500x375 JPEGs, in one process with one thread (= one worker),
 and the collate that batches them. The same with --augment_device=cuda (the workers' share), the built-in demo
 dataset at the tiny model's 64 px, and a 2-worker DataLoader for the hand-over to the main process.
---code=DIR: the first row only, timing the config/data/augment modules of another checkout (e.g. the code before
-an issue: `git worktree add DIR COMMIT`); run it and this one in turns for a before/after ratio.
+--code=DIR: the first row only, timing the config/data/augment modules of another checkout (e.g. an earlier
+commit: `git worktree add DIR COMMIT`); run it and this one in turns for a before/after ratio.
 """
 import random
 import statistics

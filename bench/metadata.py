@@ -75,7 +75,7 @@ class Touch(torch.utils.data.Dataset):
 
 
 class Old:
-    """The previous reader's layout: the unpickled list of (id, title, description) tuples."""
+    """The reference layout: the unpickled list of (id, title, description) tuples."""
 
     def __init__(self, items):
         self.items = items

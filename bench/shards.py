@@ -2,7 +2,7 @@
 
 python -m bench.shards [--shards=1000] [--samples=100]
 Writes --shards tar shards of --samples samples (jpg + txt + json, as img2dataset writes) into a temp folder,
-then times, in this process with one rank: the old start (a serial header scan of every shard), the first
+then times, in this process with one rank: a serial header scan of every shard (the reference), the first
 run (no index: the scan runs once, on all CPUs), a cached run (one stat per shard), a first run with
 img2dataset's NNNNN_stats.json files, and the same for 10 shards: seconds until build_train_loader returns,
 and until the first batch (32 tiny images; it waits for the 1,000-sample shuffle buffer, whatever the count).
@@ -39,7 +39,7 @@ def write_shards(folder, shards, samples):
 
 
 def tarfile_count(path):
-    """The old count: sample keys of a shard through tarfile."""
+    """The reference count: sample keys of a shard through tarfile."""
     with tarfile.open(path) as tar:
         return len({D.member_key(m.name)[0] for m in tar if m.isfile()})
 
@@ -73,7 +73,7 @@ def main(argv):
             tokenizer = D.build_tokenizer(cfg)
             D.SampleMaker(cfg, tokenizer)  # one-time set-up of the views, outside the timings
             t = time.perf_counter()
-            old = sum(tarfile_count(s) for s in shards)  # the old start-up: every shard's headers, serially
+            old = sum(tarfile_count(s) for s in shards)  # the reference start-up: every shard's headers, serially
             rows.append((count, 'old: serial header scan, every start', (time.perf_counter() - t, None)))
             assert old == count * samples
             rows.append((count, 'first run: scan on all CPUs, index written', start(cfg, tokenizer)))

@@ -3,7 +3,7 @@
 python -m bench.zips [--archives=10] [--members=1000] [--reads=2000]
 Writes --archives zips of --members JPEG members (as YFCC15M's images/XX/YYY.zip), then reads --reads
 random members, in one process: before, with zipfile.ZipFile opened per read (what a shuffled sampler
-got from the old 64-archive cache: YFCC15M's images are spread over ~100k archives, so a random read
+got from a 64-archive cache: YFCC15M's images are spread over ~100k archives, so a random read
 almost never hit it) and with an already-open ZipFile (a cache hit); now, with data.read_zip_member.
 The decode of a 500x375 JPEG (data.open_image) is printed for scale.
 """

@@ -27,7 +27,7 @@ def photo(seed, size=(61, 47)):
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
-# --- Reference: torchvision's per-sample transforms, as the views were made before the fast paths ---
+# --- Reference: torchvision's per-sample transforms, the reference the batched kernels must match ---
 class Blur(v2.Transform):
     """PIL-style blur with sigma ~ U(0.1, 2) from torch's default generator, one image at a time."""
 
