@@ -243,13 +243,12 @@ def unit(embeddings):
 
 @torch.no_grad()
 def class_embeddings(model, tokenizer, classnames, templates, device):
-    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1);
-    one text-encoder pass per class serves every head."""
+    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1)."""
     rows = {head: [] for head in model.heads}
     for name in classnames:
         synonyms = name if isinstance(name, list) else [name]  # every template x every synonym
         tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)
-        for head, prompts in unit(model.encode_text_heads(tokens)).items():  # (T*S, D)
+        for head, prompts in unit(model.encode_text_heads(tokens)).items():  # (T*S, D); one pass for every head
             rows[head].append(F.normalize(prompts.mean(0), dim=0))
     return {head: torch.stack(r) for head, r in rows.items()}
 
@@ -298,8 +297,7 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
 
 
 def decoded_batches(dataset, cfg, rank, world_size, undecoded):
-    """This rank's (images, labels) batches without the samples ImageList could not decode, whose dataset indices
-    are appended to the list undecoded."""
+    """This rank's (images, labels) batches less the samples ImageList could not decode, indices put in undecoded."""
     for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
         decoded = labels >= 0
         undecoded.append(-1 - labels[~decoded])
@@ -383,8 +381,7 @@ def _gather(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
 
 # --- Retrieval ---
 def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
-    """Recall@k in percent both ways; sim (N images, M texts); a pair matches when the ids are equal. image->text:
-    any of the image's captions in its top k; text->image: the caption's image in its top k."""
+    """Recall@k in percent, image->text (any of its captions in the top k) and text->image; sim (N images, M texts)."""
     # rank = non-matching candidates scoring at least as high as the best match: a tie with a wrong candidate goes
     # against the hit (index order is arbitrary; counting ties as hits would reward a model scoring all equal)
     match = image_ids[:, None] == text_ids[None, :]  # (N, M)
@@ -431,9 +428,7 @@ def read_retrieval_csv(path, transform):
         rows = list(csv.DictReader(f))
     if not rows or not {'image', 'caption'} <= rows[0].keys():
         raise UserError(f"retrieval CSV {path}: needs a header with columns image,caption and at least one row")
-    index = {}
-    for row in rows:
-        index.setdefault(row['image'], len(index))
+    index = {image: i for i, image in enumerate(dict.fromkeys(r['image'] for r in rows))}  # in first-seen order
     paths = [p if os.path.isabs(p) else str(path.parent / p) for p in index]
     return ImageList(paths, list(range(len(paths))), transform), [r['caption'] for r in rows], \
         [index[r['image']] for r in rows]
@@ -442,10 +437,9 @@ def read_retrieval_csv(path, transform):
 # --- Datasets ---
 def decode_image(source):
     """A loaded PIL image from a file path or an (H, W[, 3]) uint8 array; truncated files load as far as their data
-    goes, as in the official evaluation."""
+    goes, as in the official evaluation (set only around this decode: training keeps skipping them)."""
     if isinstance(source, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(source))
-    # Pillow's LOAD_TRUNCATED_IMAGES is set only around this decode: training keeps skipping truncated files
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
     try:
         img = load_image(source)  # upright by its EXIF orientation, as in training
@@ -509,8 +503,7 @@ def read_idx(name, path, ndim):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR's batches (dicts of lists, strings and numpy arrays) and refuses any other global, so that
-    a crafted file cannot run code."""
+    """Unpickles CIFAR's batches (lists, strings, numpy arrays), refusing other globals: a crafted file runs no code."""
     ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
 
@@ -613,8 +606,7 @@ CATALOGUE = {
 
 
 def build_dataset(name, root, transform, classnames, split=None):
-    """The eval split (or `split`, e.g. 'train' for the linear probe) of catalogue dataset `name` stored at root as
-    an ImageList; wrong layouts raise one line."""
+    """The eval split (or `split`: 'train' for the probe) of catalogue set `name` at root, as an ImageList."""
     split = split or CATALOGUE[name][1]
     images, labels, n = CATALOGUE[name][0](name, Path(root), split, classnames)
     if n != len(classnames):
@@ -775,8 +767,7 @@ def file_sha256(path):
 
 
 def data_identity(dataset):
-    """What the feature cache knows of a dataset: its type, size, plain attributes (root, split, seed, ...), and
-    the first and last of its file lists."""
+    """The feature cache's key to a dataset: type, size, plain attributes (root, split, ...), ends of its file lists."""
     fields = {k: str(v) for k, v in vars(dataset).items() if isinstance(v, (str, int, float, bool, Path))}
     fields.update({k: str((len(v), v[0], v[-1])) for k, v in vars(dataset).items()
                    if k in ('paths', 'samples') and isinstance(v, list) and v})
@@ -794,37 +785,34 @@ def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
     return image_embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
 
 
-def cached_features(model, cfg, dataset, path, key, heads, rank=0, world_size=1):
-    """The number of images in the cache file `path`, extracted into it unless it already holds them under `key`
-    (rank 0 decides, counts and writes, atomically; all ranks extract)."""
-    count = [None]
-    if rank == 0 and path.is_file():
-        try:  # mmap: comparing the key and counting the labels do not read the features
-            cache = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-            count[0] = len(cache['labels']) if cache.get('key') == key else None
-        except Exception:  # a truncated or foreign file is a miss; it is overwritten below
-            pass
-    if world_size > 1:
-        dist.broadcast_object_list(count, src=0)
-    if count[0] is not None:
-        return count[0]
-    features, labels = image_features(model, cfg, dataset, heads, rank, world_size)
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save({'key': key, 'features': features, 'labels': labels}, f))
-    return len(labels)
+def cached_count(path, key):
+    """The number of images whose features the cache file `path` holds under `key`; None if it holds no such key."""
+    try:  # mmap: comparing the key and counting the labels do not read the features
+        cache = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return len(cache['labels']) if cache.get('key') == key else None
+    except Exception:  # no file, a truncated or a foreign one: a miss, overwritten by the extraction
+        return None
 
 
 def probe_features(model, cfg, name, train, test, classnames, metric, probe, rank=0, world_size=1):
-    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache, keyed by the
-    checkpoint's content, the data, the transform, the precision and the features kept; the job for fit_probes."""
+    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache (rank 0 checks and
+    writes it, atomically), keyed by the checkpoint's content, the data, transform, precision and features kept."""
     paths = {split: probe['cache'] / f'{name}_{split}.pt' for split in ('train', 'test')}
     device, images = next(model.parameters()).device, 0
     for split, dataset in (('train', train), ('test', test)):
         key = {'checkpoint_sha256': probe['sha256'], 'dataset': name, 'split': split, 'data': data_identity(dataset),
                'transform': repr(getattr(dataset, 'transform', None)), 'precision': str(autocast_dtype(cfg, device)),
                'heads': probe['heads']}
-        images += cached_features(model, cfg, dataset, paths[split], key, probe['heads'], rank, world_size)
+        count = [cached_count(paths[split], key) if rank == 0 else None]
+        if world_size > 1:
+            dist.broadcast_object_list(count, src=0)
+        if count[0] is None:
+            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)
+            if rank == 0:
+                probe['cache'].mkdir(parents=True, exist_ok=True)
+                atomic_write(paths[split], lambda f: torch.save(dict(key=key, features=features, labels=labels), f))
+            count[0] = len(labels)
+        images += count[0]
     return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': images,
             'skipped': len(train) + len(test) - images}
 
@@ -907,8 +895,7 @@ def _dataset_path(name, data_root, catalog):
 
 
 def check_datasets(names, catalog=None):
-    """Raise ConfigError naming the first dataset that is neither 'demo', in the catalogue, folder:PATH nor an entry
-    of the user's catalogue."""
+    """Raise ConfigError naming the first that is neither 'demo', in CATALOGUE, folder:PATH nor in the --catalog."""
     for name in names:
         if name != 'demo' and name not in CATALOGUE and not name.startswith(FOLDER) and name not in (catalog or {}):
             close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
@@ -955,8 +942,7 @@ def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
 
 
 def run_task(ev, score, task):
-    """score(ev, task) between a start line and a done line (images, rate, headline metrics, images skipped); a
-    UserError is the result, as {'error': its one line}."""
+    """score(ev, task) between a start and a done line; a UserError is the result, as {'error': its one line}."""
     ev.say(f"{task.name}: start", flush=True)
     start = time.perf_counter()
     try:
@@ -1009,8 +995,7 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
 
 
 def check_data(data_root, catalog, labels):
-    """Print one line per catalogue dataset: found (images, classes), missing, or malformed (why); no model and
-    no decoding, so it takes seconds. Returns {name: status}."""
+    """{name: status}, printed a line per catalogue set: found, missing or malformed (why); no decoding: seconds."""
     print(f"{'dataset':<16}{'split':<6}{'status':<11}{'images':>8}{'classes':>8}  path or problem")
     statuses = {}
     for name, (_, split, _) in CATALOGUE.items():
@@ -1035,8 +1020,16 @@ def data_status(name, root, classnames):
 # --- Command line ---
 FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'workers',
          'precision', 'device', 'check_data', 'linear_probe', 'probe_heads', 'probe_seed', *IMPORT_FLAGS)
-SWITCHES = ('check_data', 'linear_probe', 'probe_heads', 'guess_heads')  # flags that may stand alone (a bare --flag means true)
+SWITCHES = ('check_data', 'linear_probe', 'probe_heads', 'guess_heads')  # may stand alone: a bare --flag means true
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
+# flag: (whether a value is valid, what to give instead)
+FLAG_CHECKS = {'batch_size': (lambda v: v.isdigit() and int(v) >= 1, 'expected an integer >= 1'),
+               'workers': (str.isdigit, 'expected an integer >= 0'),
+               'precision': (lambda v: v in PRECISIONS, f"choose {', '.join(PRECISIONS)}"),
+               'device': (lambda v: v.split(':')[0] in ('cpu', 'cuda'), 'choose cpu or cuda'),
+               'probe_seed': (str.isdigit, 'expected a non-negative integer'),
+               **{k: (lambda v: v.lower() in ('true', 'false', '1', '0'), f'expected true or false (or a bare --{k})')
+                  for k in SWITCHES}}
 HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
              'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}
 USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] [--out=results.json], "
@@ -1044,11 +1037,8 @@ USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--da
 
 
 def switch(flags, key):
-    """A switch's value (absent: False); anything but true, false, 1 or 0 raises ConfigError."""
-    value = flags.get(key, 'false').lower()
-    if value not in ('true', 'false', '1', '0'):
-        raise ConfigError(f"--{key}={flags[key]}: expected true or false (or a bare --{key})")
-    return value in ('true', '1')
+    """A switch's value, False when absent (parse_argv checked it)."""
+    return flags.get(key, 'false').lower() in ('true', '1')
 
 
 def parse_argv(argv):
@@ -1065,27 +1055,18 @@ def parse_argv(argv):
             raise ConfigError("--check_data needs --data_root=DIR (or --catalog=paths.json)")
     elif not paths:
         raise ConfigError(USAGE)
-    for key, least in (('batch_size', 1), ('workers', 0)):
-        if key in flags and not (flags[key].isdigit() and int(flags[key]) >= least):
-            raise ConfigError(f"--{key}={flags[key]}: expected an integer >= {least}")
-    if flags.get('precision', 'fp32') not in PRECISIONS:
-        raise ConfigError(f"--precision={flags['precision']}: choose {', '.join(PRECISIONS)}")
-    if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
-        raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
+    for key, (valid, expected) in FLAG_CHECKS.items():
+        if key in flags and not valid(flags[key]):
+            raise ConfigError(f"--{key}={flags[key]}: {expected}")
     catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
     check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [], catalog)
-    for key in SWITCHES:
-        switch(flags, key)  # raises for a value that is neither true nor false
-    if not flags.get('probe_seed', '0').isdigit():
-        raise ConfigError(f"--probe_seed={flags['probe_seed']}: expected a non-negative integer")
     if (switch(flags, 'probe_heads') or 'probe_seed' in flags) and not switch(flags, 'linear_probe'):
         raise ConfigError("--probe_heads and --probe_seed set up the linear probe; add --linear_probe")
     return paths, flags, catalog
 
 
 def headline(metrics):
-    """The metric keys a table shows for one dataset: its recipe §6.2 metric of the z head, or R@1 both ways;
-    none for a dataset that failed."""
+    """The keys a table shows of one dataset: its z head's recipe §6.2 metric, R@1 both ways, or the probe's."""
     if 'i2t_r1_z' in metrics:
         return ['i2t_r1_z', 't2i_r1_z']
     if 'l2_trunk' in metrics:  # linear probe: the trunk features' metric and the chosen strength
