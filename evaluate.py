@@ -236,11 +236,6 @@ def _state_dict_problems(e, lines=3, width=300):
 
 
 # --- Zero-shot classification ---
-def unit(embeddings):
-    """{head: (B, D)} embeddings as float32 unit vectors: every score here is a cosine similarity."""
-    return {head: F.normalize(emb.float(), dim=-1) for head, emb in embeddings.items()}
-
-
 @torch.no_grad()
 def class_embeddings(model, tokenizer, classnames, templates, device):
     """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1)."""
@@ -248,15 +243,16 @@ def class_embeddings(model, tokenizer, classnames, templates, device):
     for name in classnames:
         synonyms = name if isinstance(name, list) else [name]  # every template x every synonym
         tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)
-        for head, prompts in unit(model.encode_text_heads(tokens)).items():  # (T*S, D); one pass for every head
+        for head, emb in model.encode_text_heads(tokens).items():  # one text-encoder pass serves every head
+            prompts = F.normalize(emb.float(), dim=-1)  # (T*S, D)
             rows[head].append(F.normalize(prompts.mean(0), dim=0))
     return {head: torch.stack(r) for head, r in rows.items()}
 
 
 def similarities(model, images, classifiers):
     """Cosine similarity (no logit scale) per head, plus the z/h ensembles: {key: (B, C)}."""
-    embeddings = unit(model.encode_image_heads(images))
-    sims = {head: embeddings[head] @ classes.T for head, classes in classifiers.items()}
+    emb = model.encode_image_heads(images)
+    sims = {head: F.normalize(emb[head].float(), dim=-1) @ classes.T for head, classes in classifiers.items()}
     if 'h' in sims:
         sims.update({f'ens{w}': w * sims['z'] + (1 - w) * sims['h'] for w in ENSEMBLE_WEIGHTS})
     return sims
@@ -319,13 +315,13 @@ def _autocast(cfg, device):
 
 
 @torch.no_grad()
-def image_embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1):
-    """({key: (N, D)} of encode(images) -> {key: (B, D)}, labels (N,), undecodable dataset indices), in float32 on
-    the CPU: each rank encodes its slice, the gathers concatenate them unpadded."""
+def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1):
+    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
+    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded."""
     device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
     with _autocast(cfg, device):
-        for images, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
-            for k, emb in encode(images.to(device)).items():
+        for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
+            for k, emb in encode(inputs.to(device)).items():
                 parts[k].append(emb.float().cpu())
             labels.append(y)
     empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
@@ -398,23 +394,17 @@ def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
 def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, world_size=1):
     """Recall@1/5/10 per head; images yields (image, image_id), captions[j] describes image caption_ids[j].
     An undecodable image (a negative id from ImageList) is skipped with its captions and counted."""
-    device, heads = next(model.parameters()).device, list(model.heads)
-    image_emb, image_ids, undecoded = image_embeddings(model, cfg, images, heads, model.encode_image_heads, rank,
-                                                       world_size)
-    text_emb, mine = {h: [] for h in heads}, list(range(rank, len(captions), world_size))  # the gathers bring all
-    with _autocast(cfg, device):
-        for i in range(0, len(mine), cfg.eval_batch_size):
-            tokens = tokenizer([captions[j] for j in mine[i:i + cfg.eval_batch_size]]).to(device)
-            for h, emb in unit(model.encode_text_heads(tokens)).items():
-                text_emb[h].append(emb.cpu())
-    text_ids = _gather([torch.as_tensor([caption_ids[j] for j in mine], dtype=torch.long)], world_size)
-    text_emb = {h: _gather(text_emb[h], world_size, torch.zeros(0)) for h in heads}
+    heads = list(model.heads)
+    image_emb, image_ids, undecoded = embeddings(model, cfg, images, heads, model.encode_image_heads, rank, world_size)
+    texts = torch.utils.data.TensorDataset(tokenizer(captions), torch.as_tensor(caption_ids, dtype=torch.long))
+    text_emb, text_ids, _ = embeddings(model, dataclasses.replace(cfg, workers=0), texts, heads,
+                                       model.encode_text_heads, rank, world_size)  # tokens need no loader workers
     if not len(image_ids):
         raise UserError(f"no image of the {len(undecoded)} could be decoded" if len(undecoded) else "no images")
     kept = torch.isin(text_ids, image_ids)  # the captions of skipped images have nothing to find
     out = {}
     for h in heads:
-        sim = F.normalize(image_emb[h], dim=-1) @ text_emb[h][kept].T  # (N images, M captions)
+        sim = F.normalize(image_emb[h], dim=-1) @ F.normalize(text_emb[h][kept], dim=-1).T  # (N images, M captions)
         out.update({f'{k}_{h}': v for k, v in recall_at_k(sim, image_ids, text_ids[kept]).items()})
     return {**out, 'images': len(image_ids), 'captions': int(kept.sum()), **_skipped(images, undecoded)}
 
@@ -782,7 +772,7 @@ def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
         return {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
 
     keys = ['trunk'] + (list(model.heads) if heads else [])
-    return image_embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
+    return embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
 
 
 def cached_count(path, key):
@@ -846,7 +836,7 @@ def fit_probes(jobs, probe, say=print):
                                                   probe['seed'], probe['device']))
             metrics = results[name]
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
-                f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
+                f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -1030,8 +1020,11 @@ FLAG_CHECKS = {'batch_size': (lambda v: v.isdigit() and int(v) >= 1, 'expected a
                'probe_seed': (str.isdigit, 'expected a non-negative integer'),
                **{k: (lambda v: v.lower() in ('true', 'false', '1', '0'), f'expected true or false (or a bare --{k})')
                   for k in SWITCHES}}
-HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
-             'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}
+# what the table shows of one dataset: the first group whose first key its metrics hold, {key: column suffix};
+# R@1 both ways, the probe's trunk metric and strength, or the z head's recipe §6.2 metric
+HEADLINES = ({'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}, {'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'},
+             {'mean_per_class_trunk': ' mpc', 'l2_trunk': ' l2'}, {'acc1_trunk': '', 'l2_trunk': ' l2'},
+             {'roc_auc_z': ' auc'}, {'mean_per_class_z': ' mpc'}, {'acc1_z': ''})
 USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] [--out=results.json], "
          "or python evaluate.py --check_data --data_root=DIR (see the module docstring)")
 
@@ -1066,18 +1059,14 @@ def parse_argv(argv):
 
 
 def headline(metrics):
-    """The keys a table shows of one dataset: its z head's recipe §6.2 metric, R@1 both ways, or the probe's."""
-    if 'i2t_r1_z' in metrics:
-        return ['i2t_r1_z', 't2i_r1_z']
-    if 'l2_trunk' in metrics:  # linear probe: the trunk features' metric and the chosen strength
-        return [next(k for k in ('roc_auc_trunk', 'mean_per_class_trunk', 'acc1_trunk') if k in metrics), 'l2_trunk']
-    return [k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics][:1]
+    """{key: column suffix} of the HEADLINES a table shows of one dataset's metrics; none for a failed one."""
+    return next((group for group in HEADLINES if next(iter(group)) in metrics), {})
 
 
 def print_table(records):
     """One row per checkpoint, one column per dataset: z-head top-1, or its mean per-class / ROC-AUC / R@1."""
-    columns = list(dict.fromkeys((d, k) for r in records for d, m in r['results'].items() for k in headline(m)))
-    names = [d + HEADLINES[k] for d, k in columns]
+    shown = {(d, k): d + suffix for r in records for d, m in r['results'].items() for k, suffix in headline(m).items()}
+    columns, names = list(shown), list(shown.values())
     print(f"{'checkpoint':<28}{'epoch':>6}" + ''.join(f"  {n:>{max(len(n), 6)}}" for n in names))
     for r in records:
         values = [r['results'].get(d, {}).get(k) for d, k in columns]
