@@ -9,13 +9,12 @@
         [--vision_act=gelu|quickgelu] [--text_act=...] [--image_mean=a,b,c] [--image_std=a,b,c] [--bpe_path=FILE]
     python evaluate.py --export ckpt.pt --out DIR    # open_clip's local-dir layout, for open_clip and clip_benchmark
 
-Rebuilds each model from its checkpoint alone (config, weights and the tokenizer's merges), runs every
-catalogue dataset found under --data_root (<data_root>/<name>, or the per-dataset paths of a {name: path}
-JSON catalogue; layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and
-prints one table row per checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as
-a list to --out, rewritten as each dataset finishes. Data-parallel under torchrun.
---linear_probe fits a logistic-regression probe on frozen image features of each dataset's train split instead
-(features cached in <ckpt>_features/, results in <ckpt>_probe.json); see the Linear probe section.
+Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every catalogue
+dataset found under --data_root (<data_root>/<name>, or the paths of a {name: path} JSON catalogue; layouts in
+docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per checkpoint.
+Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as each
+dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
+features of each dataset's train split instead (features cached in <ckpt>_features/, results in <ckpt>_probe.json).
 """
 import collections
 import csv
@@ -263,7 +262,7 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
     """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set, plus
     'images' (evaluated) and 'skipped' (undecodable: a negative label from ImageList)."""
     device, num_classes = next(model.parameters()).device, len(classnames)
-    keys = list(model.heads) + ([f'ens{w}' for w in ENSEMBLE_WEIGHTS] if 'h' in model.heads else [])  # similarities'
+    keys = list(model.heads) + ([f'ens{w}' for w in ENSEMBLE_WEIGHTS] if 'h' in model.heads else [])  # as similarities
     counts = torch.zeros(len(keys), 3, num_classes, dtype=torch.long, device=device)
     undecoded, margins, targets = [], [], []  # binary sets keep sim[:, 1] - sim[:, 0] of every key, for ROC-AUC
     with _autocast(cfg, device):
@@ -750,12 +749,6 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='tru
     return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
 
 
-def file_sha256(path):
-    """Hex SHA-256 of a file's bytes: the feature cache's key to the checkpoint (0.6 GB/s on a busy CPU, once a run)."""
-    with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
 def data_identity(dataset):
     """The feature cache's key to a dataset: type, size, plain attributes (root, split, ...), ends of its file lists."""
     fields = {k: str(v) for k, v in vars(dataset).items() if isinstance(v, (str, int, float, bool, Path))}
@@ -812,9 +805,12 @@ def probe_settings(path, flags, device, rank=0):
     <checkpoint stem>_features/ beside it, keyed by the SHA-256 of its bytes (computed on rank 0)."""
     if not switch(flags, 'linear_probe'):
         return None
-    path = Path(path)
-    return {'cache': path.with_name(path.stem + '_features'), 'sha256': file_sha256(path) if rank == 0 else None,
-            'heads': switch(flags, 'probe_heads'), 'seed': int(flags.get('probe_seed', 0)), 'device': device}
+    path, sha256 = Path(path), None
+    if rank == 0:  # 0.6 GB/s on a busy CPU, once a run
+        with open(path, 'rb') as f:
+            sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
+    return {'cache': path.with_name(path.stem + '_features'), 'sha256': sha256, 'heads': switch(flags, 'probe_heads'),
+            'seed': int(flags.get('probe_seed', 0)), 'device': device}
 
 
 def fit_probes(jobs, probe, say=print):
@@ -829,12 +825,11 @@ def fit_probes(jobs, probe, say=print):
             start = time.time()
             train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True)
                            for s in ('train', 'test'))
-            results[name] = {}
+            results[name] = metrics = {}
             for key in train['features']:
-                results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
-                                                  test['labels'], job['num_classes'], job['metric'], key,
-                                                  probe['seed'], probe['device']))
-            metrics = results[name]
+                metrics.update(linear_probe(train['features'][key], train['labels'], test['features'][key],
+                                            test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
+                                            probe['device']))
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
                 f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")
@@ -845,8 +840,8 @@ def fit_probes(jobs, probe, say=print):
 
 # --- Evaluation tasks ---
 # A task is one entry of the results: a classification set (read(split) -> its dataset; split None: the eval split,
-# 'train': the probe's), a folder set (read() -> dataset, class names, templates) or a retrieval set (read() ->
-# images, captions, caption ids). The task reads its data itself: a wrong layout is its result, not the run's end.
+# 'train': the probe's), a folder set (read() -> dataset, class names, templates) or a retrieval set (read() -> images,
+# captions, caption ids). The task reads its data itself: a wrong layout is its result, not the end of the run.
 Task = collections.namedtuple('Task', 'name kind read classnames templates metric', defaults=(None, None, None))
 Evaluation = collections.namedtuple('Evaluation', 'model tokenizer cfg rank world_size probe say')  # shared by tasks
 
