@@ -9,17 +9,18 @@
         [--vision_act=gelu|quickgelu] [--text_act=...] [--image_mean=a,b,c] [--image_std=a,b,c] [--bpe_path=FILE]
     python evaluate.py --export ckpt.pt --out DIR    # open_clip's local-dir layout, for open_clip and clip_benchmark
 
-Rebuilds each model from its checkpoint alone (config, weights and the tokenizer's merges), runs every
-catalogue dataset found under --data_root (<data_root>/<name>, or the per-dataset paths of a {name: path}
-JSON catalogue; layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and
-prints one table row per checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as
-a list to --out, rewritten as each dataset finishes. Data-parallel under torchrun.
---linear_probe fits a logistic-regression probe on frozen image features of each dataset's train split instead
-(features cached in <ckpt>_features/, results in <ckpt>_probe.json); see the Linear probe section.
+Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every catalogue
+dataset found under --data_root (<data_root>/<name>, or the paths of a {name: path} JSON catalogue; layouts in
+docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per checkpoint.
+Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as each
+dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
+features of each dataset's train split instead (features cached in <ckpt>_features/, results in <ckpt>_probe.json).
 """
+import collections
 import csv
 import dataclasses
 import difflib
+import functools
 import gzip
 import hashlib
 import io
@@ -49,21 +50,6 @@ from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merg
 ASSETS = Path(__file__).resolve().parent / 'assets'
 ENSEMBLE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # w * sim_z + (1 - w) * sim_h
 RECALL_KS = (1, 5, 10)
-
-# name: (reader, eval split, metric), in catalogue order (recipe §6.2)
-CATALOGUE = {
-    'imagenet': ('folder', 'val', 'acc'), 'mnist': ('MNIST', 'test', 'acc'), 'food101': ('folder', 'test', 'acc'),
-    'cifar10': ('CIFAR10', 'test', 'acc'), 'cifar100': ('CIFAR100', 'test', 'acc'),
-    'cub200': ('folder', 'val', 'acc'), 'cars': ('folder', 'test', 'acc'),
-    'aircraft': ('folder', 'test', 'mean_per_class'), 'dtd': ('folder', 'test', 'acc'),
-    'pets': ('folder', 'test', 'mean_per_class'), 'caltech101': ('folder', 'test', 'mean_per_class'),
-    'flowers': ('folder', 'test', 'mean_per_class'), 'stl10': ('STL10', 'test', 'acc'),
-    'eurosat': ('folder', 'val', 'acc'), 'resisc45': ('folder', 'test', 'acc'), 'gtsrb': ('folder', 'test', 'acc'),
-    'kitti_distance': ('folder', 'val', 'acc'), 'country211': ('folder', 'test', 'acc'),
-    'patch_camelyon': ('folder', 'val', 'acc'), 'ucf101_frames': ('folder', 'val', 'acc'),
-    'clevr_counts': ('filelist', 'val', 'acc'), 'hateful_memes': ('folder', 'dev', 'roc_auc'),
-    'rendered_sst2': ('folder', 'test', 'acc'),
-}
 
 
 # --- Checkpoints ---
@@ -117,27 +103,21 @@ def _state_dict_problems(e, lines=3, width=300):
 # --- Zero-shot classification ---
 @torch.no_grad()
 def class_embeddings(model, tokenizer, classnames, templates, device):
-    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1);
-    one text-encoder pass per class serves every head."""
+    """{head: (C, D)} prompt ensembles: normalise each prompt embedding, average, renormalise (recipe §6.1)."""
     rows = {head: [] for head in model.heads}
     for name in classnames:
         synonyms = name if isinstance(name, list) else [name]  # every template x every synonym
         tokens = tokenizer([t.format(s) for s in synonyms for t in templates]).to(device)
-        for head, emb in model.encode_text_heads(tokens).items():
+        for head, emb in model.encode_text_heads(tokens).items():  # one text-encoder pass serves every head
             prompts = F.normalize(emb.float(), dim=-1)  # (T*S, D)
             rows[head].append(F.normalize(prompts.mean(0), dim=0))
     return {head: torch.stack(r) for head, r in rows.items()}
 
 
-def score_keys(heads):
-    """Every classifier scored: the heads, then the ensembles when the model has the local head h."""
-    return list(heads) + ([f'ens{w}' for w in ENSEMBLE_WEIGHTS] if 'h' in heads else [])
-
-
 def similarities(model, images, classifiers):
     """Cosine similarity (no logit scale) per head, plus the z/h ensembles: {key: (B, C)}."""
-    embeddings = model.encode_image_heads(images)
-    sims = {head: F.normalize(embeddings[head].float(), dim=-1) @ classes.T for head, classes in classifiers.items()}
+    emb = model.encode_image_heads(images)
+    sims = {head: F.normalize(emb[head].float(), dim=-1) @ classes.T for head, classes in classifiers.items()}
     if 'h' in sims:
         sims.update({f'ens{w}': w * sims['z'] + (1 - w) * sims['h'] for w in ENSEMBLE_WEIGHTS})
     return sims
@@ -145,29 +125,24 @@ def similarities(model, images, classifiers):
 
 @torch.no_grad()
 def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, rank=0, world_size=1):
-    """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set,
-    plus 'images' (evaluated) and 'skipped' (undecodable: a negative label from ImageList)."""
-    device, keys, num_classes = next(model.parameters()).device, score_keys(model.heads), len(classnames)
+    """Top-1/top-5 (and mean per-class or ROC-AUC) of every head and ensemble, exact over the unpadded set, plus
+    'images' (evaluated) and 'skipped' (undecodable: a negative label from ImageList)."""
+    device, num_classes = next(model.parameters()).device, len(classnames)
+    keys = list(model.heads) + ([f'ens{w}' for w in ENSEMBLE_WEIGHTS] if 'h' in model.heads else [])  # as similarities
     counts = torch.zeros(len(keys), 3, num_classes, dtype=torch.long, device=device)
-    undecoded = []  # dataset indices of the samples ImageList could not decode
-    scores, targets = [], []  # binary sets only: score sim[:, 1] - sim[:, 0] of every key, and the labels
+    undecoded, margins, targets = [], [], []  # binary sets keep sim[:, 1] - sim[:, 0] of every key, for ROC-AUC
     with _autocast(cfg, device):
         classifiers = class_embeddings(model, tokenizer, classnames, templates, device)
-        for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
-            images, labels, bad = _drop_undecoded(images, labels)
-            undecoded.append(bad)
-            if not len(labels):
-                continue
+        for images, labels in decoded_batches(dataset, cfg, rank, world_size, undecoded):
             labels = labels.to(device)
             sims = similarities(model, images.to(device), classifiers)
             counts += torch.stack([class_counts(sims[k], labels, num_classes) for k in keys])
             if metric == 'roc_auc':
-                scores.append(torch.stack([sims[k][:, 1] - sims[k][:, 0] for k in keys], 1).cpu())  # (B, K)
+                margins.append(torch.stack([sims[k][:, 1] - sims[k][:, 0] for k in keys], 1).cpu())  # (B, K)
                 targets.append(labels.cpu())
     if world_size > 1:
         dist.all_reduce(counts)
-    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
-    images = int(counts[0, 2].sum())
+    undecoded, images = _gather(undecoded, world_size), int(counts[0, 2].sum())
     if images == 0:
         raise UserError(f"no image of the {len(undecoded)} in the split could be decoded" if len(undecoded) else
                         "the split holds no images")
@@ -175,21 +150,20 @@ def zero_shot(model, tokenizer, cfg, dataset, classnames, templates, metric, ran
     for i, key in enumerate(keys):
         out.update(accuracy_metrics(counts[i], key, per_class=metric == 'mean_per_class'))
     if metric == 'roc_auc':
-        scores = _gather(torch.cat(scores or [torch.zeros(0, len(keys))]), world_size)
-        targets = _gather(torch.cat(targets or [torch.zeros(0, dtype=torch.long)]), world_size)
-        auc = [roc_auc(scores[:, i], targets) for i in range(len(keys))]
-        out.update({f'roc_auc_{key}': None if np.isnan(a) else 100 * a for key, a in zip(keys, auc)})
-        if np.isnan(auc[0]):
+        margins, targets = _gather(margins, world_size, torch.zeros(0, len(keys))), _gather(targets, world_size)
+        out.update({f'roc_auc_{key}': roc_auc_percent(margins[:, i], targets) for i, key in enumerate(keys)})
+        if out[f'roc_auc_{keys[0]}'] is None:
             out['note'] = 'roc_auc is undefined (null): the split holds images of one class only'
     return {**out, 'images': images, **_skipped(dataset, undecoded)}
 
 
-def _drop_undecoded(images, labels):
-    """(images, labels, dataset indices of the dropped) without the samples ImageList could not decode."""
-    decoded = labels >= 0
-    if decoded.all():
-        return images, labels, torch.zeros(0, dtype=torch.long)
-    return images[decoded], labels[decoded], -1 - labels[~decoded]
+def decoded_batches(dataset, cfg, rank, world_size, undecoded):
+    """This rank's (images, labels) batches less the samples ImageList could not decode, indices put in undecoded."""
+    for images, labels in build_eval_loader(dataset, cfg, rank, world_size):
+        decoded = labels >= 0
+        undecoded.append(-1 - labels[~decoded])
+        if decoded.any():
+            yield images[decoded], labels[decoded]
 
 
 def _skipped(dataset, indices, shown=5):
@@ -203,6 +177,21 @@ def _autocast(cfg, device):
     """Autocast to cfg.precision (model.autocast_dtype); evaluate() sets it, fp32 unless asked otherwise."""
     dtype = autocast_dtype(cfg, device)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1):
+    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
+    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded."""
+    device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
+    with _autocast(cfg, device):
+        for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
+            for k, emb in encode(inputs.to(device)).items():
+                parts[k].append(emb.float().cpu())
+            labels.append(y)
+    empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
+    return ({k: _gather(parts[k], world_size, empty) for k in keys}, _gather(labels, world_size),
+            _gather(undecoded, world_size))
 
 
 # --- Metrics ---
@@ -235,24 +224,27 @@ def roc_auc(scores, labels):
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _gather(x, world_size):
-    """Concatenate each rank's rows (shards may differ in length), on the CPU."""
+def roc_auc_percent(scores, labels):
+    """roc_auc in percent; None (JSON null) where it is undefined: labels of one class only."""
+    auc = roc_auc(scores, labels)
+    return None if np.isnan(auc) else 100 * auc
+
+
+def _gather(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
+    """This rank's parts concatenated (`empty` when it has none), then every rank's, on the CPU."""
+    x = torch.cat(parts or [empty]).cpu()
     if world_size == 1:
-        return x.cpu()
-    parts = [None] * world_size
-    dist.all_gather_object(parts, x.cpu())
-    return torch.cat(parts)
+        return x
+    gathered = [None] * world_size  # shards may differ in length
+    dist.all_gather_object(gathered, x)
+    return torch.cat(gathered)
 
 
 # --- Retrieval ---
 def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
-    """Recall@k in percent both ways; sim (N images, M texts); a pair matches when the ids are equal.
-
-    image->text: an image is correct when any of its captions is in its top k; text->image: the caption's
-    image is in its top k. Rank = number of non-matching candidates scoring at least as high as the best
-    match: a tie with a wrong candidate is broken against the hit (the pessimistic rule; index order is
-    arbitrary, and counting ties as hits would reward a model that scores everything equal).
-    """
+    """Recall@k in percent, image->text (any of its captions in the top k) and text->image; sim (N images, M texts)."""
+    # rank = non-matching candidates scoring at least as high as the best match: a tie with a wrong candidate goes
+    # against the hit (index order is arbitrary; counting ties as hits would reward a model scoring all equal)
     match = image_ids[:, None] == text_ids[None, :]  # (N, M)
     best_caption = sim.masked_fill(~match, float('-inf')).max(1).values  # (N,)
     i2t_rank = ((sim >= best_caption[:, None]) & ~match).sum(1)
@@ -267,33 +259,17 @@ def recall_at_k(sim, image_ids, text_ids, ks=RECALL_KS):
 def retrieval(model, tokenizer, cfg, images, captions, caption_ids, rank=0, world_size=1):
     """Recall@1/5/10 per head; images yields (image, image_id), captions[j] describes image caption_ids[j].
     An undecodable image (a negative id from ImageList) is skipped with its captions and counted."""
-    device, heads = next(model.parameters()).device, list(model.heads)
-    image_emb, image_ids, text_emb, undecoded = {h: [] for h in heads}, [], {h: [] for h in heads}, []
-    mine = list(range(rank, len(captions), world_size))  # this rank's captions; the gathers bring back all
-    with _autocast(cfg, device):
-        for x, ids in build_eval_loader(images, cfg, rank, world_size):
-            x, ids, bad = _drop_undecoded(x, torch.as_tensor(ids))
-            undecoded.append(bad)
-            if not len(ids):
-                continue
-            for h, emb in model.encode_image_heads(x.to(device)).items():
-                image_emb[h].append(F.normalize(emb.float(), dim=-1).cpu())
-            image_ids.append(ids)
-        for i in range(0, len(mine), cfg.eval_batch_size):
-            tokens = tokenizer([captions[j] for j in mine[i:i + cfg.eval_batch_size]]).to(device)
-            for h, emb in model.encode_text_heads(tokens).items():
-                text_emb[h].append(F.normalize(emb.float(), dim=-1).cpu())
-    empty = torch.zeros(0, cfg.embed_dim)  # a rank with an empty shard still joins the gathers
-    image_ids = _gather(torch.cat(image_ids or [torch.zeros(0, dtype=torch.long)]), world_size)
-    text_ids = _gather(torch.as_tensor([caption_ids[j] for j in mine], dtype=torch.long), world_size)
-    undecoded = _gather(torch.cat(undecoded or [torch.zeros(0, dtype=torch.long)]), world_size)
+    heads = list(model.heads)
+    image_emb, image_ids, undecoded = embeddings(model, cfg, images, heads, model.encode_image_heads, rank, world_size)
+    texts = torch.utils.data.TensorDataset(tokenizer(captions), torch.as_tensor(caption_ids, dtype=torch.long))
+    text_emb, text_ids, _ = embeddings(model, dataclasses.replace(cfg, workers=0), texts, heads,
+                                       model.encode_text_heads, rank, world_size)  # tokens need no loader workers
     if not len(image_ids):
         raise UserError(f"no image of the {len(undecoded)} could be decoded" if len(undecoded) else "no images")
     kept = torch.isin(text_ids, image_ids)  # the captions of skipped images have nothing to find
     out = {}
     for h in heads:
-        sim = _gather(torch.cat(image_emb[h] or [empty]), world_size) @ \
-            _gather(torch.cat(text_emb[h] or [empty]), world_size)[kept].T  # (N images, M captions)
+        sim = F.normalize(image_emb[h], dim=-1) @ F.normalize(text_emb[h][kept], dim=-1).T  # (N images, M captions)
         out.update({f'{k}_{h}': v for k, v in recall_at_k(sim, image_ids, text_ids[kept]).items()})
     return {**out, 'images': len(image_ids), 'captions': int(kept.sum()), **_skipped(images, undecoded)}
 
@@ -307,9 +283,7 @@ def read_retrieval_csv(path, transform):
         rows = list(csv.DictReader(f))
     if not rows or not {'image', 'caption'} <= rows[0].keys():
         raise UserError(f"retrieval CSV {path}: needs a header with columns image,caption and at least one row")
-    index = {}
-    for row in rows:
-        index.setdefault(row['image'], len(index))
+    index = {image: i for i, image in enumerate(dict.fromkeys(r['image'] for r in rows))}  # in first-seen order
     paths = [p if os.path.isabs(p) else str(path.parent / p) for p in index]
     return ImageList(paths, list(range(len(paths))), transform), [r['caption'] for r in rows], \
         [index[r['image']] for r in rows]
@@ -317,9 +291,8 @@ def read_retrieval_csv(path, transform):
 
 # --- Datasets ---
 def decode_image(source):
-    """A loaded PIL image from a file path or an (H, W[, 3]) uint8 array. Truncated files load as far as their
-    data goes, as in the official evaluation (Pillow's LOAD_TRUNCATED_IMAGES, set only around this decode:
-    training keeps skipping them)."""
+    """A loaded PIL image from a file path or an (H, W[, 3]) uint8 array; truncated files load as far as their data
+    goes, as in the official evaluation (set only around this decode: training keeps skipping them)."""
     if isinstance(source, np.ndarray):
         return Image.fromarray(np.ascontiguousarray(source))
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
@@ -332,9 +305,8 @@ def decode_image(source):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image, label) pairs from image paths or an (N, H, W[, 3]) uint8 array. A file that does not decode gives
-    (a blank image, -1 - i): the evaluation loops drop and count it, and name it by index, instead of ending
-    the run."""
+    """(image, label) pairs from image paths or an (N, H, W[, 3]) uint8 array; a file that does not decode gives
+    (a blank image, -1 - i), which the evaluation loops drop and count instead of ending the run."""
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -359,6 +331,11 @@ def read_json(path, what):
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
 
 
+def catalogue_file(kind, path=None):
+    """{dataset: class names} (kind 'labels') or {dataset: templates} ('templates') from path, else from assets/."""
+    return read_json(path or ASSETS / f'{kind}.json', f'{kind} file')
+
+
 def _read_split_file(name, path):
     """Bytes of one file of a torchvision-format split (or of its .gz), or one line naming it."""
     for candidate in (path, path.with_name(path.name + '.gz')):
@@ -381,8 +358,7 @@ def read_idx(name, path, ndim):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR's batches (dicts of lists, strings and numpy arrays) and refuses any other global, so that
-    a crafted file cannot run code."""
+    """Unpickles CIFAR's batches (lists, strings, numpy arrays), refusing other globals: a crafted file runs no code."""
     ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
                ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
 
@@ -392,7 +368,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar(name, path, label_key):
+def read_cifar_batch(name, path, label_key):
     """(N, 32, 32, 3) images and labels of a CIFAR python-version batch file."""
     try:
         batch = _ArrayUnpickler(io.BytesIO(_read_split_file(name, path)), encoding='latin1').load()
@@ -406,73 +382,100 @@ def read_cifar(name, path, label_key):
     return images, labels
 
 
-def read_stl10(name, folder, split='test'):
-    """(N, 96, 96, 3) images and 0-based labels of STL-10's <split>_X.bin / <split>_y.bin (column-major planes)."""
+def image_folder(name, folder, allow_empty=False):
+    """torchvision's ImageFolder at folder (one sub-folder of images per class); a wrong layout raises one line."""
+    if not folder.is_dir():
+        raise UserError(f"{name}: expected {folder}/ with one sub-folder of images per class (ImageFolder layout)")
+    try:
+        return torchvision.datasets.ImageFolder(folder, allow_empty=allow_empty)
+    except (FileNotFoundError, OSError) as e:  # no class folders, or a class folder without images
+        raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
+
+
+# The readers of the catalogue's layouts (docs/datasets.md): split `split` of set `name` stored at root as (images:
+# paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format ones read
+# that split's files alone: the test files, or the train files for the probe.
+def read_folder(name, root, split, classnames):
+    found = image_folder(name, root / split)
+    return [p for p, _ in found.samples], found.targets, len(found.classes)
+
+
+def read_mnist(name, root, split, classnames):
+    raw, prefix = root / 'MNIST' / 'raw', 'train' if split == 'train' else 't10k'
+    return (read_idx(name, raw / f'{prefix}-images-idx3-ubyte', 3),
+            read_idx(name, raw / f'{prefix}-labels-idx1-ubyte', 1).tolist(), 10)
+
+
+def read_cifar10(name, root, split, classnames):
+    files = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
+    parts = [read_cifar_batch(name, root / 'cifar-10-batches-py' / f, 'labels') for f in files]
+    return np.concatenate([p[0] for p in parts]), [y for p in parts for y in p[1]], 10
+
+
+def read_cifar100(name, root, split, classnames):
+    return (*read_cifar_batch(name, root / 'cifar-100-python' / split, 'fine_labels'), 100)  # files 'train', 'test'
+
+
+def read_stl10(name, root, split, classnames):
+    """<split>_X.bin / <split>_y.bin: column-major (N, C, W, H) planes, 1-based labels."""
+    folder = root / 'stl10_binary'
     pixels = np.frombuffer(_read_split_file(name, folder / f'{split}_X.bin'), np.uint8)
     labels = np.frombuffer(_read_split_file(name, folder / f'{split}_y.bin'), np.uint8).astype(int) - 1
     if pixels.size != len(labels) * 3 * 96 * 96:
         raise UserError(f"{name}: {folder}/{split}_X.bin holds {pixels.size} bytes for {len(labels)} labels of "
                         f"3x96x96 images; re-download it")
-    return pixels.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1), labels.tolist()  # (N, C, W, H) -> (N, H, W, C)
+    return pixels.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1), labels.tolist(), 10  # -> (N, H, W, C)
 
 
-def read_split(name, root, split, classnames):
-    """(images: paths or an array, labels, number of classes in the data) of split `split` of `name` at root; the
-    torchvision-format sets read that split's files alone (the test files, or the train files for the probe)."""
-    reader, train = CATALOGUE[name][0], split == 'train'
-    if reader == 'MNIST':
-        raw, prefix = root / 'MNIST' / 'raw', 'train' if train else 't10k'
-        return read_idx(name, raw / f'{prefix}-images-idx3-ubyte', 3), \
-            read_idx(name, raw / f'{prefix}-labels-idx1-ubyte', 1).tolist(), 10
-    if reader == 'CIFAR10':
-        files = [f'data_batch_{i}' for i in range(1, 6)] if train else ['test_batch']
-        parts = [read_cifar(name, root / 'cifar-10-batches-py' / f, 'labels') for f in files]
-        return np.concatenate([p[0] for p in parts]), [y for p in parts for y in p[1]], 10
-    if reader == 'CIFAR100':
-        return (*read_cifar(name, root / 'cifar-100-python' / ('train' if train else 'test'), 'fine_labels'), 100)
-    if reader == 'STL10':
-        return (*read_stl10(name, root / 'stl10_binary', 'train' if train else 'test'), 10)
-    if reader == 'filelist':
-        try:
-            paths, labels = np.load(root / f'{split}_images.npy'), np.load(root / f'{split}_labels.npy')
-        except (OSError, ValueError):
-            raise UserError(f"{name}: expected {root}/{split}_images.npy and {split}_labels.npy "
-                            f"(arrays of strings)") from None
-        index = {f'count_{c}': i for i, c in enumerate(classnames)}  # recipe §6.2: labels 'count_10', 'count_3', ...
-        unknown = sorted(set(map(str, labels)) - index.keys())
-        if unknown:
-            raise UserError(f"{name}: labels {unknown[:3]} are not among {list(index)}; check labels.json")
-        if len(paths) != len(labels):
-            raise UserError(f"{name}: {len(paths)} image paths but {len(labels)} labels in {root}")
-        paths = [p if os.path.isabs(p) else str(root / p) for p in map(str, paths)]
-        return paths, [index[str(y)] for y in labels], len(classnames)
-    folder = root / split
-    if not folder.is_dir():
-        raise UserError(f"{name}: expected {folder}/ with one sub-folder of images per class (ImageFolder layout)")
+def read_filelist(name, root, split, classnames):
+    """<split>_images.npy and <split>_labels.npy, arrays of strings; labels 'count_10', 'count_3', ... (§6.2)."""
     try:
-        found = torchvision.datasets.ImageFolder(folder)
-    except (FileNotFoundError, OSError) as e:  # no class folders, or a class folder without images
-        raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
-    return [p for p, _ in found.samples], found.targets, len(found.classes)
+        paths, labels = np.load(root / f'{split}_images.npy'), np.load(root / f'{split}_labels.npy')
+    except (OSError, ValueError):
+        raise UserError(f"{name}: expected {root}/{split}_images.npy and {split}_labels.npy "
+                        f"(arrays of strings)") from None
+    index = {f'count_{c}': i for i, c in enumerate(classnames)}
+    unknown = sorted(set(map(str, labels)) - index.keys())
+    if unknown:
+        raise UserError(f"{name}: labels {unknown[:3]} are not among {list(index)}; check labels.json")
+    if len(paths) != len(labels):
+        raise UserError(f"{name}: {len(paths)} image paths but {len(labels)} labels in {root}")
+    paths = [p if os.path.isabs(p) else str(root / p) for p in map(str, paths)]
+    return paths, [index[str(y)] for y in labels], len(classnames)
+
+
+# name: (reader, eval split, metric), in catalogue order (recipe §6.2)
+CATALOGUE = {
+    'imagenet': (read_folder, 'val', 'acc'), 'mnist': (read_mnist, 'test', 'acc'),
+    'food101': (read_folder, 'test', 'acc'), 'cifar10': (read_cifar10, 'test', 'acc'),
+    'cifar100': (read_cifar100, 'test', 'acc'), 'cub200': (read_folder, 'val', 'acc'),
+    'cars': (read_folder, 'test', 'acc'), 'aircraft': (read_folder, 'test', 'mean_per_class'),
+    'dtd': (read_folder, 'test', 'acc'), 'pets': (read_folder, 'test', 'mean_per_class'),
+    'caltech101': (read_folder, 'test', 'mean_per_class'), 'flowers': (read_folder, 'test', 'mean_per_class'),
+    'stl10': (read_stl10, 'test', 'acc'), 'eurosat': (read_folder, 'val', 'acc'),
+    'resisc45': (read_folder, 'test', 'acc'), 'gtsrb': (read_folder, 'test', 'acc'),
+    'kitti_distance': (read_folder, 'val', 'acc'), 'country211': (read_folder, 'test', 'acc'),
+    'patch_camelyon': (read_folder, 'val', 'acc'), 'ucf101_frames': (read_folder, 'val', 'acc'),
+    'clevr_counts': (read_filelist, 'val', 'acc'), 'hateful_memes': (read_folder, 'dev', 'roc_auc'),
+    'rendered_sst2': (read_folder, 'test', 'acc')}
+
+
+def build_dataset(name, root, transform, classnames, split=None):
+    """The eval split (or `split`: 'train' for the probe) of catalogue set `name` at root, as an ImageList."""
+    split = split or CATALOGUE[name][1]
+    images, labels, n = CATALOGUE[name][0](name, Path(root), split, classnames)
+    if n != len(classnames):
+        raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
+                        f"fix the labels file or the dataset folder")
+    if not len(labels):
+        raise UserError(f"{name}: the {split} split under {root} holds no images")
+    if min(labels) < 0 or max(labels) >= n:
+        raise UserError(f"{name}: labels outside 0..{n - 1} under {root}; re-download it")
+    return ImageList(images, labels, transform)
 
 
 FOLDER = 'folder:'  # --datasets=folder:PATH: a user's own ImageFolder set
 FOLDER_TEMPLATES = ['a photo of a {}.']
-
-
-def custom_set(name, catalog):
-    """{'name', 'root', 'classnames', 'templates'} of a user's own set, zero-shot over an ImageFolder: folder:PATH, or
-    a catalogue entry {"path": ..., "classnames": ..., "templates": ...} (a file or a list each; optional) under a
-    name of its own. None for a catalogue dataset."""
-    if name.startswith(FOLDER):
-        root, entry = Path(name[len(FOLDER):]), {}
-    elif name in catalog and name not in CATALOGUE and name != 'demo':
-        entry = catalog[name] if isinstance(catalog[name], dict) else {'path': catalog[name]}
-        root = Path(entry.get('path', ''))
-    else:
-        return None
-    return {'name': root.name if name.startswith(FOLDER) else name, 'root': root,
-            'classnames': entry.get('classnames'), 'templates': entry.get('templates')}
 
 
 def _listed(given, default, what):
@@ -487,50 +490,22 @@ def _listed(given, default, what):
     return [line.strip() for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
 
 
-def read_custom_set(spec, transform):
-    """(ImageList, class names, templates) of a custom_set: every class folder is a candidate, with images or not;
-    names from a classnames file (one a line, in sorted folder order) or the folder names ('_' read as a space);
-    templates ('{}' marks the class) from a templates file or FOLDER_TEMPLATES."""
-    root = spec['root']
-    if not root.is_dir():
-        raise UserError(f"{root} is not a folder; give an ImageFolder root: one sub-folder of images per class")
-    try:
-        found = torchvision.datasets.ImageFolder(root, allow_empty=True)
-    except (FileNotFoundError, OSError) as e:  # no class folders
-        raise UserError(f"{root}/ needs one sub-folder of images per class ({first_line(e)})") from None
-    classnames = (_listed(spec['classnames'], root / 'classnames.txt', 'classnames')
-                  or [c.replace('_', ' ') for c in found.classes])
+def read_custom_set(name, entry, transform):
+    """(ImageList, class names, templates) of a user's own ImageFolder set, entry {"path": ..., "classnames": ...,
+    "templates": ...} (a file or a list each; optional): every class folder is a candidate, with images or not."""
+    root = Path(entry['path'])
+    found = image_folder(name, root, allow_empty=True)
+    classnames = (_listed(entry.get('classnames'), root / 'classnames.txt', 'classnames')  # in sorted folder order
+                  or [c.replace('_', ' ') for c in found.classes])  # or the folder names, '_' read as a space
     if len(classnames) != len(found.classes):
         raise UserError(f"{root}: {len(found.classes)} class folders but {len(classnames)} class names; give one name "
                         f"per folder, in sorted folder order")
-    templates = _listed(spec['templates'], root / 'templates.txt', 'templates') or FOLDER_TEMPLATES
+    templates = _listed(entry.get('templates'), root / 'templates.txt', 'templates') or FOLDER_TEMPLATES
     if not all('{}' in t for t in templates):
         raise UserError(f"{root}: every template needs {{}} where the class name goes, e.g. 'a photo of a {{}}.'")
     if not found.samples:
         raise UserError(f"{root}: its class folders hold no images")
     return ImageList([p for p, _ in found.samples], found.targets, transform), classnames, templates
-
-
-def custom_zero_shot(model, tokenizer, cfg, spec, transform, rank=0, world_size=1):
-    """zero_shot on a custom_set, with 'classes': the number of candidate classes."""
-    dataset, classnames, templates = read_custom_set(spec, transform)
-    return {**zero_shot(model, tokenizer, cfg, dataset, classnames, templates, 'acc', rank, world_size),
-            'classes': len(classnames)}
-
-
-def build_dataset(name, root, transform, classnames, split=None):
-    """The eval split (or `split`, e.g. 'train' for the linear probe) of catalogue dataset `name` stored at root as
-    an ImageList; wrong layouts raise one line."""
-    split = split or CATALOGUE[name][1]
-    images, labels, n = read_split(name, Path(root), split, classnames)
-    if n != len(classnames):
-        raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
-                        f"fix the labels file or the dataset folder")
-    if not len(labels):
-        raise UserError(f"{name}: the {split} split under {root} holds no images")
-    if min(labels) < 0 or max(labels) >= n:
-        raise UserError(f"{name}: labels outside 0..{n - 1} under {root}; re-download it")
-    return ImageList(images, labels, transform)
 
 
 # --- Linear probe ---
@@ -545,11 +520,10 @@ PROBE_SWEEP_TOL = 1e-5  # max |gradient| of the sweep's fits, in float64: they o
 
 
 def fit_logistic(x, y, l2, num_classes, init=None, max_iter=1000, tol=1e-6):
-    """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised)
-    by full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol. x (n, D) is used
-    transposed: pass xt.T of a contiguous (D, n) xt to save the copy."""
+    """(W (D, C), b (C,), iterations) minimising mean cross-entropy(x W + b, y) + l2 / 2 ||W||^2 (b unpenalised) by
+    full-batch L-BFGS in x's dtype, from init (W, b) or zeros, until max |gradient| <= tol."""
     n, d = x.shape
-    xt = x.T.contiguous()  # (D, n), a no-op for xt.T: both products below are then the fast, memory-bound kind
+    xt = x.T.contiguous()  # (D, n), a no-op for x = xt.T of a contiguous xt: both products below are then fast
     w = (init[0].T.to(x.dtype, copy=True) if init else x.new_zeros(num_classes, d)).requires_grad_()  # (C, D)
     b = (init[1].to(x.dtype, copy=True) if init else x.new_zeros(num_classes)).requires_grad_()
     cols = torch.arange(n, device=x.device)
@@ -585,19 +559,18 @@ def fit_present(x, y, l2, num_classes, init=None, tol=1e-6):
 
 def probe_metrics(logits, labels, metric, key):
     """Top-1 (and mean per class or ROC-AUC where that is the dataset's metric) of classifier logits (N, C)."""
-    counts = class_counts(logits, labels, logits.shape[1])
-    out = accuracy_metrics(counts, key, per_class=metric == 'mean_per_class')
+    out = accuracy_metrics(class_counts(logits, labels, logits.shape[1]), key, per_class=metric == 'mean_per_class')
     del out[f'acc5_{key}']  # top-1 is the probe's protocol
     if metric == 'roc_auc':
-        out[f'roc_auc_{key}'] = 100 * roc_auc((logits[:, 1] - logits[:, 0]).cpu(), labels.cpu())
+        out[f'roc_auc_{key}'] = roc_auc_percent((logits[:, 1] - logits[:, 0]).cpu(), labels.cpu())
     return out
 
 
 def select_strength(fit_and_score):
-    """(best strength, {strength: validation score}, best solution); fit_and_score(l2, init) -> (score, solution).
-    The whole coarse PROBE_GRID, strongest first, each fit starting from the last (no early stop: the score need
-    not be unimodal, overfitting nuisance dimensions can come before a weak signal is fit), then PROBE_REFINE
-    around the best. Ties go to the stronger regularisation."""
+    """(best strength, {strength: validation score}, best solution) of fit_and_score(l2, init) -> (score, solution)
+    over PROBE_GRID, then PROBE_REFINE around the best; ties go to the stronger regularisation."""
+    # the whole coarse grid, strongest first, each fit starting from the last; no early stop: the score need not be
+    # unimodal (overfitting nuisance dimensions can come before a weak signal is fit)
     scores, solutions = {}, {}
     best = lambda: max(scores, key=lambda l2: (scores[l2], l2))  # noqa: E731
     for i, l2 in enumerate(PROBE_GRID):
@@ -617,132 +590,93 @@ def standardise(x, *others):
     return [(t - mean) / scale for t in (x, *others)]
 
 
-def sweep(x, y, val_x, val_y, num_classes, metric, key, sweep_dtype):
-    """select_strength on one split: (best l2, {l2: validation score}, its float64 solution). Each fit runs in
-    sweep_dtype (float32: half the memory traffic of these memory-bound products) to fit_logistic's tolerance as
-    float32 computes it, then in float64 to PROBE_SWEEP_TOL: one evaluation where float32 got there, more where
-    its rounding left the fit short (float64 max |gradient| up to ~4e-5 seen)."""
-    xt = x.T.contiguous()  # (D, n): fit_logistic's layout, made once for every fit
-    xt_sweep = xt.to(sweep_dtype)
-    score_key = f"{'acc1' if metric == 'acc' else metric}_{key}"
-
-    def fit_and_score(l2, init):
-        w, b = fit_present(xt_sweep.T, y, l2, num_classes, init)
-        w, b = fit_present(xt.T, y, l2, num_classes, (w, b), PROBE_SWEEP_TOL)
-        return probe_metrics(val_x @ w + b, val_y, metric, key)[score_key], (w, b)
-
-    return select_strength(fit_and_score)
-
-
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, metric, key='trunk', seed=0, device='cpu',
                  sweep_dtype=torch.float32):
-    """Metrics of the linear probe on one feature set: the strength l2 chosen on PROBE_VAL_FRACTION of the train
-    split held out (seeded; sweep), the classifier refit in float64 on the whole train split, to fit_logistic's
-    tolerance, and scored on the test split. Features are standardised as a whole (standardise) in float64."""
+    """Metrics of the linear probe on one feature set (standardised in float64): l2 chosen on PROBE_VAL_FRACTION of
+    the train split held out (seeded), the classifier refit on all of it and scored on the test split."""
     x, test_x = standardise(train_x.to(device, torch.float64), test_x.to(device, torch.float64))
     train_y, test_y = train_y.to(device), test_y.to(device)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device)
     n_val = min(len(x) - 1, max(1, round(PROBE_VAL_FRACTION * len(x))))
-    val, fit = order[:n_val], order[n_val:]
-    l2, scores, solution = sweep(x[fit], train_y[fit], x[val], train_y[val], num_classes, metric, key, sweep_dtype)
-    w, b = fit_present(x, train_y, l2, num_classes, solution)
+    val_x, val_y, fit_y = x[order[:n_val]], train_y[order[:n_val]], train_y[order[n_val:]]
+    xt = x[order[n_val:]].T.contiguous()  # (D, n): fit_logistic's layout, made once for every fit of the sweep
+    xt_sweep, score_key = xt.to(sweep_dtype), f"{'acc1' if metric == 'acc' else metric}_{key}"
+
+    def fit_and_score(l2, init):
+        # in sweep_dtype (float32: half the memory traffic of these memory-bound products) to fit_logistic's
+        # tolerance, then in float64 to PROBE_SWEEP_TOL: one evaluation where float32 got there, more where its
+        # rounding left the fit short (float64 max |gradient| up to ~4e-5 seen)
+        w, b = fit_present(xt_sweep.T, fit_y, l2, num_classes, init)
+        w, b = fit_present(xt.T, fit_y, l2, num_classes, (w, b), PROBE_SWEEP_TOL)
+        return probe_metrics(val_x @ w + b, val_y, metric, key)[score_key], (w, b)
+
+    l2, scores, solution = select_strength(fit_and_score)
+    w, b = fit_present(x, train_y, l2, num_classes, solution)  # to fit_logistic's tolerance, in float64
     return {**probe_metrics(test_x @ w + b, test_y, metric, key), f'l2_{key}': l2, f'val_{key}': scores[l2]}
 
 
-def file_sha256(path):
-    """Hex SHA-256 of a file's bytes: the feature cache's key to the checkpoint (0.6 GB/s on a busy CPU, once a run)."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_identity(dataset):
-    """What the feature cache knows of a dataset: its type, size, plain attributes (root, split, seed, ...), and
-    the first and last of its file lists."""
+    """The feature cache's key to a dataset: type, size, plain attributes (root, split, ...), ends of its file lists."""
     fields = {k: str(v) for k, v in vars(dataset).items() if isinstance(v, (str, int, float, bool, Path))}
     fields.update({k: str((len(v), v[0], v[-1])) for k, v in vars(dataset).items()
                    if k in ('paths', 'samples') and isinstance(v, list) and v})
     return f"{type(dataset).__name__}[{len(dataset)}]{sorted(fields.items())}"
 
 
-@torch.no_grad()
 def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
-    """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)) on the CPU in float32: the image
-    encoder's output before the heads; each rank encodes its slice, the gathers concatenate them unpadded."""
-    device = next(model.parameters()).device
+    """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)): the image encoder's output before
+    the heads (and after them), on the CPU in float32, undecodable images left out."""
+    def encode(images):
+        trunk = model.visual(images)
+        return {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
+
     keys = ['trunk'] + (list(model.heads) if heads else [])
-    parts, labels = {k: [] for k in keys}, []
-    with _autocast(cfg, device):
-        for images, y in build_eval_loader(dataset, cfg, rank, world_size):
-            trunk = model.visual(images.to(device))
-            out = {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
-            for k in keys:
-                parts[k].append(out[k].float().cpu())
-            labels.append(torch.as_tensor(y))
-    empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
-    return ({k: _gather(torch.cat(parts[k] or [empty]), world_size) for k in keys},
-            _gather(torch.cat(labels or [torch.zeros(0, dtype=torch.long)]), world_size))
+    return embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
 
 
-def cached_features(model, cfg, dataset, path, key, heads, rank=0, world_size=1):
-    """Extract a dataset's features into the cache file `path` unless it already holds them under `key`
-    (rank 0 decides and writes, atomically; all ranks extract)."""
-    hit = [False]
-    if rank == 0 and path.is_file():
-        try:  # mmap: comparing the key does not read the features
-            hit[0] = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('key') == key
-        except Exception:  # a truncated or foreign file is a miss; it is overwritten below
-            pass
-    if world_size > 1:
-        dist.broadcast_object_list(hit, src=0)
-    if hit[0]:
-        return
-    features, labels = image_features(model, cfg, dataset, heads, rank, world_size)
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save({'key': key, 'features': features, 'labels': labels}, f))
+def cached_count(path, key):
+    """The number of images whose features the cache file `path` holds under `key`; None if it holds no such key."""
+    try:  # mmap: comparing the key and counting the labels do not read the features
+        cache = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return len(cache['labels']) if cache.get('key') == key else None
+    except Exception:  # no file, a truncated or a foreign one: a miss, overwritten by the extraction
+        return None
 
 
 def probe_features(model, cfg, name, train, test, classnames, metric, probe, rank=0, world_size=1):
-    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache beside the
-    checkpoint, keyed by its content, the data, the transform, the precision and the features kept. Returns the
-    job fit_probes runs."""
+    """Phase 1 of the probe for one dataset (all ranks): train and test features into the cache (rank 0 checks and
+    writes it, atomically), keyed by the checkpoint's content, the data, transform, precision and features kept."""
     paths = {split: probe['cache'] / f'{name}_{split}.pt' for split in ('train', 'test')}
-    device = next(model.parameters()).device
+    device, images = next(model.parameters()).device, 0
     for split, dataset in (('train', train), ('test', test)):
         key = {'checkpoint_sha256': probe['sha256'], 'dataset': name, 'split': split, 'data': data_identity(dataset),
                'transform': repr(getattr(dataset, 'transform', None)), 'precision': str(autocast_dtype(cfg, device)),
                'heads': probe['heads']}
-        cached_features(model, cfg, dataset, paths[split], key, probe['heads'], rank, world_size)
-    return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': len(train) + len(test),
-            'skipped': 0}
-
-
-def _true(flags, key):
-    return flags.get(key, 'false').lower() in ('true', '1')
-
-
-def check_probe_flags(flags):
-    """Raise ConfigError for a bad --linear_probe, --probe_heads or --probe_seed."""
-    for key in SWITCHES:
-        if flags.get(key, 'false').lower() not in ('true', 'false', '1', '0'):
-            raise ConfigError(f"--{key}={flags[key]}: expected true or false (or a bare --{key})")
-    if not flags.get('probe_seed', '0').isdigit():
-        raise ConfigError(f"--probe_seed={flags['probe_seed']}: expected a non-negative integer")
-    if (_true(flags, 'probe_heads') or 'probe_seed' in flags) and not _true(flags, 'linear_probe'):
-        raise ConfigError("--probe_heads and --probe_seed set up the linear probe; add --linear_probe")
+        count = [cached_count(paths[split], key) if rank == 0 else None]
+        if world_size > 1:
+            dist.broadcast_object_list(count, src=0)
+        if count[0] is None:
+            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)
+            if rank == 0:
+                probe['cache'].mkdir(parents=True, exist_ok=True)
+                atomic_write(paths[split], lambda f: torch.save(dict(key=key, features=features, labels=labels), f))
+            count[0] = len(labels)
+        images += count[0]
+    return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': images,
+            'skipped': len(train) + len(test) - images}
 
 
 def probe_settings(path, flags, device, rank=0):
     """The probe's settings for checkpoint `path`, None without --linear_probe. Features are cached in
     <checkpoint stem>_features/ beside it, keyed by the SHA-256 of its bytes (computed on rank 0)."""
-    if not _true(flags, 'linear_probe'):
+    if not switch(flags, 'linear_probe'):
         return None
-    path = Path(path)
-    return {'cache': path.with_name(path.stem + '_features'), 'sha256': file_sha256(path) if rank == 0 else None,
-            'heads': _true(flags, 'probe_heads'), 'seed': int(flags.get('probe_seed', 0)), 'device': device}
+    path, sha256 = Path(path), None
+    if rank == 0:  # 0.6 GB/s on a busy CPU, once a run
+        with open(path, 'rb') as f:
+            sha256 = hashlib.file_digest(f, 'sha256').hexdigest()
+    return {'cache': path.with_name(path.stem + '_features'), 'sha256': sha256, 'heads': switch(flags, 'probe_heads'),
+            'seed': int(flags.get('probe_seed', 0)), 'device': device}
 
 
 def fit_probes(jobs, probe, say=print):
@@ -757,21 +691,53 @@ def fit_probes(jobs, probe, say=print):
             start = time.time()
             train, test = (torch.load(job['paths'][s], map_location='cpu', weights_only=True)
                            for s in ('train', 'test'))
-            results[name] = {}
+            results[name] = metrics = {}
             for key in train['features']:
-                results[name].update(linear_probe(train['features'][key], train['labels'], test['features'][key],
-                                                  test['labels'], job['num_classes'], job['metric'], key,
-                                                  probe['seed'], probe['device']))
-            metrics = results[name]
+                metrics.update(linear_probe(train['features'][key], train['labels'], test['features'][key],
+                                            test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
+                                            probe['device']))
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
-                f"{k} {metrics[headline(metrics)[0].replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
+                f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")
     finally:
         torch.set_float32_matmul_precision(precision)
     return results
 
 
-# --- Main ---
+# --- Evaluation tasks ---
+# A task is one entry of the results: a classification set (read(split) -> its dataset; split None: the eval split,
+# 'train': the probe's), a folder set (read() -> dataset, class names, templates) or a retrieval set (read() -> images,
+# captions, caption ids). The task reads its data itself: a wrong layout is its result, not the end of the run.
+Task = collections.namedtuple('Task', 'name kind read classnames templates metric', defaults=(None, None, None))
+Evaluation = collections.namedtuple('Evaluation', 'model tokenizer cfg rank world_size probe say')  # shared by tasks
+
+
+def score_zero_shot(ev, task):
+    return zero_shot(ev.model, ev.tokenizer, ev.cfg, task.read(None), task.classnames, task.templates, task.metric,
+                     ev.rank, ev.world_size)
+
+
+def score_folder(ev, task):
+    """zero_shot on a folder set, with 'classes': the number of candidate classes."""
+    dataset, classnames, templates = task.read()
+    return {**zero_shot(ev.model, ev.tokenizer, ev.cfg, dataset, classnames, templates, 'acc', ev.rank, ev.world_size),
+            'classes': len(classnames)}
+
+
+def score_retrieval(ev, task):
+    return retrieval(ev.model, ev.tokenizer, ev.cfg, *task.read(), ev.rank, ev.world_size)
+
+
+def score_probe(ev, task):  # phase 1 of the linear probe: evaluate fits the probes once every task has run
+    return probe_features(ev.model, ev.cfg, task.name, task.read('train'), task.read(None), task.classnames,
+                          task.metric, ev.probe, ev.rank, ev.world_size)
+
+
+# what each kind of task runs, zero-shot and with --linear_probe; a kind a mode lacks is skipped with a line
+ZERO_SHOT = {'classification': score_zero_shot, 'folder': score_folder, 'retrieval': score_retrieval}
+PROBE = {'classification': score_probe}
+
+
 def _dataset_path(name, data_root, catalog):
     if name in catalog:
         entry = catalog[name]
@@ -780,8 +746,7 @@ def _dataset_path(name, data_root, catalog):
 
 
 def check_datasets(names, catalog=None):
-    """Raise ConfigError naming the first dataset that is neither 'demo', in the catalogue, folder:PATH nor an entry
-    of the user's catalogue."""
+    """Raise ConfigError naming the first that is neither 'demo', in CATALOGUE, folder:PATH nor in the --catalog."""
     for name in names:
         if name != 'demo' and name not in CATALOGUE and not name.startswith(FOLDER) and name not in (catalog or {}):
             close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
@@ -798,89 +763,82 @@ def default_datasets(cfg):
     return ['demo'] if cfg.dataset == 'demo' else ['imagenet']
 
 
+def demo_dataset(cfg, task, split):
+    return demo_probe_train(cfg, task) if split == 'train' else task.dataset
+
+
+def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
+    """The tasks of one --datasets entry: the demo tasks, a folder set or a catalogue set; none for a catalogue set
+    without a root (evaluate names those in one line), or (with a line) without data or class names."""
+    if name == 'demo':
+        return [*(Task(f'demo_{t.name}', 'classification', functools.partial(demo_dataset, cfg, t), t.classnames,
+                       t.templates, t.metric) for t in demo_eval_tasks(cfg)),
+                Task('demo_retrieval', 'retrieval', functools.partial(demo_retrieval, cfg))]
+    if name not in CATALOGUE:  # a user's own set: folder:PATH or a --catalog entry
+        entry = {'path': name[len(FOLDER):]} if name.startswith(FOLDER) else catalog[name]
+        entry = {'path': '', **entry} if isinstance(entry, dict) else {'path': entry}
+        shown = Path(entry['path']).name if name.startswith(FOLDER) else name
+        return [Task(shown, 'folder', functools.partial(read_custom_set, shown, entry, transform))]
+    root = _dataset_path(name, cfg.data_root, catalog)
+    if root is None:
+        return []
+    if not root.exists():
+        say(f"skip {name}: no data at {root}")
+        return []
+    if name not in labels or name not in templates:
+        say(f"skip {name}: no entry for it in the labels or templates file")
+        return []
+    return [Task(name, 'classification', functools.partial(build_dataset, name, root, transform, labels[name]),
+                 labels[name], templates[name], CATALOGUE[name][2])]
+
+
+def run_task(ev, score, task):
+    """score(ev, task) between a start and a done line; a UserError is the result, as {'error': its one line}."""
+    ev.say(f"{task.name}: start", flush=True)
+    start = time.perf_counter()
+    try:
+        out = score(ev, task)
+    except UserError as e:
+        reason = ' '.join(str(e).split()).removeprefix(f'{task.name}: ')
+        ev.say(f"{task.name}: failed: {reason}", flush=True)
+        return {'error': f'{task.name}: {reason}'}
+    seconds = max(time.perf_counter() - start, 1e-6)
+    shown = ''.join(f", {k} {'null' if out[k] is None else f'{out[k]:.2f}'}" for k in headline(out))
+    skipped = f", {out['skipped']} undecodable images skipped" if out['skipped'] else ''
+    skipped += f" (e.g. {out['skipped_files'][0]})" if out.get('skipped_files') else ''
+    ev.say(f"{task.name}: done, {out['images']} images in {seconds:.1f} s ({out['images'] / seconds:.1f} images/s)"
+           f"{shown}{skipped}", flush=True)
+    return out
+
+
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
              retrieval_csv=None, on_result=None, precision='fp32', probe=None):
-    """{dataset: {metric: value}} for the named datasets (default: default_datasets); absent ones skip with a line,
-    a failing one gives {'error': reason} and the others still run. on_result(results) follows each dataset.
-
-    catalog maps names to folders (default <cfg.data_root>/<name>); labels/templates default to assets/.
-    precision: fp32 like the official evaluation, whatever the training run's, so that the per-epoch table and
-    evaluate.py agree; bf16/fp16 on request.
-    probe (probe_settings): the linear probe instead of zero-shot; its results are on rank 0 only.
-    """
-    model = getattr(model, 'module', model)  # a DDP-wrapped model from train.py
-    cfg = dataclasses.replace(cfg, precision=precision)
+    """{dataset: {metric: value}} of the named datasets (default_datasets), {'error': reason} for a failing one;
+    on_result(results) follows each. probe (probe_settings): the linear probe instead, its results on rank 0 only."""
+    model, catalog = getattr(model, 'module', model), catalog or {}  # a DDP-wrapped model from train.py
     was_training = model.training
     model.eval()
+    # fp32 like the official evaluation, whatever the training run's, so that train.py's table and evaluate.py agree
+    cfg = dataclasses.replace(cfg, precision=precision)
     say = print if rank == 0 else (lambda *a, **k: None)
-    labels = labels or read_json(ASSETS / 'labels.json', 'labels file')
-    templates = templates or read_json(ASSETS / 'templates.json', 'templates file')
+    labels, templates = labels or catalogue_file('labels'), templates or catalogue_file('templates')
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
-    results, no_root = {}, []
-
-    def run(name, compute):
-        """results[name] = compute(), between a start and a finish line; a UserError is its result."""
-        say(f"{name}: start", flush=True)
-        start = time.perf_counter()
-        try:
-            results[name] = compute()
-        except UserError as e:
-            reason = ' '.join(str(e).split())
-            results[name] = {'error': reason if reason.startswith(f'{name}: ') else f'{name}: {reason}'}
-            say(f"{name}: failed: {results[name]['error'].removeprefix(f'{name}: ')}", flush=True)
-        else:
-            out, seconds = results[name], max(time.perf_counter() - start, 1e-6)
-            shown = ''.join(f", {k} {'null' if out[k] is None else f'{out[k]:.2f}'}" for k in headline(out))
-            skipped = f", {out['skipped']} undecodable images skipped" if out['skipped'] else ''
-            skipped += f" (e.g. {out['skipped_files'][0]})" if out.get('skipped_files') else ''
-            say(f"{name}: done, {out['images']} images in {seconds:.1f} s ({out['images'] / seconds:.1f} images/s)"
-                f"{shown}{skipped}", flush=True)
+    names = check_datasets(datasets or default_datasets(cfg), catalog)
+    rootless = [n for n in names if n in CATALOGUE and _dataset_path(n, cfg.data_root, catalog) is None]
+    if rootless:
+        say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
+    tasks = [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
+    if retrieval_csv:
+        tasks.append(Task('retrieval', 'retrieval', functools.partial(read_retrieval_csv, retrieval_csv, transform)))
+    ev, results = Evaluation(model, tokenizer, cfg, rank, world_size, probe, say), {}
+    scorers = PROBE if probe else ZERO_SHOT
+    for task in tasks:
+        if task.kind not in scorers:
+            say(f"skip {task.name}: zero-shot only (the linear probe needs a labelled train split)")
+            continue
+        results[task.name] = run_task(ev, scorers[task.kind], task)
         if on_result:
             on_result(results)
-
-    for name in check_datasets(datasets or default_datasets(cfg), catalog):
-        if name == 'demo':
-            for task in demo_eval_tasks(cfg):
-                if probe is None:
-                    run(f'demo_{task.name}', lambda: zero_shot(model, tokenizer, cfg, task.dataset, task.classnames,
-                                                               task.templates, task.metric, rank, world_size))
-                else:
-                    run(f'demo_{task.name}', lambda: probe_features(
-                        model, cfg, f'demo_{task.name}', demo_probe_train(cfg, task), task.dataset, task.classnames,
-                        task.metric, probe, rank, world_size))
-            if probe is None:
-                run('demo_retrieval', lambda: retrieval(model, tokenizer, cfg, *demo_retrieval(cfg), rank, world_size))
-            continue
-        custom = custom_set(name, catalog or {})
-        if custom is not None and probe is not None:
-            say(f"skip {custom['name']}: the linear probe needs a train split; a folder set is zero-shot only")
-        elif custom is not None:
-            run(custom['name'], lambda: custom_zero_shot(model, tokenizer, cfg, custom, transform, rank, world_size))
-        if custom is not None:
-            continue
-        root = _dataset_path(name, cfg.data_root, catalog or {})
-        if root is None:
-            no_root.append(name)
-            continue
-        if not root.exists():
-            say(f"skip {name}: no data at {root}")
-            continue
-        if name not in labels or name not in templates:
-            say(f"skip {name}: no entry for it in the labels or templates file")
-            continue
-        if probe is None:
-            run(name, lambda: zero_shot(model, tokenizer, cfg, build_dataset(name, root, transform, labels[name]),
-                                        labels[name], templates[name], CATALOGUE[name][2], rank, world_size))
-        else:
-            run(name, lambda: probe_features(
-                model, cfg, name, build_dataset(name, root, transform, labels[name], 'train'),
-                build_dataset(name, root, transform, labels[name]), labels[name], CATALOGUE[name][2], probe, rank,
-                world_size))
-    if no_root:
-        say(f"skip {', '.join(no_root)}: no --data_root (cfg.data_root) or catalogue entry")
-    if retrieval_csv and probe is None:
-        run('retrieval', lambda: retrieval(model, tokenizer, cfg, *read_retrieval_csv(retrieval_csv, transform),
-                                           rank, world_size))
     if probe is not None:  # fits after the last collective, so no rank waits in one while rank 0 fits
         results = fit_probes(results, probe, say) if rank == 0 else {}
     model.train(was_training)
@@ -888,40 +846,57 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
 
 
 def check_data(data_root, catalog, labels):
-    """Print one line per catalogue dataset: found (images, classes), missing, or malformed (why); no model and
-    no decoding, so it takes seconds. Returns {name: status}."""
+    """{name: status}, printed a line per catalogue set: found, missing or malformed (why); no decoding: seconds."""
     print(f"{'dataset':<16}{'split':<6}{'status':<11}{'images':>8}{'classes':>8}  path or problem")
     statuses = {}
     for name, (_, split, _) in CATALOGUE.items():
         root = _dataset_path(name, data_root, catalog)
-        count, detail = '-', str(root)
-        if root is None or not root.exists():
-            statuses[name] = 'missing'
-            detail = detail if root else 'no --data_root or catalogue entry'
-        else:
-            try:
-                count, statuses[name] = len(build_dataset(name, root, None, labels.get(name, []))), 'found'
-            except UserError as e:
-                statuses[name], detail = 'malformed', ' '.join(str(e).split()).removeprefix(f'{name}: ')
-        classes = len(labels.get(name, [])) if statuses[name] == 'found' else '-'
+        statuses[name], count, classes, detail = data_status(name, root, labels.get(name, []))
         print(f"{name:<16}{split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
     print(', '.join(f"{list(statuses.values()).count(s)} {s}" for s in ('found', 'missing', 'malformed')) +
           " (layouts: docs/datasets.md)")
     return statuses
 
 
+def data_status(name, root, classnames):
+    """(status, images, classes, path or problem) of one catalogue dataset stored at root (None: no root)."""
+    if root is None or not root.exists():
+        return 'missing', '-', '-', str(root) if root else 'no --data_root or catalogue entry'
+    try:
+        return 'found', len(build_dataset(name, root, None, classnames)), len(classnames), str(root)
+    except UserError as e:
+        return 'malformed', '-', '-', ' '.join(str(e).split()).removeprefix(f'{name}: ')
+
+
+# --- Command line ---
 FLAGS = ('datasets', 'data_root', 'catalog', 'labels', 'templates', 'retrieval', 'out', 'batch_size', 'workers',
          'precision', 'device', 'check_data', 'linear_probe', 'probe_heads', 'probe_seed', *IMPORT_FLAGS)
-SWITCHES = ('check_data', 'linear_probe', 'probe_heads', 'guess_heads')  # flags that may stand alone (a bare --flag means true)
+SWITCHES = ('check_data', 'linear_probe', 'probe_heads', 'guess_heads')  # may stand alone: a bare --flag means true
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
-HEADLINES = {'acc1_z': '', 'mean_per_class_z': ' mpc', 'roc_auc_z': ' auc', 'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1',
-             'acc1_trunk': '', 'mean_per_class_trunk': ' mpc', 'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'}
+# flag: (whether a value is valid, what to give instead)
+FLAG_CHECKS = {'batch_size': (lambda v: v.isdigit() and int(v) >= 1, 'expected an integer >= 1'),
+               'workers': (str.isdigit, 'expected an integer >= 0'),
+               'precision': (lambda v: v in PRECISIONS, f"choose {', '.join(PRECISIONS)}"),
+               'device': (lambda v: v.split(':')[0] in ('cpu', 'cuda'), 'choose cpu or cuda'),
+               'probe_seed': (str.isdigit, 'expected a non-negative integer'),
+               **{k: (lambda v: v.lower() in ('true', 'false', '1', '0'), f'expected true or false (or a bare --{k})')
+                  for k in SWITCHES}}
+# what the table shows of one dataset: the first group whose first key its metrics hold, {key: column suffix};
+# R@1 both ways, the probe's trunk metric and strength, or the z head's recipe §6.2 metric
+HEADLINES = ({'i2t_r1_z': ' i2t@1', 't2i_r1_z': ' t2i@1'}, {'roc_auc_trunk': ' auc', 'l2_trunk': ' l2'},
+             {'mean_per_class_trunk': ' mpc', 'l2_trunk': ' l2'}, {'acc1_trunk': '', 'l2_trunk': ' l2'},
+             {'roc_auc_z': ' auc'}, {'mean_per_class_z': ' mpc'}, {'acc1_z': ''})
 USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--data_root=DIR] [--out=results.json], "
          "or python evaluate.py --check_data --data_root=DIR (see the module docstring)")
 
 
+def switch(flags, key):
+    """A switch's value, False when absent (parse_argv checked it)."""
+    return flags.get(key, 'false').lower() in ('true', '1')
+
+
 def parse_argv(argv):
-    """(checkpoint paths, {flag: value}); bad flags raise ConfigError with one line."""
+    """(checkpoint paths, {flag: value}, the --catalog's {name: path}); bad flags raise ConfigError with one line."""
     paths, flags = parse_flags(argv, FLAGS, SWITCHES, positional=True)
     empty = [k for k, v in flags.items() if not v]
     if empty:
@@ -934,33 +909,25 @@ def parse_argv(argv):
             raise ConfigError("--check_data needs --data_root=DIR (or --catalog=paths.json)")
     elif not paths:
         raise ConfigError(USAGE)
-    for key, least in (('batch_size', 1), ('workers', 0)):
-        if key in flags and not (flags[key].isdigit() and int(flags[key]) >= least):
-            raise ConfigError(f"--{key}={flags[key]}: expected an integer >= {least}")
-    if flags.get('precision', 'fp32') not in PRECISIONS:
-        raise ConfigError(f"--precision={flags['precision']}: choose {', '.join(PRECISIONS)}")
-    if flags.get('device', 'cpu').split(':')[0] not in ('cpu', 'cuda'):
-        raise ConfigError(f"--device={flags['device']}: choose cpu or cuda")
+    for key, (valid, expected) in FLAG_CHECKS.items():
+        if key in flags and not valid(flags[key]):
+            raise ConfigError(f"--{key}={flags[key]}: {expected}")
     catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
     check_datasets(flags['datasets'].split(',') if 'datasets' in flags else [], catalog)
-    check_probe_flags(flags)
-    return paths, flags
+    if (switch(flags, 'probe_heads') or 'probe_seed' in flags) and not switch(flags, 'linear_probe'):
+        raise ConfigError("--probe_heads and --probe_seed set up the linear probe; add --linear_probe")
+    return paths, flags, catalog
 
 
 def headline(metrics):
-    """The metric keys a table shows for one dataset: its recipe §6.2 metric of the z head, or R@1 both ways;
-    none for a dataset that failed."""
-    if 'i2t_r1_z' in metrics:
-        return ['i2t_r1_z', 't2i_r1_z']
-    if 'l2_trunk' in metrics:  # linear probe: the trunk features' metric and the chosen strength
-        return [next(k for k in ('roc_auc_trunk', 'mean_per_class_trunk', 'acc1_trunk') if k in metrics), 'l2_trunk']
-    return [k for k in ('roc_auc_z', 'mean_per_class_z', 'acc1_z') if k in metrics][:1]
+    """{key: column suffix} of the HEADLINES a table shows of one dataset's metrics; none for a failed one."""
+    return next((group for group in HEADLINES if next(iter(group)) in metrics), {})
 
 
 def print_table(records):
     """One row per checkpoint, one column per dataset: z-head top-1, or its mean per-class / ROC-AUC / R@1."""
-    columns = list(dict.fromkeys((d, k) for r in records for d, m in r['results'].items() for k in headline(m)))
-    names = [d + HEADLINES[k] for d, k in columns]
+    shown = {(d, k): d + suffix for r in records for d, m in r['results'].items() for k, suffix in headline(m).items()}
+    columns, names = list(shown), list(shown.values())
     print(f"{'checkpoint':<28}{'epoch':>6}" + ''.join(f"  {n:>{max(len(n), 6)}}" for n in names))
     for r in records:
         values = [r['results'].get(d, {}).get(k) for d, k in columns]
@@ -969,51 +936,36 @@ def print_table(records):
             for n, v, (_, k) in zip(names, values, columns)))
 
 
-def _run(argv):
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip() + f"\n\noptions: {' '.join('--' + f for f in FLAGS)}")
-        return None
-    if argv and argv[0].partition('=')[0] == '--convert':
-        return convert(argv)
-    if argv and argv[0].partition('=')[0] == '--export':
-        return export(argv)
-    paths, flags = parse_argv(argv)
-    catalog = read_json(flags['catalog'], 'catalogue') if 'catalog' in flags else {}
-    labels = read_json(flags['labels'], 'labels file') if 'labels' in flags else None
-    templates = read_json(flags['templates'], 'templates file') if 'templates' in flags else None
-    if 'check_data' in flags:
-        return check_data(flags.get('data_root', ''), catalog, labels or read_json(ASSETS / 'labels.json',
-                                                                                    'labels file'))
-    # the cores are split as in training: same thread count, same float results
-    cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)
-    rank, world_size, device = setup_distributed(cores)
-    records, written = [], []
-    for path in paths:
-        ckpt = read_checkpoint(path, import_overrides(flags))
-        cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device, flags.get('bpe_path'))
-        cfg.data_root = flags.get('data_root', cfg.data_root)
-        cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
-        cfg.workers, cfg.device = cores.workers, device.type
-        datasets = (flags['datasets'].split(',') if 'datasets' in flags else
-                    list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
-        probe = probe_settings(path, flags, device, rank)
-        record = {'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'), 'results': {}}
-        if probe:
-            record['linear_probe'] = {'seed': probe['seed'], 'val_fraction': PROBE_VAL_FRACTION}
-        records.append(record)
-        suffix = '_probe.json' if probe else '_eval.json'
-        out = Path(flags['out']) if 'out' in flags else Path(path).with_name(Path(path).stem + suffix)
+def evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, device):
+    """Evaluate one checkpoint into a record appended to records and written (rank 0) after each dataset, so that
+    finished results survive a crash: all records to --out, else this one beside it. Returns the path written."""
+    ckpt = read_checkpoint(path, import_overrides(flags))
+    cfg, model, tokenizer = model_from_checkpoint(ckpt, path, device, flags.get('bpe_path'))
+    cfg.data_root = flags.get('data_root', cfg.data_root)
+    cfg.eval_batch_size = int(flags.get('batch_size', cfg.eval_batch_size))
+    cfg.workers, cfg.device = cores.workers, device.type
+    probe = probe_settings(path, flags, device, rank)
+    record = {'checkpoint': str(path), 'epoch': ckpt.get('epoch'), 'step': ckpt.get('step'), 'results': {}}
+    if probe:
+        record['linear_probe'] = {'seed': probe['seed'], 'val_fraction': PROBE_VAL_FRACTION}
+    records.append(record)
+    suffix = '_probe.json' if probe else '_eval.json'
+    out = Path(flags['out']) if 'out' in flags else Path(path).with_name(Path(path).stem + suffix)
 
-        def save(results, record=record, out=out):  # after each dataset: finished results survive a crash
-            record['results'] = results
-            if rank == 0:
-                _write_json(records if 'out' in flags else record, out)
+    def save(results):
+        record['results'] = results
+        if rank == 0:
+            _write_json(records if 'out' in flags else record, out)
 
-        results = evaluate(model, tokenizer, cfg, rank, world_size, datasets, catalog, labels, templates,
-                           flags.get('retrieval'), on_result=None if probe else save,
-                           precision=flags.get('precision', 'fp32'), probe=probe)
-        save(results)
-        written.append(out)
+    datasets = (flags['datasets'].split(',') if 'datasets' in flags else
+                list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
+    save(evaluate(model, tokenizer, cfg, rank, world_size, datasets, **inputs, on_result=None if probe else save,
+                  precision=flags.get('precision', 'fp32'), probe=probe))
+    return out
+
+
+def report(records, written, rank, world_size):
+    """The table and the files written (rank 0), then one line naming the datasets that failed, if any."""
     if rank == 0:
         print_table(records)
         for out in dict.fromkeys(written):
@@ -1026,6 +978,27 @@ def _run(argv):
     if failed:
         sys.exit(1)  # every rank saw the same failures; rank 0 has said so once
     return records
+
+
+def _run(argv):
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip() + f"\n\noptions: {' '.join('--' + f for f in FLAGS)}")
+        return None
+    command = {'--convert': convert, '--export': export}.get(argv[0].partition('=')[0] if argv else '')
+    if command:
+        return command(argv)
+    paths, flags, catalog = parse_argv(argv)
+    labels = catalogue_file('labels', flags.get('labels'))
+    if 'check_data' in flags:
+        return check_data(flags.get('data_root', ''), catalog, labels)
+    inputs = {'catalog': catalog, 'labels': labels, 'templates': catalogue_file('templates', flags.get('templates')),
+              'retrieval_csv': flags.get('retrieval')}
+    # the cores are split as in training: same thread count, same float results
+    cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)
+    rank, world_size, device = setup_distributed(cores)
+    records = []
+    written = [evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, device) for path in paths]
+    return report(records, written, rank, world_size)
 
 
 def command_flags(argv, known, usage):
