@@ -386,19 +386,12 @@ class CLIPModel(nn.Module):
         features = self.text(tokens)
         return {head: project(features) for head, project in self.text_heads.items()}
 
-    def _weak_features(self, weak):
-        """Backbone features of the weak view; the ViT drops patch_dropout['weak'] of its patches in training."""
+    def _image_features(self, views, kind):
+        """Backbone features of a list of views. The ResNet sees each view as its own BN batch (recipe §1.7, 8.9);
+        the ViT has no BN: one call on them all, dropping patch_dropout[kind] of the patches in training."""
         if isinstance(self.visual, ResNet50):
-            return self.visual(weak)
-        return self.visual(weak, self.patch_dropout['weak'])
-
-    def _strong_features(self, strong):
-        """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (recipe §1.7,
-        8.9); the ViT has no BN, so one call on the concatenated views gives the same features with larger
-        matmuls (and patch_dropout['strong'] in training)."""
-        if isinstance(self.visual, ResNet50):
-            return [self.visual(view) for view in strong]
-        return list(self.visual(torch.cat(strong), self.patch_dropout['strong']).chunk(len(strong))) if strong else []
+            return [self.visual(view) for view in views]
+        return list(self.visual(torch.cat(views), self.patch_dropout[kind]).chunk(len(views))) if views else []
 
     def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
         """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
@@ -414,7 +407,8 @@ class CLIPModel(nn.Module):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
                              f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
         local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
-        f_image = [self._weak_features(weak)] + (self._strong_features(strong) if local else [])  # 1+A x (B, W_image)
+        # 1+A x (B, width) features: the weak view and caption row 0, then the A strong views and rows
+        f_image = self._image_features([weak], 'weak') + (self._image_features(strong, 'strong') if local else [])
         f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
         out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
                'logit_scale': self.logit_scale.exp()}
