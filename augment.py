@@ -16,17 +16,9 @@ import regex
 import torch
 import torch.nn.functional as tnf
 import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from config import atomic_write
-
-
-# --- Text cleaning ---
-def clean_text(text):
-    """ftfy fix, HTML-unescape twice, collapse whitespace, lowercase (CLIP's tokenizer cleaning)."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return regex.sub(r'\s+', ' ', text).strip().lower()  # regex's Unicode \s, as CLIP's whitespace_clean
 
 
 # --- Image: mode conversion ---
@@ -166,8 +158,7 @@ def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
 
 
 def strong_spec(cfg, saturation, blur_prob, solarize_prob):
-    """Local view (recipe §3.1): crop R, colour jitter (0.4, 0.4, saturation, 0.1) in random order, grayscale,
-    blur sigma ~ U(0.1, 2), solarize, flip, normalise."""
+    """Local view (recipe §3.1): crop R, colour jitter in random order, grayscale, blur, solarize, flip, normalise."""
     jitter = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-0.1, 0.1))  # JITTER_OPS' factor ranges
     return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale), jitter=jitter,
                 jitter_prob=cfg.color_jitter_prob, gray_prob=cfg.grayscale_prob, blur_prob=blur_prob,
@@ -271,7 +262,7 @@ def unpack_images(pixels, sizes):
 
 
 def normalize(x, mean, std):
-    """(B, 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
+    """(..., 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
     return standardize_(x.float().mul_(1 / 255), mean, std)
 
 
@@ -332,7 +323,7 @@ class ImageViews:
             boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
         k = draft(img, boxes, self.sizes)
-        x = F.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        x = v2.functional.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
         return x, [scale_box(box, k) for box in boxes], params
 
     def draw(self, img, gen=None):
@@ -378,12 +369,17 @@ def eval_transform(cfg):
         v2.PILToTensor(),
         v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(cfg.image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.image_mean, cfg.image_std),
+        v2.Lambda(functools.partial(normalize, mean=cfg.image_mean, std=cfg.image_std)),  # the views' normalisation
     ])
 
 
-# --- Text: stopwords and word tokenizer ---
+# --- Text: cleaning, stopwords and word tokenizer ---
+def clean_text(text):
+    """ftfy fix, HTML-unescape twice, collapse whitespace, lowercase (CLIP's tokenizer cleaning)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return regex.sub(r'\s+', ' ', text).strip().lower()  # regex's Unicode \s, as CLIP's whitespace_clean
+
+
 # NLTK's English stopword list as shipped with nltk 3.7 (179 words; newer nltk_data adds ~19 contractions)
 STOPWORDS = frozenset("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
 yourselves he him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
@@ -497,7 +493,6 @@ _SUFFIXES = {
     'a': [('er', ''), ('est', ''), ('er', 'e'), ('est', 'e')],
     'r': [],
 }
-_LETTERS = frozenset('abcdefghijklmnopqrstuvwxyz ')
 _WORDNET_FILES = [f for name in _POS_FILES.values() for f in (f'index.{name}', f'data.{name}', f'{name}.exc')]
 _CACHE_VERSION = 1  # bump when the cached table's layout or rules change
 
@@ -538,8 +533,7 @@ class Synonyms:
         return sorted(found) or default
 
     def __getitem__(self, word):
-        found = self.get(word)
-        if found is None:
+        if (found := self.get(word)) is None:
             raise KeyError(word)
         return found
 
@@ -552,27 +546,25 @@ def _lemma_name(name):
     collapsed (deviation: textaugment turns '3-d' into ' d' and '10' into ''; we give 'd' and drop '')."""
     name = re.sub(r'\(.*\)$', '', name)  # adjective syntactic markers such as 'galore(ip)'
     name = name.replace('_', ' ').replace('-', ' ').lower()
-    return ' '.join(''.join(c for c in name if c in _LETTERS).split())
+    return ' '.join(re.sub('[^a-z ]', '', name).split())
 
 
 def _parse_wordnet(root):
     """Parse index.*, data.* and *.exc into ({pos: {lemma: synonym names}}, {pos: {form: base forms}})."""
+    def entries(file):  # the lines of a data.* or index.* file after its licence header (lines starting with spaces)
+        with open(root / file, encoding='utf-8') as f:
+            yield from (line for line in f if not line.startswith(' '))
+
     lemmas, exceptions = {}, {}
     for pos, name in _POS_FILES.items():
         names = {}  # synset offset -> cleaned lemma names
-        with open(root / f'data.{name}', encoding='utf-8') as f:
-            for line in f:
-                if not line.startswith(' '):  # lines starting with spaces are the licence header
-                    offset, _, _, count, rest = line.split(' ', 4)  # offset lex_file type w_cnt (word lex_id)*
-                    words = rest.split(' ', 2 * int(count, 16))[:2 * int(count, 16):2]
-                    names[offset] = [n for n in map(_lemma_name, words) if n]
-        table = {}
-        with open(root / f'index.{name}', encoding='utf-8') as f:
-            for line in f:
-                if not line.startswith(' '):
-                    fields = line.split()
-                    table[fields[0]] = tuple(sorted({n for o in fields[-int(fields[2]):] for n in names[o]}))
-        lemmas[pos] = table
+        for line in entries(f'data.{name}'):
+            offset, _, _, count, rest = line.split(' ', 4)  # offset lex_file type w_cnt (word lex_id)*
+            words = rest.split(' ', 2 * int(count, 16))[:2 * int(count, 16):2]
+            names[offset] = [n for n in map(_lemma_name, words) if n]
+        lemmas[pos] = {}
+        for fields in map(str.split, entries(f'index.{name}')):  # lemma pos synset_cnt ... synset offsets last
+            lemmas[pos][fields[0]] = tuple(sorted({n for o in fields[-int(fields[2]):] for n in names[o]}))
         with open(root / f'{name}.exc', encoding='utf-8') as f:
             exceptions[pos] = {w[0]: tuple(w[1:]) for w in map(str.split, f) if w}
     return lemmas, exceptions
