@@ -389,10 +389,8 @@ class CLIPModel(nn.Module):
 
     def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
         """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
-        A = tokens.shape[1]
-        if A == 0:
-            return []
-        return list(self.text(tokens.transpose(0, 1).flatten(0, 1), self.text_dropout).chunk(A))  # (A*B, W) by view
+        A, rows = tokens.shape[1], tokens.transpose(0, 1).flatten(0, 1)  # (A*B, L), by view
+        return list(self.text(rows, self.text_dropout).chunk(A)) if A else []
 
     def forward(self, weak, tokens, strong):
         """Training forward (recipe §1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
