@@ -1,4 +1,5 @@
 """Image and text augmentations: the weak and strong views of CLIP 🚀 (recipe §3)."""
+import contextlib
 import functools
 import hashlib
 import html
@@ -15,17 +16,9 @@ import regex
 import torch
 import torch.nn.functional as tnf
 import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from config import atomic_write
-
-
-# --- Text cleaning ---
-def clean_text(text):
-    """ftfy fix, HTML-unescape twice, collapse whitespace, lowercase (CLIP's tokenizer cleaning)."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return regex.sub(r'\s+', ' ', text).strip().lower()  # regex's Unicode \s, as CLIP's whitespace_clean
 
 
 # --- Image: mode conversion ---
@@ -71,9 +64,6 @@ def adjust_saturation_(img, factor):
     return img.mul_(factor).add_(gray).clamp_(0, 1)
 
 
-_HUE_PHASES = torch.tensor([3.0, 1.0, -1.0]).view(3, 1, 1)  # HSV -> RGB phase of R, G, B in sextants, minus 2
-
-
 def adjust_hue(img, hue_factor):
     """Rotate the hue by hue_factor turns: torchvision's HSV maths in closed form (V = max and V*S = max - min
     are kept), with one division and no float mod (the costliest op: a round instead)."""
@@ -84,8 +74,8 @@ def adjust_hue(img, hue_factor):
                     torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4)))
     h.div_(delta.clamp_min(1e-8)).add_(6 * hue_factor)  # hue in sextants; grey pixels (delta 0) keep maxc anyway
     # HSV -> RGB: channel = max - delta * clamp(2 - d, 0, 1) = max - 2 delta + delta * clamp(d, 1, 2), where d is
-    # the distance of (hue + phase) from 2 on the 6-circle
-    u = h + _HUE_PHASES.to(img.device)  # (B, 3, H, W)
+    # the distance of (hue + phase) from 2 on the 6-circle; the phases of R, G, B in sextants, minus 2: 3, 1, -1
+    u = h + torch.tensor([3.0, 1.0, -1.0], device=img.device).view(3, 1, 1)  # (B, 3, H, W)
     u.sub_(torch.round(u / 6).mul_(6)).abs_().clamp_(1, 2)
     return torch.addcmul(maxc.sub_(delta, alpha=2), delta, u)
 
@@ -100,9 +90,8 @@ def blur_taps(sigma):
 
 
 def gaussian_blur(img, sigma):
-    """PIL's GaussianBlur(radius=sigma) per image, sigma (B,): 3 passes of the extended box filter per axis, edges
-    replicated per pass. Matches PIL up to its uint8 rounding between passes (<= 3/255). A sampled Gaussian
-    (torchvision) would blur much less for sigma < 0.7."""
+    """PIL's GaussianBlur(radius=sigma) per image, sigma (B,): 3 extended box passes per axis, edges replicated; PIL's
+    up to its uint8 rounding between passes (<= 3/255). torchvision's sampled Gaussian blurs far less below 0.7."""
     taps = [blur_taps(s) for s in sigma.tolist()]
     r = max(len(t) for t in taps) // 2  # shorter filters get zero taps at both ends: the same sums, exactly
     taps = torch.tensor([[0.0] * (r - len(t) // 2) + t + [0.0] * (r - len(t) // 2) for t in taps])
@@ -169,13 +158,11 @@ def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
 
 
 def strong_spec(cfg, saturation, blur_prob, solarize_prob):
-    """Local view (recipe §3.1): crop R, colour jitter (0.4, 0.4, saturation, 0.1) in random order, grayscale,
-    blur sigma ~ U(0.1, 2), solarize, flip, normalise."""
-    return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale),
-                jitter_prob=cfg.color_jitter_prob, jitter=((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation),
-                                                          (-0.1, 0.1)),
-                gray_prob=cfg.grayscale_prob, blur_prob=blur_prob, sigma=(0.1, 2.0), solarize_prob=solarize_prob,
-                flip_prob=0.5)
+    """Local view (recipe §3.1): crop R, colour jitter in random order, grayscale, blur, solarize, flip, normalise."""
+    jitter = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-0.1, 0.1))  # JITTER_OPS' factor ranges
+    return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale), jitter=jitter,
+                jitter_prob=cfg.color_jitter_prob, gray_prob=cfg.grayscale_prob, blur_prob=blur_prob,
+                sigma=(0.1, 2.0), solarize_prob=solarize_prob, flip_prob=0.5)
 
 
 def strong_specs(cfg):
@@ -186,15 +173,13 @@ def strong_specs(cfg):
 
 
 def draw_photometric(gen, spec):
-    """The random parameters of one strong view after its crop, drawn in torchvision's order; skipped ops keep
-    identity values and draw nothing."""
+    """A strong view's parameters after its crop, in torchvision's order; skipped ops keep identity, draw nothing."""
     order, factors = torch.arange(4), torch.tensor([1.0, 1.0, 1.0, 0.0])  # brightness, contrast, saturation, hue
     jitter = coin(gen, spec['jitter_prob'])
     if jitter:
         order = torch.randperm(4, generator=gen)
         factors = torch.tensor([uniform(gen, lo, hi) for lo, hi in spec['jitter']])
-    gray = coin(gen, spec['gray_prob'])
-    blur = coin(gen, spec['blur_prob'])
+    gray, blur = coin(gen, spec['gray_prob']), coin(gen, spec['blur_prob'])
     sigma = uniform(gen, *spec['sigma']) if blur else 0.0
     flags = dict(jitter=jitter, gray=gray, blur=blur, solarize=coin(gen, spec['solarize_prob']),
                  flip=coin(gen, spec['flip_prob']))
@@ -247,9 +232,8 @@ def resized_crop(x, box, size):
 
 
 def resize_in_float(crop, size):
-    """(N, 3, h, w) uint8 -> (N, 3, size, size) uint8 as the CPU's uint8 kernel makes it: width first, then height,
-    rounded and clamped after each pass (bicubic overshoots at edges; clamping once at the end would differ by up to
-    30 levels there). Within 2 levels of that kernel."""
+    """(N, 3, h, w) uint8 -> (N, 3, size, size) uint8 within 2 levels of the CPU's uint8 kernel: width, then height,
+    each pass rounded and clamped (bicubic overshoots at edges: clamping once at the end is up to 30 levels off)."""
     out = crop.float()
     for shape in ((crop.shape[-2], size), (size, size)):
         out = tnf.interpolate(out, size=shape, mode='bicubic', antialias=True, align_corners=False)
@@ -278,7 +262,7 @@ def unpack_images(pixels, sizes):
 
 
 def normalize(x, mean, std):
-    """(B, 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
+    """(..., 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
     return standardize_(x.float().mul_(1 / 255), mean, std)
 
 
@@ -329,9 +313,8 @@ class ImageViews:
         self.mean, self.std = cfg.image_mean, cfg.image_std
 
     def draw_boxes(self, img, gen=None):
-        """(x (3, H, W) uint8, boxes [(top, left, h, w)] * (1 + A), [strong params] * A): the decoded image and each
-        view's crop box in it, every draw made. Boxes are drawn against the stored size; a JPEG not yet decoded is
-        decoded at the DCT scale the boxes allow."""
+        """(x (3, H, W) uint8, boxes [(top, left, h, w)] * (1 + A), [strong params] * A), every draw made: boxes drawn
+        on the stored size, x decoded at the DCT scale they allow (a JPEG not decoded yet), the boxes scaled to x."""
         check_image(img)
         width, height = img.size
         boxes = [crop_box(gen, height, width, self.weak['scale'])]
@@ -340,7 +323,7 @@ class ImageViews:
             boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
         k = draft(img, boxes, self.sizes)
-        x = F.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        x = v2.functional.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
         return x, [scale_box(box, k) for box in boxes], params
 
     def draw(self, img, gen=None):
@@ -350,9 +333,8 @@ class ImageViews:
         return weak, strong, params
 
     def draw_for_step(self, img, gen=None):
-        """--augment_device=cuda's worker share: (images, boxes (1 + A, 5) of (image, top, left, h, w), [strong params]
-        * A), the step then crops (finish_views). images: the decoded region holding every box or, when that has
-        more than REGION_LIMIT x the views' pixels (a large image), the uint8 views themselves."""
+        """--augment_device=cuda's worker share, cropped by the step: (images, boxes (1 + A, 5) of (image, top, left, h,
+        w), [strong params] * A); images: the region of all boxes or, past REGION_LIMIT x the views' size, the views."""
         x, boxes, params = self.draw_boxes(img, gen)
         region, inside = covering_region(x, boxes)
         if region[0].numel() <= REGION_LIMIT * sum(size * size for size in self.sizes):
@@ -368,9 +350,8 @@ class ImageViews:
 
 
 def finish_views(batch, cfg, device):
-    """The step's (weak, [strong] * A) on device. With --augment_device=cuda the loader sent decoded pixels
-    (draw_for_step, packed by pack_images), each view's box in them and the strong views' parameters: the crops run
-    here per view, then the photometric ops and the normalisation batched."""
+    """The step's (weak, [strong] * A) on device; with --augment_device=cuda from draw_for_step's pixels (pack_images),
+    boxes and parameters: crops per view, then the photometric ops and normalisation batched, as ImageViews does."""
     if cfg.augment_device != 'cuda':
         return batch['weak'].to(device, non_blocking=True), [s.to(device, non_blocking=True) for s in batch['strong']]
     images = unpack_images(batch['pixels'].to(device, non_blocking=True), batch['image_sizes'])
@@ -388,24 +369,27 @@ def eval_transform(cfg):
         v2.PILToTensor(),
         v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(cfg.image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.image_mean, cfg.image_std),
+        v2.Lambda(functools.partial(normalize, mean=cfg.image_mean, std=cfg.image_std)),  # the views' normalisation
     ])
 
 
-# --- Text: stopwords and word tokenizer ---
+# --- Text: cleaning, stopwords and word tokenizer ---
+def clean_text(text):
+    """ftfy fix, HTML-unescape twice, collapse whitespace, lowercase (CLIP's tokenizer cleaning)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return regex.sub(r'\s+', ' ', text).strip().lower()  # regex's Unicode \s, as CLIP's whitespace_clean
+
+
 # NLTK's English stopword list as shipped with nltk 3.7 (179 words; newer nltk_data adds ~19 contractions)
-STOPWORDS = frozenset("""
-i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his
-himself she she's her hers herself it it's its itself they them their theirs themselves what which who whom
-this that that'll these those am is are was were be been being have has had having do does did doing a an the
-and but if or because as until while of at by for with about against between into through during before after
-above below to from up down in out on off over under again further then once here there when where why how all
-any both each few more most other some such no nor not only own same so than too very s t can will just don
-don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn
-hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn
-shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
-""".split())
+STOPWORDS = frozenset("""i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+yourselves he him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
+who whom this that that'll these those am is are was were be been being have has had having do does did doing a an the
+and but if or because as until while of at by for with about against between into through during before after above
+below to from up down in out on off over under again further then once here there when where why how all any both each
+few more most other some such no nor not only own same so than too very s t can will just don don't should should've now
+d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn
+isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't
+wouldn wouldn't""".split())
 
 # NLTK's improved Treebank tokenizer, one sentence at a time. Rules run in order; the second list runs on
 # ' ' + text + ' '. Compiled with the standard re, as nltk does: the regex module's \w, \b and \s differ on
@@ -509,7 +493,6 @@ _SUFFIXES = {
     'a': [('er', ''), ('est', ''), ('er', 'e'), ('est', 'e')],
     'r': [],
 }
-_LETTERS = frozenset('abcdefghijklmnopqrstuvwxyz ')
 _WORDNET_FILES = [f for name in _POS_FILES.values() for f in (f'index.{name}', f'data.{name}', f'{name}.exc')]
 _CACHE_VERSION = 1  # bump when the cached table's layout or rules change
 
@@ -550,8 +533,7 @@ class Synonyms:
         return sorted(found) or default
 
     def __getitem__(self, word):
-        found = self.get(word)
-        if found is None:
+        if (found := self.get(word)) is None:
             raise KeyError(word)
         return found
 
@@ -564,27 +546,25 @@ def _lemma_name(name):
     collapsed (deviation: textaugment turns '3-d' into ' d' and '10' into ''; we give 'd' and drop '')."""
     name = re.sub(r'\(.*\)$', '', name)  # adjective syntactic markers such as 'galore(ip)'
     name = name.replace('_', ' ').replace('-', ' ').lower()
-    return ' '.join(''.join(c for c in name if c in _LETTERS).split())
+    return ' '.join(re.sub('[^a-z ]', '', name).split())
 
 
 def _parse_wordnet(root):
     """Parse index.*, data.* and *.exc into ({pos: {lemma: synonym names}}, {pos: {form: base forms}})."""
+    def entries(file):  # the lines of a data.* or index.* file after its licence header (lines starting with spaces)
+        with open(root / file, encoding='utf-8') as f:
+            yield from (line for line in f if not line.startswith(' '))
+
     lemmas, exceptions = {}, {}
     for pos, name in _POS_FILES.items():
         names = {}  # synset offset -> cleaned lemma names
-        with open(root / f'data.{name}', encoding='utf-8') as f:
-            for line in f:
-                if not line.startswith(' '):  # lines starting with spaces are the licence header
-                    offset, _, _, count, rest = line.split(' ', 4)  # offset lex_file type w_cnt (word lex_id)*
-                    words = rest.split(' ', 2 * int(count, 16))[:2 * int(count, 16):2]
-                    names[offset] = [n for n in map(_lemma_name, words) if n]
-        table = {}
-        with open(root / f'index.{name}', encoding='utf-8') as f:
-            for line in f:
-                if not line.startswith(' '):
-                    fields = line.split()
-                    table[fields[0]] = tuple(sorted({n for o in fields[-int(fields[2]):] for n in names[o]}))
-        lemmas[pos] = table
+        for line in entries(f'data.{name}'):
+            offset, _, _, count, rest = line.split(' ', 4)  # offset lex_file type w_cnt (word lex_id)*
+            words = rest.split(' ', 2 * int(count, 16))[:2 * int(count, 16):2]
+            names[offset] = [n for n in map(_lemma_name, words) if n]
+        lemmas[pos] = {}
+        for fields in map(str.split, entries(f'index.{name}')):  # lemma pos synset_cnt ... synset offsets last
+            lemmas[pos][fields[0]] = tuple(sorted({n for o in fields[-int(fields[2]):] for n in names[o]}))
         with open(root / f'{name}.exc', encoding='utf-8') as f:
             exceptions[pos] = {w[0]: tuple(w[1:]) for w in map(str.split, f) if w}
     return lemmas, exceptions
@@ -603,21 +583,16 @@ def load_synonyms(wordnet_dir):
     stats = [(n, (root / n).stat().st_size, (root / n).stat().st_mtime_ns) for n in _WORDNET_FILES]
     key = hashlib.sha1(repr((_CACHE_VERSION, str(root.resolve()), stats)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get('XDG_CACHE_HOME', '~/.cache')).expanduser() / 'rocket-clip' / f'wordnet-{key}.pkl'
-    try:
-        with open(cache, 'rb') as f:
-            return Synonyms(*pickle.load(f))
-    except Exception:  # no cache yet, or an unreadable or stale one: rebuild it
-        pass
+    with contextlib.suppress(Exception), open(cache, 'rb') as f:  # no cache yet, or an unreadable or stale one: rebuild
+        return Synonyms(*pickle.load(f))
     try:
         tables = _parse_wordnet(root)
     except (ValueError, LookupError) as e:  # includes UnicodeDecodeError, IndexError, KeyError
         raise ValueError(f"{root}: unreadable WordNet 3.0 files ({e!r}); reinstall wordnet-base or fix "
                          f"--wordnet_dir") from None
-    try:  # atomic, so concurrent workers never read a half-written cache
+    with contextlib.suppress(OSError):  # atomic: no worker reads half a cache; a read-only home: each process rebuilds
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache, lambda f: pickle.dump(tables, f, protocol=pickle.HIGHEST_PROTOCOL))
-    except OSError:
-        pass  # read-only home: the table is rebuilt by each process
     return Synonyms(*tables)
 
 
@@ -659,8 +634,7 @@ def random_deletion(text, rng, p=0.1):
 
 # --- Text: weak and strong captions ---
 class TextViews:
-    """views(captions, rng) -> [weak, strong_1, ..., strong_A] strings (recipe §3.2); each row draws its
-    own caption from the tuple."""
+    """views(captions, rng) -> [weak, strong_1, ..., strong_A] strings (recipe §3.2), each from its own caption draw."""
 
     def __init__(self, cfg):
         self.p, self.num_augs, self.clean = cfg.remove_stopwords_prob, cfg.num_augs, cfg.clean_before_augment

@@ -1,9 +1,6 @@
-"""CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, the linear and MLP
-projectors of every method, and the model whose training forward returns every embedding the losses need.
-
-build_model(cfg, vocab_size) -> CLIPModel;  model(weak, tokens, strong) -> dict;  model.encode_image/encode_text
-(one head), model.encode_image_heads/encode_text_heads (every head from one trunk pass).
-"""
+"""CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, every method's projectors
+and losses. build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict of embeddings;
+model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all, one trunk pass)."""
 import math
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
@@ -14,7 +11,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
 
 
 # --- Gradient checkpointing ---
@@ -118,14 +114,16 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a packed, biased qkv projection, through scaled_dot_product_attention
-    (flash / memory-efficient kernels on GPU; scale 1/sqrt(head_dim))."""
+    """Multi-head self-attention with a packed qkv projection, biases zero-initialised (as nn.MultiheadAttention),
+    through scaled_dot_product_attention (flash / memory-efficient kernels on GPU; scale 1/sqrt(head_dim))."""
 
     def __init__(self, width, heads, causal):
         super().__init__()
         self.heads, self.causal = heads, causal
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
+        for proj in (self.in_proj, self.out_proj):  # every encoder's init (timm, OpenAI text and ViT) zeroes them
+            nn.init.zeros_(proj.bias)
 
     def forward(self, x, index=None):  # (B, L, D) -> (B, L, D); with index (B,): (B, 1, D), those queries only
         B, L, D = x.shape
@@ -185,10 +183,9 @@ def patch_dropout(x, keep):
 
 
 class VisionTransformer(nn.Module):
-    """timm-style ViT trunk (recipe §1.2): conv patches, CLS token, learned position embedding, pre-norm blocks
-    (LN eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch.
-    style='openai': OpenAI CLIP's ViT instead (patch conv without bias, a LayerNorm before the transformer, LN
-    eps 1e-5); act: the MLP activation (OpenAI's weights use QuickGELU)."""
+    """timm-style ViT trunk (recipe §1.2): conv patches, CLS token, learned position embedding, pre-norm blocks (LN
+    eps 1e-6, exact GELU), final LN, CLS output: (B, 3, H, W) -> (B, width), any multiple of the patch. style='openai':
+    OpenAI CLIP's ViT (patch conv without bias, LN before the transformer, eps 1e-5); act: the MLP's activation."""
 
     def __init__(self, image_size, patch_size, width, layers, heads, style='timm', act=nn.GELU):
         super().__init__()
@@ -209,8 +206,7 @@ class VisionTransformer(nn.Module):
         return {'class_embedding'} if isinstance(self.ln_pre, LayerNorm) else set()
 
     def interpolate_pos_embed(self, h, w):
-        """Position embeddings (1, 1+h*w, D) for an h x w patch grid: the trained grid resampled bicubically;
-        the parameter itself at the native grid."""
+        """Position embeddings (1, 1+h*w, D) for an h x w grid: the trained grid resampled bicubically, or itself."""
         if (h, w) == (self.grid, self.grid):
             return self.positional_embedding
         cls, patches = self.positional_embedding[:, :1], self.positional_embedding[:, 1:]
@@ -246,15 +242,12 @@ def init_timm_vit(vit):
 
 
 def init_openai_vit(vit):
-    """OpenAI CLIP's ViT init (open_clip's too, recipe §1.2): class and position embeddings N(0, 1/width),
-    nn.MultiheadAttention's xavier-uniform packed in-projection with zero biases, and PyTorch's Linear default
-    (U(±1/√fan_in)) for the out-projection and the MLP. At small widths this learns far faster than timm's 0.02."""
+    """OpenAI CLIP's ViT init (open_clip's too, recipe §1.2): embeddings N(0, 1/width), nn.MultiheadAttention's xavier
+    in-projection, else PyTorch's Linear default. At small widths it learns far faster than timm's 0.02."""
     nn.init.normal_(vit.class_embedding, std=vit.width ** -0.5)
     nn.init.normal_(vit.positional_embedding, std=vit.width ** -0.5)
     for block in vit.transformer.resblocks:
         nn.init.xavier_uniform_(block.attn.in_proj.weight)
-        nn.init.zeros_(block.attn.in_proj.bias)
-        nn.init.zeros_(block.attn.out_proj.bias)
 
 
 # --- Text transformer ---
@@ -274,9 +267,7 @@ class TextTransformer(nn.Module):
         proj_std = width ** -0.5 * (2 * layers) ** -0.5
         for block in self.transformer.resblocks:  # the MLP biases keep PyTorch's default init
             nn.init.normal_(block.attn.in_proj.weight, std=width ** -0.5)
-            nn.init.zeros_(block.attn.in_proj.bias)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
@@ -389,26 +380,17 @@ class CLIPModel(nn.Module):
         features = self.text(tokens)
         return {head: project(features) for head, project in self.text_heads.items()}
 
-    def _weak_features(self, weak):
-        """Backbone features of the weak view; the ViT drops patch_dropout['weak'] of its patches in training."""
+    def _image_features(self, views, kind):
+        """Backbone features of a list of views. The ResNet sees each view as its own BN batch (recipe §1.7, 8.9);
+        the ViT has no BN: one call on them all, dropping patch_dropout[kind] of the patches in training."""
         if isinstance(self.visual, ResNet50):
-            return self.visual(weak)
-        return self.visual(weak, self.patch_dropout['weak'])
-
-    def _strong_features(self, strong):
-        """Backbone features of the A strong views. The ResNet sees each view as its own BN batch (recipe §1.7,
-        8.9); the ViT has no BN, so one call on the concatenated views gives the same features with larger
-        matmuls (and patch_dropout['strong'] in training)."""
-        if isinstance(self.visual, ResNet50):
-            return [self.visual(view) for view in strong]
-        return list(self.visual(torch.cat(strong), self.patch_dropout['strong']).chunk(len(strong))) if strong else []
+            return [self.visual(view) for view in views]
+        return list(self.visual(torch.cat(views), self.patch_dropout[kind]).chunk(len(views))) if views else []
 
     def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
         """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
-        A = tokens.shape[1]
-        if A == 0:
-            return []
-        return list(self.text(tokens.transpose(0, 1).flatten(0, 1), self.text_dropout).chunk(A))  # (A*B, W) by view
+        A, rows = tokens.shape[1], tokens.transpose(0, 1).flatten(0, 1)  # (A*B, L), by view
+        return list(self.text(rows, self.text_dropout).chunk(A)) if A else []
 
     def forward(self, weak, tokens, strong):
         """Training forward (recipe §1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
@@ -417,7 +399,8 @@ class CLIPModel(nn.Module):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
                              f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
         local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
-        f_image = [self._weak_features(weak)] + (self._strong_features(strong) if local else [])  # 1+A x (B, W_image)
+        # 1+A x (B, width) features: the weak view and caption row 0, then the A strong views and rows
+        f_image = self._image_features([weak], 'weak') + (self._image_features(strong, 'strong') if local else [])
         f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
         out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
                'logit_scale': self.logit_scale.exp()}
@@ -480,10 +463,16 @@ def _all_gather(x):
     return torch.cat(parts)
 
 
+def _all_reduce(x):
+    """The sum of x over ranks, in a new tensor."""
+    x = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(x)
+    return x
+
+
 class _AllGather(torch.autograd.Function):
-    """all_gather whose backward is its exact adjoint: sum every rank's gradient, keep this rank's slice.
-    Each rank's loss is a mean over its B rows and DDP divides the summed gradients by W, so the result is
-    the gradient of the mean over all W*B rows: no extra factor of W."""
+    """all_gather whose backward is its exact adjoint: sum every rank's gradient, keep this rank's slice. Each rank's
+    loss is a mean over its B rows and DDP divides by W: the gradient of the mean over all W*B rows, no extra W."""
 
     @staticmethod
     def forward(ctx, x):
@@ -492,9 +481,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # (W*B, ...)
         rank, world = _world()
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad)
-        return grad.chunk(world)[rank]
+        return _all_reduce(grad).chunk(world)[rank]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -502,31 +489,20 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        return _all_reduce(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _all_reduce(grad)
 
 
-def gather(x, with_grad):
-    """Concatenate x (B, ...) of every rank in rank order -> (W*B, ...) (recipe §2.1); identity when W = 1.
-
-    with_grad=True: the full gradient; with DDP averaging, W ranks x B match 1 rank x W*B exactly.
-    with_grad=False: the paper's; at W > 1 the result is a constant, so a rank's embeddings get gradient
-    only where the loss also uses them directly (as anchors); at W = 1 it is the identity, hence the full
-    gradient, exactly as in the official code (single- and multi-GPU objectives differ, recipe §8.5).
-    """
+def gather(x, with_grad, dim=0):
+    """Every rank's x in rank order, concatenated along dim (B -> W*B, recipe §2.1). with_grad: the exact gradient
+    (W x B == 1 x W*B); else the paper's, a constant (gradient via anchors only), but at W = 1 the identity (§8.5)."""
     if _world()[1] == 1:
         return x
-    if with_grad:
-        return _AllGather.apply(x)
-    with torch.no_grad():
-        return _all_gather(x)
+    x = x.transpose(0, dim)
+    return (_AllGather.apply(x) if with_grad else _all_gather(x.detach())).transpose(0, dim)
 
 
 def all_reduce_mean(x, with_grad):
@@ -537,14 +513,7 @@ def all_reduce_mean(x, with_grad):
         return x
     if with_grad:
         return _AllReduceSum.apply(x) / world
-    total = x.detach().clone()
-    dist.all_reduce(total)
-    return (x + (total - x.detach())) / world
-
-
-def _gather_views(x, with_grad):
-    """(V, B, D) -> (V, N, D), N = W*B: every view gathered in one collective."""
-    return gather(x.transpose(0, 1), with_grad).transpose(0, 1)
+    return (x + (_all_reduce(x.detach()) - x.detach())) / world
 
 
 def _positives(batch_size, device):
@@ -554,8 +523,7 @@ def _positives(batch_size, device):
 
 # --- Losses ---
 def _similarities(anchors, candidates):
-    """Every local anchor view against every gathered candidate view in one matmul:
-    (V, B, D), (U, N, D) -> (V, U, B, N), fp32 (the matmul itself may run in bf16 under autocast)."""
+    """Anchors (V, B, D) x candidates (U, N, D) -> (V, U, B, N) in one matmul, fp32 (the matmul may run in bf16)."""
     return torch.einsum('vbd,und->vubn', anchors, candidates).float()
 
 
@@ -569,15 +537,12 @@ def _info_nce(anchors, candidates, scale, label_smoothing):
 
 
 def clip_loss(image, text, logit_scale, label_smoothing=0.0, reduction='avg', with_grad=True):
-    """Symmetric InfoNCE over the global batch, ½(L_I + L_T) for 'avg', L_I + L_T for 'sum' (recipe §2.2).
-
-    image, text: (B, D), or (V, B, D) for V views, then averaged over all V x V image/text view pairs
-    (the local term of recipe §2.3). logit_scale: 0-dim, already exponentiated.
-    """
+    """Symmetric InfoNCE over the global batch, ½(L_I + L_T) ('avg') or L_I + L_T ('sum') (recipe §2.2). image, text:
+    (B, D), or (V, B, D) averaged over the V x V view pairs (the local term, §2.3). logit_scale: exponentiated."""
     image = F.normalize(image.float(), dim=-1).reshape(-1, *image.shape[-2:])   # (V, B, D)
     text = F.normalize(text.float(), dim=-1).reshape(-1, *text.shape[-2:])
-    image_loss, image_acc = _info_nce(image, _gather_views(text, with_grad), logit_scale, label_smoothing)
-    text_loss, text_acc = _info_nce(text, _gather_views(image, with_grad), logit_scale, label_smoothing)
+    image_loss, image_acc = _info_nce(image, gather(text, with_grad, dim=1), logit_scale, label_smoothing)
+    text_loss, text_acc = _info_nce(text, gather(image, with_grad, dim=1), logit_scale, label_smoothing)
     factor = {'avg': 0.5, 'sum': 1.0}[reduction]
     return {'loss': factor * (image_loss + text_loss), 'image_loss': image_loss, 'text_loss': text_loss,
             'image_acc': image_acc, 'text_acc': text_acc}
@@ -603,7 +568,7 @@ def slip_loss(image1, image2, temperature=0.1):
     """SimCLR NT-Xent between two strong image views as in SLIP (recipe §2.8): row r of each view against
     the other view's N gathered rows (positive: the same sample) and its own view's N - 1 others."""
     q = F.normalize(torch.stack([image1, image2]).float(), dim=-1)   # (2, B, D)
-    k = _gather_views(q, with_grad=True)                             # (2, N, D); SLIP gathers with gradient
+    k = gather(q, with_grad=True, dim=1)                             # (2, N, D); SLIP gathers with gradient
     B, N = q.shape[1], k.shape[1]
     labels = _positives(B, q.device)
     logits = _similarities(q, k) / temperature                       # (2, 2, B, N): view v rows, view u columns
@@ -611,8 +576,7 @@ def slip_loss(image1, image2, temperature=0.1):
     own = torch.eye(2, dtype=torch.bool, device=q.device)[:, :, None, None] & same_row  # (2, 2, B, N)
     logits = logits.masked_fill(own, float('-inf')).transpose(1, 2).reshape(2 * B, 2 * N)  # rows (v, r), cols (u, n)
     target = torch.cat([labels + N, labels])                        # view 0's positive sits in view 1's columns
-    loss = F.cross_entropy(logits, target)
-    return {'loss': loss, 'slip_acc': 100 * (logits.argmax(-1) == target).float().mean()}
+    return {'loss': F.cross_entropy(logits, target), 'slip_acc': 100 * (logits.argmax(-1) == target).float().mean()}
 
 
 def _view_pairs(A):
@@ -632,8 +596,7 @@ def barlow_twins(x, y, lambd, with_grad=True):
 
 
 def barlip_loss(image, text, lambd=5e-3, scale=0.025, with_grad=True):
-    """BarLIP (recipe §2.4): scale * mean of barlow_twins over the global pair and the A x A local pairs.
-    image, text: lists of 1+A (B, Db), index 0 = global view."""
+    """BarLIP (recipe §2.4): scale * mean of barlow_twins over the global and A x A local pairs of 1+A (B, Db) views."""
     pairs = _view_pairs(len(image) - 1)
     return {'loss': scale * sum(barlow_twins(image[a], text[b], lambd, with_grad) for a, b in pairs) / len(pairs)}
 
@@ -644,9 +607,8 @@ def _neg_cosine(p, v):
 
 
 def siamlip_loss(pred_image, pred_text, proj_image, proj_text):
-    """SiamLIP / BYOLIP (recipe §2.5): cross-modal D(p, v) over the global and A x A local pairs, both
-    directions, / (2 + 2A²). Lists of 1+A (B, Ds); proj_* from the momentum model for BYOLIP. Per-rank mean:
-    DDP's gradient averaging makes it the global-batch mean."""
+    """SiamLIP / BYOLIP (recipe §2.5): cross-modal D(p, v) both ways over the global and A x A local pairs, / (2 + 2A²).
+    Lists of 1+A (B, Ds); proj_* the momentum model's for BYOLIP. Per-rank mean: DDP's averaging makes it global."""
     pairs = _view_pairs(len(pred_image) - 1)
     total = sum(_neg_cosine(pred_image[a], proj_text[b]) + _neg_cosine(pred_text[a], proj_image[b]) for a, b in pairs)
     return {'loss': total / (2 * len(pairs))}
@@ -654,12 +616,9 @@ def siamlip_loss(pred_image, pred_text, proj_image, proj_text):
 
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iters=3):
-    """Sinkhorn-Knopp assignments (recipe §2.6) in fp32 log domain: scores (..., B, K) cosines of this rank's
-    samples with K prototypes -> (..., B, K), rows sum to 1, each prototype ~B*W/K over all ranks.
-
-    Equal to the official steps: every division by a constant (the total sum, K, B*W, the final *B*W) is
-    a shift that the next row normalisation cancels, so only the column and row normalisations remain.
-    """
+    """Sinkhorn-Knopp in fp32 log domain (recipe §2.6): (..., B, K) cosines of this rank's samples with K prototypes
+    -> assignments (..., B, K), rows sum to 1, each prototype ~B*W/K over all ranks."""
+    # as the official steps: their divisions by constants (total, K, B*W, last *B*W) are shifts the row step cancels
     log_q = scores.float() / epsilon
     for _ in range(iters):
         col = torch.logsumexp(log_q, dim=-2, keepdim=True)           # (..., 1, K) over this rank's samples
@@ -669,29 +628,27 @@ def sinkhorn(scores, epsilon=0.05, iters=3):
 
 
 def swalip_loss(h_image, h_text, l2l_logit_scale, epsilon=0.05, iters=3, with_grad=True):
-    """SwALIP (recipe §2.6): prototypes = the other modality's gathered h; the prediction of pair (a, b) is
-    trained toward the Sinkhorn assignment of pair (a+1 mod A, b+1 mod A) — the 'other' pair for A = 2
-    (as in the paper), a derangement of the pairs for any A > 1, the pair itself for A = 1."""
+    """SwALIP (recipe §2.6): prototypes = the other modality's gathered h; pair (a, b) is trained toward the Sinkhorn
+    assignment of pair (a+1, b+1) mod A: the paper's 'other' pair at A = 2, a derangement at A > 1, itself at A = 1."""
     image = F.normalize(torch.stack(h_image).float(), dim=-1)    # (A, B, D)
     text = F.normalize(torch.stack(h_text).float(), dim=-1)
     loss = 0
     for anchors, prototypes in ((image, text), (text, image)):  # ½ H(Q_I, p_I) + ½ H(Q_T, p_T)
-        s = _similarities(anchors, _gather_views(prototypes, with_grad))  # (A, A, B, N) S^(ab)
+        s = _similarities(anchors, gather(prototypes, with_grad, dim=1))  # (A, A, B, N) S^(ab)
         q = sinkhorn(s, epsilon, iters).roll((-1, -1), dims=(0, 1))       # q[a, b] = Q^(ā b̄)
         loss = loss - 0.5 * (q * F.log_softmax(l2l_logit_scale * s, dim=-1)).sum(-1).mean()
     return {'loss': loss}
 
 
 def siglip_loss(z_image, z_text, logit_scale, logit_bias):
-    """SigLIP (Zhai et al., 2023; recipe §2.9): the sum over the B x N pairs of -log σ(label · (t <x, y> + b)),
-    label +1 for a sample's own caption and -1 for every other, / B. z_*: (B, D), or (V, B, D) for V views, then
-    averaged over the V x U view pairs; normalised here. logit_scale: t, already exponentiated."""
+    """SigLIP (Zhai et al., 2023; recipe §2.9): Σ over the B x N pairs of -log σ(±(t <x, y> + b)), + on the positives,
+    / B. z_*: (B, D) or (V, B, D), averaged over the V x U view pairs. logit_scale: t, exponentiated."""
     # Exact under DDP: this rank's B images against every rank's texts, gathered with gradient (one all-gather, as
     # clip_loss; the mean over ranks of B-row losses is the W*B-row loss). The paper's ring of W - 1 chunk
     # exchanges gives the same numbers and only saves memory at batches far above ours (B x N logits here).
     image = F.normalize(z_image.float(), dim=-1).reshape(-1, *z_image.shape[-2:])   # (V, B, D)
     text = F.normalize(z_text.float(), dim=-1).reshape(-1, *z_text.shape[-2:])      # (U, B, D)
-    logits = logit_scale * _similarities(image, _gather_views(text, with_grad=True)) + logit_bias  # (V, U, B, N)
+    logits = logit_scale * _similarities(image, gather(text, with_grad=True, dim=1)) + logit_bias  # (V, U, B, N)
     B, N = logits.shape[-2:]
     labels = 2 * (_positives(B, logits.device)[:, None] == torch.arange(N, device=logits.device)).float() - 1  # (B, N)
     return {'loss': -F.logsigmoid(labels * logits).sum(-1).mean()}
