@@ -21,7 +21,6 @@ in --cache/results.jsonl by (row, spec, seed) and reused; --fresh runs them agai
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import resource
