@@ -1,4 +1,5 @@
-"""One source of truth for every setting: a flat dataclass, presets, and the --key=value parser.
+"""One source of truth for every setting: a flat dataclass, presets, and the --key=value parser; and the
+mechanisms every command shares: the atomic file writer, the process-group set-up and the checkpoint home.
 
 Precedence: dataclass default < model preset < dataset recipe < method preset < explicit flag.
 Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
