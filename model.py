@@ -1,6 +1,7 @@
 """CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, every method's projectors
-and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict of embeddings;
-model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all, one trunk pass)."""
+and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict
+of embeddings; model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from
+one trunk pass)."""
 import math
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
