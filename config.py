@@ -338,10 +338,12 @@ def parse_flags(argv, known, switches=(), positional=False):
         key = key.replace('-', '_')
         if not eq:
             nxt = argv[i] if i < len(argv) else None
-            if key in switches and (nxt is None or nxt.lower() not in _TRUE + _FALSE):
-                value = 'true'  # a bare switch; a following path stays positional
-            elif nxt is not None and not nxt.startswith('--'):
+            # a switch takes the next word only as a boolean where a following path is positional
+            if nxt is not None and not nxt.startswith('--') and (
+                    key not in switches or not positional or nxt.lower() in _TRUE + _FALSE):
                 value, i = nxt, i + 1
+            elif key in switches:
+                value = 'true'  # a bare switch
             elif key in known:
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
         if key not in known:
