@@ -476,6 +476,7 @@ def read_shards(cfg, rank=0, world_size=1):
 # used when --bpe_path is empty. A new format: its read function and a row here (and a recipe in config.RECIPES).
 Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
 READERS = {
+    # the demo's reader is defined with the demo, below: the lambda looks it up when called
     'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
                    vocabulary=DEMO_BPE_PATH),
     'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
@@ -1119,7 +1120,6 @@ DEMO_SPLITS = {'train': (0, (1, 2), tuple(c for c in COMBOS if c not in HELD_OUT
                'unseen': (2, (1,), tuple(c for c in COMBOS if c in HELD_OUT)), 'retrieval': (3, (1, 2), COMBOS),
                'single_train': (4, (1,), COMBOS), 'unseen_train': (5, (1,), tuple(c for c in COMBOS if c in HELD_OUT))}
 DEMO_CAPTIONS = 3  # candidate captions per image
-DEMO_VOCAB_SIZE = 1024
 
 
 def _unit_polygons():
@@ -1294,8 +1294,6 @@ def demo_retrieval(cfg):
     return DemoImages(cfg, 'retrieval', 'index'), [c for c, _ in captions], [i for _, i in captions]
 
 
-
-
 # --- Command line ---
 USAGE = ("python data.py build-vocab captions.txt [--vocab_size=49408] [--out=vocab.txt.gz] | "
          "python data.py build-demo-vocab [--vocab_size=1024] [--out=assets/demo_bpe.txt.gz]")
@@ -1351,7 +1349,7 @@ def build_demo_vocab_main(argv, samples=2000):
 def main(argv):
     """python data.py COMMAND [...]: build-vocab or build-demo-vocab."""
     commands = {'build-vocab': build_vocab_main, 'build-demo-vocab': build_demo_vocab_main}
-    if {'-h', '--help'} & set(argv[:2]):
+    if {'-h', '--help'} & set(argv):  # anywhere, as argparse took it
         print(HELP)
         return
     if argv[:1] not in ([c] for c in commands):
