@@ -369,7 +369,9 @@ def eval_transform(cfg):
         v2.PILToTensor(),
         v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(cfg.image_size),
-        v2.Lambda(functools.partial(normalize, mean=cfg.image_mean, std=cfg.image_std)),  # the views' normalisation
+        # torchvision's own ops, not a Lambda: their repr names the statistics, which the probe's feature-cache key reads
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(cfg.image_mean, cfg.image_std),
     ])
 
 
