@@ -386,7 +386,10 @@ class CLIPModel(nn.Module):
         the ViT has no BN: one call on them all, dropping patch_dropout[kind] of the patches in training."""
         if isinstance(self.visual, ResNet50):
             return [self.visual(view) for view in views]
-        return list(self.visual(torch.cat(views), self.patch_dropout[kind]).chunk(len(views))) if views else []
+        if not views:
+            return []
+        x = views[0] if len(views) == 1 else torch.cat(views)  # the weak view alone: no copy of the batch
+        return list(self.visual(x, self.patch_dropout[kind]).chunk(len(views)))
 
     def _local_text_features(self, tokens):  # (B, A, L) -> A x (B, text_width)
         """Caption rows 1..A in local mode (residual-stream dropout); one call, as the text tower has no BN."""
