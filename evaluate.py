@@ -41,8 +41,9 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import (CLIP_BPE, IMPORT_FLAGS, Config, ConfigError, UserError, atomic_save, atomic_write, export_open_clip,
-                    first_line, import_overrides, parse_flags, read_checkpoint, run_cli, setup_distributed)
+from config import (_FALSE, _TRUE, CLIP_BPE, IMPORT_FLAGS, Config, ConfigError, UserError, atomic_save, atomic_write,
+                    export_open_clip, first_line, import_overrides, parse_flags, read_checkpoint, run_cli,
+                    setup_distributed)
 from model import CLIPModel, autocast_dtype, build_model
 from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
                   demo_retrieval, load_image, merges_text)
@@ -879,7 +880,7 @@ FLAG_CHECKS = {'batch_size': (lambda v: v.isdigit() and int(v) >= 1, 'expected a
                'precision': (lambda v: v in PRECISIONS, f"choose {', '.join(PRECISIONS)}"),
                'device': (lambda v: v.split(':')[0] in ('cpu', 'cuda'), 'choose cpu or cuda'),
                'probe_seed': (str.isdigit, 'expected a non-negative integer'),
-               **{k: (lambda v: v.lower() in ('true', 'false', '1', '0'), f'expected true or false (or a bare --{k})')
+               **{k: (lambda v: v.lower() in _TRUE + _FALSE, f'expected true or false (or a bare --{k})')
                   for k in SWITCHES}}
 # what the table shows of one dataset: the first group whose first key its metrics hold, {key: column suffix};
 # R@1 both ways, the probe's trunk metric and strength, or the z head's recipe §6.2 metric
@@ -892,7 +893,7 @@ USAGE = ("usage: python evaluate.py ckpt.pt [more.pt ...] [--datasets=a,b] [--da
 
 def switch(flags, key):
     """A switch's value, False when absent (parse_argv checked it)."""
-    return flags.get(key, 'false').lower() in ('true', '1')
+    return flags.get(key, 'false').lower() in _TRUE
 
 
 def parse_argv(argv):
@@ -902,7 +903,7 @@ def parse_argv(argv):
     if empty:
         raise ConfigError(f"--{empty[0]} needs a value: --{empty[0]}=VALUE")
     if 'check_data' in flags:
-        if flags['check_data'] not in ('true', '1') or paths:
+        if flags['check_data'].lower() not in _TRUE or paths:
             raise ConfigError("--check_data takes no value and no checkpoint: python evaluate.py --check_data "
                               "--data_root=DIR")
         if 'data_root' not in flags and 'catalog' not in flags:
@@ -996,6 +997,7 @@ def _run(argv):
     # the cores are split as in training: same thread count, same float results
     cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)
     rank, world_size, device = setup_distributed(cores)
+    torch.set_float32_matmul_precision('highest')  # --precision=fp32 means fp32, as officially: no TF32
     records = []
     written = [evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, device) for path in paths]
     return report(records, written, rank, world_size)
