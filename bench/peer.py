@@ -2,24 +2,35 @@
 
     python -m bench.peer                                   # open_clip and ours, seeds 0 1 2, the demo export
     python -m bench.peer --rows=ours,ours+old_vit_init --seeds=0,1,2
-    python -m bench.peer --csv=pairs.tsv                   # a TSV of yours (columns filepath, title)
+    python -m bench.peer --csv=pairs.csv --bpe_path=bpe_simple_vocab_16e6.txt.gz \
+        --eval_datasets=folder:heldout --retrieval=heldout.csv --image_size=64 --batch_size=128 --lr=3e-3 ...
 
-The demo's training images (seed 0) are exported once as PNG + TSV (one caption each) under --cache. One
-description (SPEC) builds open_clip's model config and trainer flags (`open_clip_train.main`) and our train.py
+Data: by default the demo's training images (seed 0), exported once as PNG + TSV (one caption each) under --cache
+and scored on the held-out demo tasks. Or yours: --csv takes any file `train.py --dataset=csv` takes (comma, or tab
+for .tsv; --csv_image_key, --csv_caption_key, paths relative to --root or the file), --bpe_path your merges file
+(default: the copy inside the open_clip wheel), --eval_datasets any `evaluate.py --datasets` value (folder:PATH
+sets; catalogue sets with --data_root) and --retrieval a CSV of image,caption. Ours reads your file as train.py does;
+open_clip reads the rows our reader found, written as a TSV with absolute paths (its CsvDataset resolves paths from the
+working directory and reads one separator), and tokenises with the same merges. Steps per epoch: rows // batch.
+
+One description (SPEC) builds open_clip's model config and trainer flags (`open_clip_train.main`) and our train.py
 flags: an OpenAI-style ViT with QuickGELU on both sides, CLIP's BPE, AdamW, warmup + cosine, fp32 on the CPU,
 `--method=clip` on ours, and one training crop (RandomResizedCrop, bicubic, ratio 3/4-4/3, area s-1 of the
 image: open_clip's `--aug-cfg scale=(s, 1.0)`, our `--weak_min_scale=s`; s defaults to the demo recipe's). Each run
 is a fresh process with one torch thread and one loader worker; the rows of a seed run one after another
 (interleaved, so machine load falls on every row alike). Both checkpoints are then scored by one evaluator, ours
-(`evaluate.evaluate` on the held-out demo tasks; open_clip's state dict through our importer, head counts passed
-explicitly). Printed per run and as means over seeds: final-window training loss
-(mean of the last WINDOW steps), zero-shot top-1 per demo task, retrieval R@1, training samples/s (steps after the
-first SKIP) and peak memory (the training process's max RSS). Rows other than `open_clip` and `ours` are
-ablations: ours with one or more PATCHES (changes applied in its process) and/or flags. Finished runs are cached
-in --cache/results.jsonl by (row, spec, seed) and reused; --fresh runs them again.
+(`evaluate.evaluate`; open_clip's state dict through our importer, head counts passed explicitly). Printed per run
+and as means over seeds: final-window training loss (mean of the last WINDOW steps), zero-shot top-1 per task,
+retrieval R@1 and R@5 both ways, training samples/s (steps after the first SKIP) and peak memory (the training
+process's max RSS). Rows other than `open_clip` and `ours` are ablations: ours with one or more PATCHES (changes
+applied in its process) and/or flags. Finished runs are cached in --cache/results.jsonl by (row, spec, data, seed)
+and reused; --fresh runs them again.
 """
 import argparse
+import csv
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -35,9 +46,7 @@ import torch
 import config
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIP_BPE = ROOT.parent / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
 WINDOW, SKIP = 20, 10  # final-window loss over the last 20 steps; samples/s after the first 10 steps
-TASKS = ('shape', 'colour', 'colour_shape_unseen')
 
 # --- One description of the run ---
 SPEC = dict(train_size=12000, val_size=1000, image_size=64, patch_size=16, vision_width=128, vision_layers=4,
@@ -46,14 +55,16 @@ SPEC = dict(train_size=12000, val_size=1000, image_size=64, patch_size=16, visio
             weak_min_scale=config.RECIPES['demo']['weak_min_scale'])
 
 
-def openclip_model_config(spec):
-    """open_clip's model config JSON for SPEC's towers (OpenAI's ViT and text transformer, QuickGELU)."""
+def openclip_model_config(spec, data):
+    """open_clip's model config JSON for SPEC's towers (OpenAI's ViT and text transformer, QuickGELU) and the data's
+    merges (open_clip's tokenizer reads gzip only: data['bpe_gz'])."""
     return {'embed_dim': spec['embed_dim'], 'quick_gelu': True,
             'vision_cfg': {'image_size': spec['image_size'], 'layers': spec['vision_layers'],
                            'width': spec['vision_width'], 'patch_size': spec['patch_size'],
                            'head_width': spec['vision_width'] // spec['vision_heads']},
-            'text_cfg': {'context_length': spec['context_length'], 'vocab_size': 49408, 'width': spec['text_width'],
-                         'heads': spec['text_heads'], 'layers': spec['text_layers']}}
+            'text_cfg': {'context_length': spec['context_length'], 'vocab_size': data['vocab_size'],
+                         'width': spec['text_width'], 'heads': spec['text_heads'], 'layers': spec['text_layers'],
+                         'tokenizer_kwargs': {'bpe_path': data['bpe_gz']}}}
 
 
 def openclip_argv(spec, tsv, logs, seed):
@@ -67,15 +78,16 @@ def openclip_argv(spec, tsv, logs, seed):
             '--aug-cfg', f"scale=({spec['weak_min_scale']}, 1.0)"]  # its train crop is bicubic, ratio 3/4-4/3 as ours
 
 
-def ours_argv(spec, tsv, out, seed):
-    steps = spec['train_size'] // spec['batch_size']
+def ours_argv(spec, data, out, seed):
+    """train.py's flags: the user's file as --dataset=csv reads it, and SPEC."""
+    steps = data['rows'] // spec['batch_size']
     keys = ('image_size', 'patch_size', 'vision_width', 'vision_layers', 'vision_heads', 'text_width', 'text_layers',
             'text_heads', 'context_length', 'embed_dim', 'batch_size', 'lr', 'weight_decay', 'beta1', 'beta2', 'eps',
             'epochs', 'weak_min_scale')
-    return ['--dataset=csv', f'--metadata={tsv}', '--csv_image_key=filepath', '--csv_caption_key=title',
-            f'--bpe_path={CLIP_BPE}', '--method=clip', '--vit_style=openai', '--vision_act=quickgelu',
-            '--text_act=quickgelu', f"--local_crop_size={spec['image_size']}",
-            *(f'--{k}={spec[k]}' for k in keys),
+    return ['--dataset=csv', f"--metadata={data['csv']}", f"--csv_image_key={data['image_key']}",
+            f"--csv_caption_key={data['caption_key']}", f"--root={data['root']}", f"--bpe_path={data['bpe']}",
+            '--method=clip', '--vit_style=openai', '--vision_act=quickgelu', '--text_act=quickgelu',
+            f"--local_crop_size={spec['image_size']}", *(f'--{k}={spec[k]}' for k in keys),
             f"--warmup_epochs={(spec['warmup_steps'] + 0.5) / steps}",  # int(warmup_epochs * steps) = warmup_steps
             '--precision=fp32', '--device=cpu', '--workers=1', '--threads=1', f'--seed={seed}', f'--output_dir={out}',
             '--overwrite', '--eval_every=0', '--log_every=1', '--save_every=0']
@@ -101,6 +113,85 @@ def export_demo(cache, size):
     tmp.write_text('\n'.join(rows) + '\n')
     os.replace(tmp, tsv)
     return tsv
+
+
+# --- The data: the demo export or a user's CSV, as each side reads it ---
+RECALLS = ('i2t_r1', 't2i_r1', 'i2t_r5', 't2i_r5')
+
+
+def default_bpe():
+    """CLIP's merges as the open_clip wheel ships them: both sides' vocabulary unless --bpe_path names another."""
+    from open_clip.tokenizer import default_bpe
+    return default_bpe()
+
+
+def gzipped(bpe, cache):
+    """The merges file as gzip, which is all open_clip's tokenizer reads: itself, or a gzipped copy under cache."""
+    raw = Path(bpe).read_bytes()
+    if raw[:2] == b'\x1f\x8b':
+        return str(Path(bpe).resolve())
+    out = Path(cache).resolve() / f'bpe-{hashlib.sha1(raw).hexdigest()[:12]}.txt.gz'
+    if not out.exists():
+        config.atomic_write(out, lambda f: f.write(gzip.compress(raw)))
+    return str(out)
+
+
+def openclip_rows(reader):
+    """(open_clip's TSV of our reader's rows: absolute image path, caption; the rows it could not read, which are
+    left out: no caption text or no image file, where its CsvDataset would fail and ours skips the sample)."""
+    text, left_out = io.StringIO(), 0
+    out = csv.writer(text, delimiter='\t', lineterminator='\n')  # quotes tabs, newlines and '"' as pandas reads them
+    out.writerow(['filepath', 'title'])
+    for i in range(len(reader)):
+        path = reader.root / reader.paths[i]
+        try:
+            caption = reader.captions[i][0]
+        except ValueError:  # a cell that is not text
+            caption = ''
+        if caption.strip() and path.is_file():
+            out.writerow([os.path.abspath(path), caption])
+        else:
+            left_out += 1
+    return text.getvalue(), left_out
+
+
+def check_eval_sets(datasets, retrieval):
+    """Refuse, before any training, evaluation sets that evaluate.py would not find."""
+    from evaluate import FOLDER, check_datasets
+    check_datasets(datasets)
+    for path in [d[len(FOLDER):] for d in datasets if d.startswith(FOLDER)] + ([retrieval] if retrieval else []):
+        if not Path(path).exists():
+            raise config.UserError(f"evaluation set {path} not found; give --eval_datasets=folder:PATH (an "
+                                   f"ImageFolder) and --retrieval=CSV (columns image,caption)")
+
+
+def prepare_data(a, spec, cache):
+    """The run's data: --csv (or the demo export) read by our --dataset=csv reader, open_clip's TSV of the same rows,
+    the merges and the evaluation sets, with a key over all of them for the results cache."""
+    from data import Tokenizer, read_csv
+    demo = not a.csv
+    source = export_demo(cache, spec['train_size']) if demo else Path(a.csv).expanduser().resolve()
+    keys = ('filepath', 'title') if demo else (a.csv_image_key, a.csv_caption_key)
+    root = '' if demo or not a.root else str(Path(a.root).expanduser().resolve())
+    reader = read_csv(config.Config(dataset='csv', metadata=str(source), csv_image_key=keys[0],
+                                    csv_caption_key=keys[1], root=root, output_dir=str(cache)))
+    bpe = str(Path(a.bpe_path or default_bpe()).expanduser().resolve())
+    vocab_size = Tokenizer(bpe).vocab_size
+    datasets = ['demo'] if demo else [d.strip() for d in a.eval_datasets.split(',') if d.strip()]
+    retrieval = '' if demo or not a.retrieval else str(Path(a.retrieval).expanduser().resolve())
+    check_eval_sets(datasets, retrieval)
+    text, left_out = openclip_rows(reader)
+    if left_out:
+        print(f"open_clip's TSV leaves out {left_out} of {len(reader)} rows without caption text or image file "
+              f"(ours skips them as unreadable)")
+    key = hashlib.sha1(json.dumps([text, Path(bpe).read_bytes().hex(), datasets, retrieval, a.data_root,
+                                   Path(retrieval).read_text() if retrieval else '']).encode()).hexdigest()[:16]
+    tsv = Path(cache).resolve() / f'data-{key}' / 'openclip.tsv'
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    config.atomic_write(tsv, lambda f: f.write(text.encode()))
+    return dict(demo=demo, csv=str(source), image_key=keys[0], caption_key=keys[1], root=root, rows=len(reader),
+                tsv=str(tsv), bpe=bpe, bpe_gz=gzipped(bpe, cache), vocab_size=vocab_size, datasets=datasets,
+                retrieval=retrieval, data_root=a.data_root, key=key)
 
 
 # --- Ablation patches: changes applied to ours in its training process ---
@@ -161,8 +252,26 @@ def patch_openclip_decay():
     train.param_groups = groups
 
 
+def patch_pil_resize():
+    """open_clip's training crop: the weak view cut and resized by PIL from the image in its own mode, then made RGB
+    (torchvision's RandomResizedCrop on a PIL image: bicubic, but nearest for palette images, and RGBA / LA resized
+    with premultiplied alpha), instead of resized from the RGB tensor by torch's antialiased bicubic."""
+    import augment
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    def draw(self, img, gen=None):
+        x, boxes, params = self.draw_boxes(img, gen)  # the image is decoded at x's size: the boxes fit it
+        top, left, h, w = boxes[0]
+        weak = img.crop((left, top, left + w, top + h)).resize((self.sizes[0],) * 2, Image.Resampling.BICUBIC)
+        strong = [augment.resized_crop(x, box, size) for box, size in zip(boxes[1:], self.sizes[1:])]
+        return pil_to_tensor(weak.convert('RGB')), strong, params
+    augment.ImageViews.draw = draw
+
+
 PATCHES = {'old_vit_init': patch_old_vit_init, 'openclip_vit_init': patch_openclip_vit_init,
-           'decay_class_token': patch_decay_class_token, 'openclip_decay': patch_openclip_decay}
+           'decay_class_token': patch_decay_class_token, 'openclip_decay': patch_openclip_decay,
+           'pil_resize': patch_pil_resize}
 
 OPENAI_NORM = ('--image_mean=0.48145466,0.4578275,0.40821073', '--image_std=0.26862954,0.26130258,0.27577711')
 # row: (side, patches, extra train.py flags); 'lr_like_openclip' gives ours open_clip's schedule ends (warmup from
@@ -177,6 +286,7 @@ ROWS = {
     'ours+crop_0.5': ('ours', (), ('--weak_min_scale=0.5',)),
     'ours+openai_norm': ('ours', (), OPENAI_NORM),
     'ours+lr_like_openclip': ('ours', (), ('--lr_end=0', 'LR_START')),
+    'ours+pil_resize': ('ours', ('pil_resize',), ()),
     'ours+all_openclip': ('ours', ('openclip_vit_init', 'openclip_decay'),
                           (*OPENAI_NORM, '--lr_end=0', 'LR_START')),
 }
@@ -226,25 +336,25 @@ def peak_rss(text):
     return float(re.findall(r'peak_rss_mb=([\d.]+)', text)[-1])
 
 
-def train_openclip(spec, tsv, work, seed, timeout):
+def train_openclip(spec, data, work, seed, timeout):
     """(checkpoint path, per-step losses, per-step seconds, peak RSS MB) of one open_clip run."""
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / 'config').mkdir()
-    (work / 'config' / 'peer.json').write_text(json.dumps(openclip_model_config(spec)))
+    (work / 'config' / 'peer.json').write_text(json.dumps(openclip_model_config(spec, data)))
     text = run_child(['--child=open_clip', f"--config={work / 'config'}", '--',
-                      *openclip_argv(spec, tsv, work / 'logs', seed)], work / 'train.log', timeout)
+                      *openclip_argv(spec, data['tsv'], work / 'logs', seed)], work / 'train.log', timeout)
     steps = re.findall(r'Batch \(t\): ([\d.]+),.*?Contrastive_loss: ([\d.]+)', text)
     ckpt = work / 'logs' / 'run' / 'checkpoints' / f"epoch_{spec['epochs']}.pt"
     return ckpt, [float(loss) for _, loss in steps], [float(t) for t, _ in steps], peak_rss(text)
 
 
-def train_ours(spec, tsv, work, seed, patches, flags, timeout):
+def train_ours(spec, data, work, seed, patches, flags, timeout):
     """(checkpoint path, per-step losses, per-step seconds, peak RSS MB) of one run of ours."""
     work.mkdir(parents=True, exist_ok=True)
     text = run_child(['--child=ours', f"--patches={','.join(patches)}", '--',
-                      *ours_argv(spec, tsv, work / 'out', seed), *flags], work / 'train.log', timeout)
+                      *ours_argv(spec, data, work / 'out', seed), *flags], work / 'train.log', timeout)
     records = [json.loads(line) for line in (work / 'out' / 'log.jsonl').read_text().splitlines()]
     records = [r for r in records if r['type'] == 'train']
     return (work / 'out' / 'checkpoint.pt', [r['loss'] for r in records],
@@ -252,18 +362,30 @@ def train_ours(spec, tsv, work, seed, patches, flags, timeout):
 
 
 # --- One evaluator for both ---
-def evaluate_checkpoint(path, side, spec):
-    """{task: top-1 %, 'i2t_r1', 't2i_r1'} on the held-out demo tasks (seed 0) by our evaluate.evaluate."""
+def evaluate_checkpoint(path, side, spec, data):
+    """{zero-shot task: top-1 %, ..., 'tasks': their names, 'i2t_r1', 't2i_r1', 'i2t_r5', 't2i_r5', 'parameters'} by
+    our evaluate.evaluate (z head) on the data's evaluation sets: the held-out demo tasks (seed 0) for the demo."""
     sys.path.insert(0, str(ROOT))
     from evaluate import evaluate, model_from_checkpoint, read_checkpoint
-    overrides = {'vision_heads': spec['vision_heads'], 'text_heads': spec['text_heads'], 'bpe_path': str(CLIP_BPE)}
+    overrides = {'vision_heads': spec['vision_heads'], 'text_heads': spec['text_heads'], 'bpe_path': data['bpe']}
     ckpt = read_checkpoint(path, overrides if side == 'open_clip' else None)
     cfg, model, tokenizer = model_from_checkpoint(ckpt, path, 'cpu')
-    cfg.dataset, cfg.seed, cfg.demo_val_size, cfg.workers, cfg.device = 'demo', 0, spec['val_size'], 0, 'cpu'
-    results = evaluate(model, tokenizer, cfg, datasets=['demo'])
-    out = {task: results[f'demo_{task}']['acc1_z'] for task in TASKS}
-    out.update(i2t_r1=results['demo_retrieval']['i2t_r1_z'], t2i_r1=results['demo_retrieval']['t2i_r1_z'],
-               parameters=sum(p.numel() for p in model.parameters()))
+    out = {'parameters': sum(p.numel() for p in model.parameters()), 'tasks': []}
+    if not data['datasets'] and not data['retrieval']:
+        return out
+    cfg.seed, cfg.demo_val_size, cfg.workers, cfg.device = 0, spec['val_size'], 0, 'cpu'
+    cfg.dataset, cfg.data_root = 'demo' if data['demo'] else 'csv', data['data_root']
+    results = evaluate(model, tokenizer, cfg, datasets=data['datasets'] or None,
+                       retrieval_csv=data['retrieval'] or None)
+    for name, r in results.items():
+        if 'error' in r:
+            raise config.UserError(r['error'])
+        if 'i2t_r1_z' in r:
+            out.update({k: r[f'{k}_z'] for k in RECALLS})
+        elif 'acc1_z' in r:
+            task = name.removeprefix('demo_')
+            out[task] = r['acc1_z']
+            out['tasks'].append(task)
     return out
 
 
@@ -276,53 +398,61 @@ def code_hash(read=lambda name: (ROOT / name).read_bytes()):
     return hashlib.sha1(b''.join(read(name) for name in MODULES)).hexdigest()[:12]
 
 
-def spec_key(row, spec, seed, code=None):
+def spec_key(row, spec, data, seed, code=None):
     side, patches, _ = ROWS[row]
     code = '' if side == 'open_clip' else code or code_hash()
-    text = json.dumps([side, patches, row_flags(row, spec), spec, seed, code], sort_keys=True)
+    text = json.dumps([side, patches, row_flags(row, spec), spec, data['key'], seed, code], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def run_row(row, spec, tsv, cache, seed, timeout):
+def run_row(row, spec, data, cache, seed, timeout):
     """Train one row at one seed and evaluate it: the figures of the run."""
     side, patches, _ = ROWS[row]
-    work = Path(cache) / 'runs' / f"{row}-{spec_key(row, spec, seed)}"
+    key = spec_key(row, spec, data, seed)
+    work = Path(cache) / 'runs' / f"{row}-{key}"
     if side == 'open_clip':
-        ckpt, losses, seconds, rss = train_openclip(spec, tsv, work, seed, timeout)
+        ckpt, losses, seconds, rss = train_openclip(spec, data, work, seed, timeout)
     else:
-        ckpt, losses, seconds, rss = train_ours(spec, tsv, work, seed, patches, row_flags(row, spec), timeout)
+        ckpt, losses, seconds, rss = train_ours(spec, data, work, seed, patches, row_flags(row, spec), timeout)
     timed = seconds[SKIP:] if len(seconds) > SKIP else seconds
-    figures = {'row': row, 'seed': seed, 'key': spec_key(row, spec, seed), 'steps': len(losses),
-               'code': '' if side == 'open_clip' else code_hash(),
-               'loss': statistics.fmean(losses[-WINDOW:]),
-               'samples_per_s': spec['batch_size'] * len(timed) / sum(timed), 'peak_mb': rss,
-               **evaluate_checkpoint(ckpt, side, spec)}
-    return figures
+    return {'row': row, 'seed': seed, 'key': key, 'steps': len(losses),
+            'code': '' if side == 'open_clip' else code_hash(), 'loss': statistics.fmean(losses[-WINDOW:]),
+            'samples_per_s': spec['batch_size'] * len(timed) / sum(timed), 'peak_mb': rss,
+            **evaluate_checkpoint(ckpt, side, spec, data)}
 
 
-COLUMNS = [('loss', 'loss', '.3f'), ('shape', 'shape', '.1f'), ('colour', 'colour', '.1f'),
-           ('colour_shape_unseen', 'unseen', '.1f'), ('i2t_r1', 'i2t@1', '.1f'), ('t2i_r1', 't2i@1', '.1f'),
-           ('samples_per_s', 'samples/s', '.0f'), ('peak_mb', 'peak MB', '.0f')]
+def columns(results):
+    """(key, name, format) of the table: loss, every zero-shot task, recalls where measured, speed and memory."""
+    runs = list(results.values())
+    tasks = list(dict.fromkeys(t for r in runs for t in r['tasks']))
+    recalls = [(k, k.replace('_r', '@'), '.1f') for k in RECALLS if any(k in r for r in runs)]
+    return [('loss', 'loss', '.3f'), *((t, t[:11], '.1f') for t in tasks), *recalls,
+            ('samples_per_s', 'samples/s', '.0f'), ('peak_mb', 'peak MB', '.0f')]
+
+
+def cell(values, fmt):
+    """'mean ± half range' of the values, '-' when there are none."""
+    if not values:
+        return '-'
+    return f"{format(statistics.fmean(values), fmt)} ± {format((max(values) - min(values)) / 2, fmt)}"
 
 
 def print_table(results, rows, seeds):
     """Per-seed rows, then per row the mean ± half the range over its seeds."""
-    head = f"{'row':<26}{'seed':>6}" + ''.join(f"{name:>12}" for _, name, _ in COLUMNS)
-    print(head)
+    cols = columns(results)
+    print(f"{'row':<26}{'seed':>6}" + ''.join(f"{name:>12}" for _, name, _ in cols))
     for row in rows:
         for seed in seeds:
             r = results.get((row, seed))
             if r:
-                print(f"{row:<26}{seed:>6}" + ''.join(f"{r[k]:>12{fmt}}" for k, _, fmt in COLUMNS))
+                print(f"{row:<26}{seed:>6}" + ''.join(f"{format(r[k], fmt) if k in r else '-':>12}"
+                                                    for k, _, fmt in cols))
     print()
-    print(f"{'mean ± half range':<32}" + ''.join(f"{name:>16}" for _, name, _ in COLUMNS))
+    print(f"{'mean ± half range':<32}" + ''.join(f"{name:>16}" for _, name, _ in cols))
     for row in rows:
         runs = [results[(row, s)] for s in seeds if (row, s) in results]
         if runs:
-            cells = []
-            for k, _, fmt in COLUMNS:
-                values = [r[k] for r in runs]
-                cells.append(f"{format(statistics.fmean(values), fmt)} ± {format((max(values) - min(values)) / 2, fmt)}")
+            cells = [cell([r[k] for r in runs if k in r], fmt) for k, _, fmt in cols]
             print(f"{row + f' (n={len(runs)})':<32}" + ''.join(f"{c:>16}" for c in cells))
 
 
@@ -343,7 +473,16 @@ def main(argv=None):
     p.add_argument('--rows', default='open_clip,ours', help=f"comma-separated, from: {', '.join(ROWS)}")
     p.add_argument('--seeds', default='0,1,2')
     p.add_argument('--cache', default=str(ROOT / 'out_peer'), help='export, runs and results.jsonl')
-    p.add_argument('--csv', default='', help='a TSV (filepath, title) to train on instead of the demo export')
+    p.add_argument('--csv', default='', help='your training CSV or TSV (as train.py --dataset=csv reads it) instead '
+                                             'of the demo export')
+    p.add_argument('--csv_image_key', default='filepath', help='its column of image paths')
+    p.add_argument('--csv_caption_key', default='title', help='its column of captions')
+    p.add_argument('--root', default='', help='folder its image paths are relative to (default: its own)')
+    p.add_argument('--bpe_path', default='', help="CLIP-format merges for both sides (default: the open_clip wheel's)")
+    p.add_argument('--eval_datasets', default='', help='with --csv: evaluate.py --datasets values, e.g. '
+                                                       'folder:PATH (an ImageFolder)')
+    p.add_argument('--retrieval', default='', help='with --csv: a retrieval CSV (columns image,caption)')
+    p.add_argument('--data_root', default='', help="root of evaluate.py's catalogue sets, if --eval_datasets names any")
     p.add_argument('--fresh', action='store_true', help='run again what results.jsonl already holds')
     p.add_argument('--timeout', type=float, default=3600, help='seconds per training run')
     for k, v in SPEC.items():
@@ -356,23 +495,28 @@ def main(argv=None):
     spec = {k: getattr(a, k) for k in SPEC}
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    tsv = Path(a.csv) if a.csv else export_demo(cache, spec['train_size'])
+    try:
+        data = prepare_data(a, spec, cache)
+    except config.UserError as e:
+        sys.exit(f"error: {e}")
+    if data['rows'] < spec['batch_size']:
+        sys.exit(f"error: {data['csv']} has {data['rows']} rows, less than one batch of {spec['batch_size']}")
     store = cache / 'results.jsonl'
     done = load_results(store)
     results = {}
     for seed in seeds:  # the rows of one seed in turn: interleaved, so load on the machine hits every row alike
         for row in rows:
-            key = spec_key(row, spec, seed)
+            key = spec_key(row, spec, data, seed)
             if key in done and not a.fresh:
                 results[(row, seed)] = done[key]
                 continue
             start = time.perf_counter()
-            r = run_row(row, spec, tsv, cache, seed, a.timeout)
+            r = run_row(row, spec, data, cache, seed, a.timeout)
             r['wall_s'] = time.perf_counter() - start
             with open(store, 'a') as f:
                 f.write(json.dumps(r) + '\n')
             results[(row, seed)] = r
-            print(f"{row} seed {seed}: " + ', '.join(f"{name} {r[k]:{fmt}}" for k, name, fmt in COLUMNS)
+            print(f"{row} seed {seed}: " + ', '.join(f"{name} {r[k]:{fmt}}" for k, name, fmt in columns({0: r}))
                   + f" ({r['wall_s']:.0f} s, {r['parameters']:,} parameters)", flush=True)
     print()
     print_table(results, rows, seeds)

@@ -1,4 +1,6 @@
 """bench.peer: open_clip's trainer and ours train on one export from one description, one evaluator scores both."""
+import argparse
+import gzip
 import json
 import subprocess
 import sys
@@ -11,19 +13,23 @@ sys.path.insert(0, str(ROOT))
 from bench import peer  # noqa: E402
 
 pytest.importorskip('open_clip_train')
+CLIP_BPE = ROOT.parent / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
+DATA = dict(demo=True, csv='t.tsv', image_key='filepath', caption_key='title', root='', rows=12000, tsv='t.tsv',
+            bpe=str(CLIP_BPE), bpe_gz=str(CLIP_BPE), vocab_size=49408, datasets=['demo'], retrieval='', data_root='',
+            key='k')
 
 
 def test_one_description_builds_both_sides():
     """The same widths, depths, heads, context and recipe reach open_clip's config and flags and our flags."""
     spec = peer.SPEC
-    oc = peer.openclip_model_config(spec)
+    oc = peer.openclip_model_config(spec, DATA)
     assert oc['vision_cfg']['width'] // oc['vision_cfg']['head_width'] == spec['vision_heads']
     assert oc['text_cfg']['heads'] == spec['text_heads'] and oc['text_cfg']['context_length'] == spec['context_length']
     theirs = peer.openclip_argv(spec, 't.tsv', 'logs', 3)
     assert theirs[theirs.index('--warmup') + 1] == '56' and theirs[theirs.index('--seed') + 1] == '3'
     import config
-    cfg = config.resolve(config._split_flags(peer.ours_argv(spec, 't.tsv', 'out', 3)), verbose=False)
-    steps = spec['train_size'] // spec['batch_size']
+    cfg = config.resolve(config._split_flags(peer.ours_argv(spec, DATA, 'out', 3)), verbose=False)
+    steps = DATA['rows'] // spec['batch_size']
     assert int(cfg.warmup_epochs * steps) == spec['warmup_steps']
     assert (cfg.method, cfg.vit_style, cfg.image_size, cfg.local_crop_size, cfg.context_length, cfg.seed) == \
         ('clip', 'openai', 64, 64, 32, 3)
@@ -44,7 +50,7 @@ def test_one_training_crop_reaches_both_sides(scale):
     crop = image_transform(spec['image_size'], is_train=True, aug_cfg=theirs.aug_cfg).transforms[0]
     assert isinstance(crop, RandomResizedCrop) and crop.interpolation == InterpolationMode.BICUBIC
     assert tuple(crop.scale) == want and tuple(crop.ratio) == (3 / 4, 4 / 3)
-    cfg = config.resolve(config._split_flags(peer.ours_argv(spec, 't.tsv', 'out', 0)), verbose=False)
+    cfg = config.resolve(config._split_flags(peer.ours_argv(spec, DATA, 'out', 0)), verbose=False)
     assert ImageViews(cfg).weak['scale'] == want
 
 
@@ -60,9 +66,96 @@ def test_both_sides_train_and_one_evaluator_scores_them(tmp_path):
     for r in runs:
         assert r['steps'] == 4 and r['parameters'] == runs[0]['parameters']
         assert 0 < r['loss'] < 10 and r['samples_per_s'] > 0 and r['peak_mb'] > 0
-        assert all(0 <= r[k] <= 100 for k in (*peer.TASKS, 'i2t_r1', 't2i_r1'))
+        assert r['tasks'] == ['shape', 'colour', 'colour_shape_unseen']
+        assert all(0 <= r[k] <= 100 for k in (*r['tasks'], *peer.RECALLS))
     assert 'mean ± half range' in proc.stdout and 'open_clip (n=1)' in proc.stdout
     again = subprocess.run([sys.executable, '-m', 'bench.peer', f'--cache={tmp_path}', '--train_size=128',
                             '--val_size=20', '--batch_size=32', '--warmup_steps=1', '--seeds=0', '--rows=ours'],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and 'ours seed 0:' not in again.stdout  # reused from results.jsonl, not rerun
+
+
+def user_data(tmp_path):
+    """A user's comma-separated CSV with its own column names, relative paths, captions holding commas, quotes and a
+    newline, a row whose image is missing and one without a caption; plain-text merges; a folder set and a retrieval
+    CSV. Returns (the CSV, the parsed bench.peer arguments)."""
+    from PIL import Image
+    (tmp_path / 'imgs').mkdir()
+    captions = ['a red square', 'two cats, "sleeping"', 'line one\nline two', 'a tab\there', 'café au lait',
+                'a blue circle']
+    modes = ['RGB', 'RGBA', 'P', 'LA', 'L', 'RGB']
+    for i, mode in enumerate(modes):
+        Image.new(mode, (40 + i, 30)).save(tmp_path / 'imgs' / f'{i}.png')
+    import csv
+    with open(tmp_path / 'pairs.csv', 'w', newline='') as f:
+        out = csv.writer(f)
+        out.writerow(['image', 'text'])
+        out.writerows([(f'imgs/{i}.png', c) for i, c in enumerate(captions)])
+        out.writerows([('imgs/missing.png', 'no image'), ('imgs/0.png', '')])
+    merges = tmp_path / 'merges.txt'
+    merges.write_bytes(gzip.decompress(CLIP_BPE.read_bytes()))
+    for name in ('a', 'b'):
+        (tmp_path / 'heldout' / name).mkdir(parents=True)
+        Image.new('RGB', (32, 32), name == 'a' and 'red' or 'blue').save(tmp_path / 'heldout' / name / 'x.png')
+    (tmp_path / 'retrieval.csv').write_text('image,caption\nimgs/0.png,a red square\nimgs/5.png,a blue circle\n')
+    args = argparse.Namespace(csv=str(tmp_path / 'pairs.csv'), csv_image_key='image', csv_caption_key='text', root='',
+                              bpe_path=str(merges), eval_datasets=f"folder:{tmp_path / 'heldout'}",
+                              retrieval=str(tmp_path / 'retrieval.csv'), data_root='')
+    return captions, args
+
+
+def test_a_users_csv_and_merges_reach_both_sides_alike(tmp_path):
+    """open_clip's own CsvDataset reads the rows our reader took from the user's CSV (absolute paths, captions
+    verbatim; the rows it would fail on left out), its tokenizer reads the user's merges and tokenises as ours, and
+    our flags read the user's file itself."""
+    import config
+    import open_clip
+    from data import Tokenizer
+    from open_clip_train.data import CsvDataset
+    captions, args = user_data(tmp_path)
+    data = peer.prepare_data(args, peer.SPEC, tmp_path / 'cache')
+    assert data['rows'] == 8 and not data['demo'] and data['datasets'] == [args.eval_datasets]
+    theirs = CsvDataset(data['tsv'], None, 'filepath', 'title', sep='\t', tokenizer=None)
+    assert theirs.images == [str(tmp_path / 'imgs' / f'{i}.png') for i in range(6)] and theirs.captions == captions
+    assert gzip.decompress(Path(data['bpe_gz']).read_bytes()) == Path(args.bpe_path).read_bytes()
+    (tmp_path / 'oc').mkdir()
+    (tmp_path / 'oc' / 'peer.json').write_text(json.dumps(peer.openclip_model_config(peer.SPEC, data)))
+    open_clip.add_model_config(tmp_path / 'oc')
+    texts = [*captions, 'word ' * 40]
+    assert open_clip.get_tokenizer('peer')(texts).tolist() == \
+        Tokenizer(args.bpe_path, peer.SPEC['context_length'])(texts).tolist()
+    cfg = config.resolve(config._split_flags(peer.ours_argv(dict(peer.SPEC, batch_size=4), data, 'out', 0)),
+                         verbose=False)
+    assert (cfg.metadata, cfg.csv_image_key, cfg.csv_caption_key, cfg.bpe_path) == \
+        (args.csv, 'image', 'text', args.bpe_path)
+    again = peer.prepare_data(args, peer.SPEC, tmp_path / 'cache')
+    (tmp_path / 'retrieval.csv').write_text('image,caption\nimgs/0.png,a red square\n')
+    assert again['key'] == data['key'] != peer.prepare_data(args, peer.SPEC, tmp_path / 'cache')['key']
+
+
+def test_missing_evaluation_set_is_refused_before_training(tmp_path):
+    _, args = user_data(tmp_path)
+    proc = subprocess.run([sys.executable, '-m', 'bench.peer', f'--cache={tmp_path / "cache"}', f'--csv={args.csv}',
+                           '--csv_image_key=image', '--csv_caption_key=text', '--batch_size=4',
+                           f'--eval_datasets=folder:{tmp_path / "nowhere"}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and proc.stderr.startswith('error: ') and 'nowhere' in proc.stderr
+    assert 'Traceback' not in proc.stderr and not (tmp_path / 'cache' / 'runs').exists()
+
+
+@pytest.mark.slow
+def test_both_sides_train_on_a_users_csv_and_are_scored_on_its_sets(tmp_path):
+    """The user's CSV, merges, folder set and retrieval CSV end to end: a step of each side, both scored."""
+    _, args = user_data(tmp_path)
+    proc = subprocess.run([sys.executable, '-m', 'bench.peer', f'--cache={tmp_path / "cache"}', f'--csv={args.csv}',
+                           '--csv_image_key=image', '--csv_caption_key=text', f'--bpe_path={args.bpe_path}',
+                           f'--eval_datasets={args.eval_datasets}', f'--retrieval={args.retrieval}',
+                           '--batch_size=4', '--warmup_steps=1', '--seeds=0', '--rows=open_clip,ours'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / 'cache' / 'results.jsonl').read_text().splitlines()]
+    assert [r['row'] for r in runs] == ['open_clip', 'ours']
+    for r in runs:
+        assert r['tasks'] == ['heldout'] and 0 <= r['heldout'] <= 100
+        assert all(0 <= r[k] <= 100 for k in peer.RECALLS) and r['steps'] >= 1
+    assert 'heldout' in proc.stdout and 'i2t@5' in proc.stdout
