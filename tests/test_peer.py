@@ -75,10 +75,10 @@ def test_both_sides_train_and_one_evaluator_scores_them(tmp_path):
     assert again.returncode == 0 and 'ours seed 0:' not in again.stdout  # reused from results.jsonl, not rerun
 
 
-def user_data(tmp_path):
+def user_data(tmp_path, bad_rows=True):
     """A user's comma-separated CSV with its own column names, relative paths, captions holding commas, quotes and a
-    newline, a row whose image is missing and one without a caption; plain-text merges; a folder set and a retrieval
-    CSV. Returns (the CSV, the parsed bench.peer arguments)."""
+    newline (and with bad_rows, a row whose image is missing and one without a caption); plain-text merges; a folder
+    set and a retrieval CSV. Returns (the good rows' captions, the parsed bench.peer arguments)."""
     from PIL import Image
     (tmp_path / 'imgs').mkdir()
     captions = ['a red square', 'two cats, "sleeping"', 'line one\nline two', 'a tab\there', 'café au lait',
@@ -91,7 +91,7 @@ def user_data(tmp_path):
         out = csv.writer(f)
         out.writerow(['image', 'text'])
         out.writerows([(f'imgs/{i}.png', c) for i, c in enumerate(captions)])
-        out.writerows([('imgs/missing.png', 'no image'), ('imgs/0.png', '')])
+        out.writerows([('imgs/missing.png', 'no image'), ('imgs/0.png', '')] if bad_rows else [])
     merges = tmp_path / 'merges.txt'
     merges.write_bytes(gzip.decompress(CLIP_BPE.read_bytes()))
     for name in ('a', 'b'):
@@ -146,7 +146,7 @@ def test_missing_evaluation_set_is_refused_before_training(tmp_path):
 @pytest.mark.slow
 def test_both_sides_train_on_a_users_csv_and_are_scored_on_its_sets(tmp_path):
     """The user's CSV, merges, folder set and retrieval CSV end to end: a step of each side, both scored."""
-    _, args = user_data(tmp_path)
+    _, args = user_data(tmp_path, bad_rows=False)
     proc = subprocess.run([sys.executable, '-m', 'bench.peer', f'--cache={tmp_path / "cache"}', f'--csv={args.csv}',
                            '--csv_image_key=image', '--csv_caption_key=text', f'--bpe_path={args.bpe_path}',
                            f'--eval_datasets={args.eval_datasets}', f'--retrieval={args.retrieval}',
