@@ -377,6 +377,8 @@ def evaluate_checkpoint(path, side, spec, data):
     cfg.dataset, cfg.data_root = 'demo' if data['demo'] else 'csv', data['data_root']
     results = evaluate(model, tokenizer, cfg, datasets=data['datasets'] or None,
                        retrieval_csv=data['retrieval'] or None)
+    if data['retrieval']:
+        out['val_loss'] = heldout_loss(model, tokenizer, cfg, data['retrieval'])
     for name, r in results.items():
         if 'error' in r:
             raise config.UserError(r['error'])
@@ -387,6 +389,21 @@ def evaluate_checkpoint(path, side, spec, data):
             out[task] = r['acc1_z']
             out['tasks'].append(task)
     return out
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, cfg, path):
+    """CLIP's loss (model.clip_loss, at the model's own logit scale) of the retrieval CSV's pairs in one batch: a
+    held-out loss that uses every rank, where R@1 counts a few hits."""
+    from evaluate import embeddings, eval_transform, read_retrieval_csv
+    from model import clip_loss
+    images, captions, caption_ids = read_retrieval_csv(path, eval_transform(cfg))
+    image_emb, image_ids, _ = embeddings(model, cfg, images, ['z'], model.encode_image_heads)
+    row = {int(i): n for n, i in enumerate(image_ids)}
+    keep = [j for j, i in enumerate(caption_ids) if i in row]  # the captions of decodable images
+    image = image_emb['z'][[row[caption_ids[j]] for j in keep]]  # (M, D), the image of each caption
+    text = model.encode_text(tokenizer([captions[j] for j in keep]))  # (M, D)
+    return clip_loss(image, text, model.logit_scale.exp())['loss'].item()
 
 
 # --- Runs and the table ---
@@ -426,7 +443,8 @@ def columns(results):
     runs = list(results.values())
     tasks = list(dict.fromkeys(t for r in runs for t in r['tasks']))
     recalls = [(k, k.replace('_r', '@'), '.1f') for k in RECALLS if any(k in r for r in runs)]
-    return [('loss', 'loss', '.3f'), *((t, t[:11], '.1f') for t in tasks), *recalls,
+    held = [('val_loss', 'val loss', '.3f')] if any('val_loss' in r for r in runs) else []
+    return [('loss', 'loss', '.3f'), *held, *((t, t[:11], '.1f') for t in tasks), *recalls,
             ('samples_per_s', 'samples/s', '.0f'), ('peak_mb', 'peak MB', '.0f')]
 
 

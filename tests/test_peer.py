@@ -156,6 +156,60 @@ def test_both_sides_train_on_a_users_csv_and_are_scored_on_its_sets(tmp_path):
     runs = [json.loads(line) for line in (tmp_path / 'cache' / 'results.jsonl').read_text().splitlines()]
     assert [r['row'] for r in runs] == ['open_clip', 'ours']
     for r in runs:
-        assert r['tasks'] == ['heldout'] and 0 <= r['heldout'] <= 100
+        assert r['tasks'] == ['heldout'] and 0 <= r['heldout'] <= 100 and 0 < r['val_loss'] < 10
         assert all(0 <= r[k] <= 100 for k in peer.RECALLS) and r['steps'] >= 1
     assert 'heldout' in proc.stdout and 'i2t@5' in proc.stdout
+
+
+@pytest.mark.slow
+def test_both_trainers_take_the_same_steps_from_the_same_weights(tmp_path):
+    """From one set of starting weights, on a data set that is one batch of 64-px images (each step sees every
+    pair; a full-area crop of a 64-px image is the image itself), open_clip's trainer and ours with open_clip's
+    schedule ends and image statistics log the same losses and end at the same weights: AdamW and its groups, the
+    schedule, the loss and the logit-scale clamp compute the same thing on both sides."""
+    import torch
+    import config
+    import open_clip
+    from PIL import Image, ImageDraw
+    (tmp_path / 'imgs').mkdir()
+    rows = ['filepath\ttitle']
+    for i in range(16):
+        img = Image.new('RGB', (64, 64), (20 * i, 255 - 15 * i, 128))
+        ImageDraw.Draw(img).ellipse((4 * (i % 4), 3 * (i // 4), 40 + i, 30 + 2 * i), fill=(255, 16 * i, 0))
+        img.save(tmp_path / 'imgs' / f'{i}.png')
+        rows.append(f"{tmp_path / 'imgs' / f'{i}.png'}\tan orange ball number {i} on a {'pale' if i % 2 else 'dark'} "
+                    f"ground")
+    (tmp_path / 'train.tsv').write_text('\n'.join(rows) + '\n')
+    spec = dict(peer.SPEC, batch_size=16, epochs=6, warmup_steps=2, lr=1e-3, weak_min_scale=1.0)
+    args = argparse.Namespace(csv=str(tmp_path / 'train.tsv'), csv_image_key='filepath', csv_caption_key='title',
+                              root='', bpe_path=str(CLIP_BPE), eval_datasets='', retrieval='', data_root='')
+    data = peer.prepare_data(args, spec, tmp_path / 'cache')
+    (tmp_path / 'oc').mkdir()
+    (tmp_path / 'oc' / 'peer.json').write_text(json.dumps(peer.openclip_model_config(spec, data)))
+    open_clip.add_model_config(tmp_path / 'oc')
+    torch.manual_seed(0)
+    init = tmp_path / 'init.pt'
+    torch.save(open_clip.create_model('peer').state_dict(), init)
+    theirs = peer.run_child(['--child=open_clip', f"--config={tmp_path / 'oc'}", '--',
+                             *peer.openclip_argv(spec, data['tsv'], tmp_path / 'logs', 0), '--pretrained', str(init)],
+                            tmp_path / 'open_clip.log', 1200)
+    like_openclip = [*peer.OPENAI_NORM, '--lr_end=0', f"--lr_start={spec['lr'] / spec['warmup_steps']}",
+                     f'--init={init}']
+    peer.run_child(['--child=ours', '--', *peer.ours_argv(spec, data, tmp_path / 'out', 0), *like_openclip],
+                   tmp_path / 'ours.log', 1200)
+    their_losses = [float(x) for x in peer.re.findall(r'Contrastive_loss: ([\d.]+)', theirs)]
+    our_losses = [json.loads(line)['loss'] for line in (tmp_path / 'out' / 'log.jsonl').read_text().splitlines()
+                  if '"train"' in line]
+    assert len(our_losses) == len(their_losses) == 6 and their_losses[-1] < their_losses[0] - 0.1
+    assert our_losses == pytest.approx(their_losses, abs=2e-4)
+    their_weights = config.convert_weights(torch.load(tmp_path / 'logs' / 'run' / 'checkpoints' / 'epoch_6.pt',
+                                                      weights_only=True)['state_dict'])['state']
+    ours = torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)['model']
+    start = config.convert_weights(torch.load(init, weights_only=True))['state']
+    for name, w in ours.items():
+        theirs_w, start_w = their_weights[name], start[name]
+        if name.endswith('attn.in_proj.bias'):  # drop its key third: a key bias shifts every logit of a query alike,
+            keep = torch.ones_like(w, dtype=torch.bool)  # so its true gradient is 0 and Adam steps on float noise
+            keep[w.shape[0] // 3:2 * w.shape[0] // 3] = False
+            w, theirs_w, start_w = w[keep], theirs_w[keep], start_w[keep]
+        assert (w - theirs_w).norm() <= 1e-3 * (theirs_w - start_w).norm() + 1e-7, name
