@@ -269,9 +269,43 @@ def patch_pil_resize():
     augment.ImageViews.draw = draw
 
 
+def patch_openclip_data():
+    """open_clip's training data path in ours, on our reader's rows: its train transform (torchvision's
+    RandomResizedCrop on the image as PIL opens it, then RGB, ToTensor, Normalize with --image_mean/--image_std),
+    each caption tokenised whole, and a loader reshuffled every epoch from torch's global generator (RandomSampler)."""
+    import data
+    import train
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, reader, transform, tokenizer):
+            self.reader, self.transform, self.tokenizer = reader, transform, tokenizer
+
+        def __len__(self):
+            return len(self.reader)
+
+        def __getitem__(self, i):
+            image = Image.open(self.reader.root / self.reader.paths[i])
+            return {'weak': self.transform(image), 'strong': [], 'skipped': 0,
+                    'tokens': self.tokenizer(self.reader.captions[i][0])}  # (1, L): the weak caption only
+
+    class Sampler(torch.utils.data.RandomSampler):
+        def set_epoch(self, epoch, start_batch=0):  # a fresh permutation every epoch, as open_clip's
+            pass
+
+    def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
+        transform = image_transform(cfg.image_size, is_train=True, mean=cfg.image_mean, std=cfg.image_std,
+                                    aug_cfg={'scale': (cfg.weak_min_scale, 1.0)})
+        pairs = Pairs(data.build_reader(cfg), transform, tokenizer)
+        return torch.utils.data.DataLoader(pairs, cfg.batch_size, sampler=Sampler(pairs), num_workers=cfg.workers,
+                                           drop_last=True, collate_fn=data.collate)
+    train.build_train_loader = build_train_loader
+
+
 PATCHES = {'old_vit_init': patch_old_vit_init, 'openclip_vit_init': patch_openclip_vit_init,
            'decay_class_token': patch_decay_class_token, 'openclip_decay': patch_openclip_decay,
-           'pil_resize': patch_pil_resize}
+           'pil_resize': patch_pil_resize, 'openclip_data': patch_openclip_data}
 
 OPENAI_NORM = ('--image_mean=0.48145466,0.4578275,0.40821073', '--image_std=0.26862954,0.26130258,0.27577711')
 # row: (side, patches, extra train.py flags); 'lr_like_openclip' gives ours open_clip's schedule ends (warmup from
@@ -287,6 +321,7 @@ ROWS = {
     'ours+openai_norm': ('ours', (), OPENAI_NORM),
     'ours+lr_like_openclip': ('ours', (), ('--lr_end=0', 'LR_START')),
     'ours+pil_resize': ('ours', ('pil_resize',), ()),
+    'ours+openclip_data': ('ours', ('openclip_data',), OPENAI_NORM),
     'ours+all_openclip': ('ours', ('openclip_vit_init', 'openclip_decay'),
                           (*OPENAI_NORM, '--lr_end=0', 'LR_START')),
 }
