@@ -5,9 +5,12 @@ Precedence: dataclass default < model preset < dataset recipe < method preset < 
 Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
+import glob
+import importlib.metadata
 import json
 import math
 import os
@@ -150,7 +153,8 @@ class Config:
     beta2: float = _f(0.98, 'AdamW beta2')
     eps: float = _f(1e-8, 'AdamW epsilon')
     update_freq: int = _f(1, 'gradient accumulation micro-steps per optimizer step')
-    precision: str = _f('auto', 'auto (bf16 on supported GPUs, fp32 on CPU), fp32, bf16 or fp16')
+    precision: str = _f('auto', 'auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU), '
+                                'fp32, bf16 or fp16')
     grad_checkpointing: bool = _f(False, 'recompute activations in the backward pass to save memory')
     channels_last: bool = _f(False, 'channels_last memory format for the ResNet')
     compile: bool = _f(False, 'torch.compile the model')
@@ -295,7 +299,7 @@ def run_cli(main_fn, argv=None):
     try:
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        rank = int(os.environ.get('RANK', '0'))
+        rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))  # torchrun's, else srun's task
         if rank == 0 or not getattr(e, 'every_rank', False):
             message = ' '.join(str(e).split())  # always one line
             print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
@@ -428,12 +432,18 @@ def validate(cfg):
     return cfg
 
 
+# automatic loader workers per GPU at most: the official code's 10 (recipe §4.4). At ~200 samples/s a worker (CPU
+# views, 224 px; bench/README.md) they feed ~2,000 samples/s, above a GPU's rocket step; more only fill /dev/shm
+MAX_AUTO_WORKERS = 10
+
+
 def cpu_split(workers, threads, device_type, local_world_size=1):
     """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the cores it may use, never
-    more in all: on a GPU the workers take all but one core, on a CPU one worker per 4 cores feeds the threads."""
+    more in all: on a GPU the workers take all but one core (at most MAX_AUTO_WORKERS), on a CPU one worker per 4
+    cores feeds the threads."""
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     if workers < 0:
-        workers = 0 if cores == 1 else cores - 1 if device_type == 'cuda' else max(1, cores // 4)
+        workers = 0 if cores == 1 else min(cores - 1, MAX_AUTO_WORKERS) if device_type == 'cuda' else max(1, cores // 4)
     if threads <= 0:
         threads = max(1, cores - workers)
     return workers, threads
@@ -533,19 +543,16 @@ def atomic_write(path, write, size=None):
 def setup_distributed(cfg):
     """Join torchrun's process group (NCCL on GPU, gloo on CPU) and split the cores between loader workers and
     torch threads (cfg.workers, cfg.threads); returns (rank, world_size, device). Used by training and evaluation."""
+    check_launcher()
     rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    if cfg.device == 'cpu' or (cfg.device == 'auto' and not torch.cuda.is_available()):
-        device = torch.device('cpu')
-    elif not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
-    elif cfg.device.startswith('cuda:') and world_size == 1:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    device = pick_device(cfg, world_size)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
+    elif world_size > 1 and cfg.device == 'auto' and rank == 0:
+        print(f"warning: {world_size} processes on the CPU (gloo): no CUDA device here; pass --device=cpu if that is "
+              f"meant", file=sys.stderr, flush=True)
     # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
     cfg.workers, cfg.threads = cpu_split(cfg.workers, cfg.threads, device.type,
                                          int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
@@ -554,6 +561,96 @@ def setup_distributed(cfg):
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                                 device_id=device if device.type == 'cuda' else None)
     return rank, world_size, device
+
+
+def check_launcher():
+    """Refuse SLURM tasks started without torchrun (`srun python train.py`): each would be a lone rank 0 on GPU 0,
+    all writing one output dir. Said once, by task 0."""
+    tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', 1)))
+    if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ and tasks > 1:
+        raise UserError(f"{tasks} SLURM tasks started this command without torchrun (srun python ...): each would "
+                        f"run alone on GPU 0 into the same output dir; start one torchrun per node instead: srun "
+                        f"--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... (README, Training)", every_rank=True)
+
+
+def pick_device(cfg, world_size):
+    """This process's device: the CPU, or its rank's GPU (--device=cuda:N for one process). One line, instead of a
+    silent CPU run or a crash at the first kernel, where NVIDIA GPUs are here but this PyTorch cannot use them."""
+    if cfg.device == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        if nvidia_devices():
+            raise UserError(no_cuda_message(cfg.device), every_rank=True)
+        if cfg.device != 'auto':
+            raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+        return torch.device('cpu')
+    if cfg.device.startswith('cuda:') and world_size == 1:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    major, minor = torch.cuda.get_device_capability(device)
+    if not has_kernels((major, minor), torch.cuda.get_arch_list()):
+        raise UserError(f"GPU {device.index} ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) has no "
+                        f"kernels in torch {torch.__version__} (CUDA {torch.version.cuda}: "
+                        f"{' '.join(torch.cuda.get_arch_list())}); install PyTorch's CUDA 12 build, which has them: "
+                        f"{cuda12_install()}; or pass --device=cpu", every_rank=True)
+    return device
+
+
+def nvidia_devices():
+    """The NVIDIA GPU device files here (/dev/nvidia0, ...): there whenever a driver runs the GPUs, usable or not."""
+    return sorted(glob.glob('/dev/nvidia[0-9]*'))
+
+
+def nvidia_driver(path='/proc/driver/nvidia/version'):
+    """The version of the NVIDIA kernel driver loaded here ('535.104.05'), or None."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    found = re.search(r'Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)', text)
+    return found[1] if found else None
+
+
+def has_kernels(capability, arch_list):
+    """Whether a build for arch_list ('sm_75', 'compute_90', ...) runs on a GPU of capability (major, minor): a
+    binary of the same major and a minor at most the GPU's, or PTX of a capability at most the GPU's."""
+    for arch in arch_list:
+        kind, _, number = arch.partition('_')
+        digits = re.match(r'\d+', number)
+        if digits:
+            built = divmod(int(digits[0]), 10)  # sm_86 -> (8, 6), sm_120 -> (12, 0)
+            if kind == 'sm' and built[0] == capability[0] and built[1] <= capability[1] or \
+                    kind == 'compute' and built <= tuple(capability):
+                return True
+    return False
+
+
+# PyTorch's CUDA 12.6 wheels: they run on NVIDIA drivers from R525 on and hold V100 (sm_70) kernels
+CUDA12_INDEX = 'https://download.pytorch.org/whl/cu126'
+
+
+def cuda12_install():
+    """The pip command that installs this torch and torchvision release as PyTorch's CUDA 12.6 build."""
+    pins = []
+    for package in ('torch', 'torchvision'):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            pins.append(f"{package}=={importlib.metadata.version(package).split('+')[0]}")
+    return f"pip install {' '.join(pins)} --index-url {CUDA12_INDEX}"
+
+
+def no_cuda_message(flag):
+    """Why CUDA is not usable although NVIDIA devices are here, and the fix."""
+    devices, driver = nvidia_devices(), nvidia_driver()
+    found = f"{len(devices)} NVIDIA GPU(s) are here ({devices[0]}" + (', ...)' if len(devices) > 1 else ')')
+    if torch.version.cuda is None:
+        cause = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA "
+                 f"driver than {f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or "
+                 f"later, CUDA 12 R525)")
+    return (f"--device={flag}: {found} but this PyTorch cannot use them: {cause}; install PyTorch's CUDA 12 build: "
+            f"{cuda12_install()}; or pass --device=cpu to run on the CPU")
 
 
 # --- Checkpoints ---

@@ -32,7 +32,7 @@ import regex
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
+from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
 from config import ConfigError, UserError, atomic_write, parse_flags, run_cli
 
 
@@ -1009,6 +1009,49 @@ def check_bad_fraction(skipped, seen, cfg):
                         f"fix the data or raise --bad_sample_threshold")
 
 
+# --- Shared memory ---
+# Loader workers hand their batches to the training process through /dev/shm, PREFETCH batches each ahead of use;
+# one that cannot hold them (Docker's default is 64 MB) ends the run with "Bus error" at the first batch
+PREFETCH = 2  # batches each worker keeps ready: the DataLoader's prefetch_factor
+VIEW_BYTES = 1  # bytes per pixel channel of the image views the workers ship (uint8)
+TOKEN_BYTES = 8  # int64 token ids
+SHM = '/dev/shm'
+
+
+def batch_bytes(cfg, view_bytes=VIEW_BYTES):
+    """Bytes of one training batch in shared memory: per sample the weak view (3 S^2), the A strong views (A 3 R^2;
+    with --augment_device=cuda the region their crops cover, up to REGION_LIMIT x those pixels) and the tokens."""
+    pixels = 3 * cfg.image_size ** 2 + cfg.num_augs * 3 * cfg.local_crop_size ** 2
+    if cfg.augment_device == 'cuda':
+        pixels *= REGION_LIMIT
+    return cfg.batch_size * (pixels * view_bytes + (1 + cfg.num_augs) * cfg.context_length * TOKEN_BYTES)
+
+
+def shm_free():
+    """Free bytes in /dev/shm; None where there is none."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shared_memory(cfg, local_world_size=1):
+    """One line when /dev/shm cannot hold the batches that the loader workers of this node's ranks keep ready,
+    naming the --workers that fits and how a container gets more."""
+    free, batch = shm_free(), batch_bytes(cfg)
+    per_worker = PREFETCH * batch * local_world_size  # one worker on every rank of the node
+    if cfg.workers == 0 or free is None or per_worker * cfg.workers <= free:
+        return
+    need, fits = per_worker * cfg.workers, free // per_worker
+    raise UserError(f"{SHM} has {free / 2**20:,.0f} MiB free, but {local_world_size} rank(s) x {cfg.workers} loader "
+                    f"workers x {PREFETCH} batches of {batch / 2**20:,.1f} MiB need {need / 2**20:,.0f} MiB there "
+                    f"('Bus error' at the first batch); pass --workers={fits}"
+                    + (" (loading in the training process: slow)" if fits == 0 else '')
+                    + f", or give the container more: docker run --shm-size={math.ceil(need / 2**30) + 1}g (or "
+                      f"--ipc=host)", every_rank=True)
+
+
 # --- Loaders ---
 class EpochSampler(torch.utils.data.DistributedSampler):
     """This rank's (epoch, index) keys in DistributedSampler's order. set_epoch(epoch, start_batch) starts at batch
@@ -1075,6 +1118,7 @@ def collate(samples):
 
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
+    check_shared_memory(cfg, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     make_sample, row = SampleMaker(cfg, tokenizer), READERS[cfg.dataset]
     if row.streamed:  # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
         dataset, options = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size), {}

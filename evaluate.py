@@ -181,18 +181,20 @@ def _autocast(cfg, device):
 
 
 @torch.no_grad()
-def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1):
+def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1, to_first=False):
     """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
-    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded."""
+    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded, on every
+    rank (to_first: on rank 0 alone, the others get None)."""
     device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
     with _autocast(cfg, device):
         for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
             for k, emb in encode(inputs.to(device)).items():
                 parts[k].append(emb.float().cpu())
             labels.append(y)
+    gather = _gather_to_first if to_first else _gather
     empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
-    return ({k: _gather(parts[k], world_size, empty) for k in keys}, _gather(labels, world_size),
-            _gather(undecoded, world_size))
+    return ({k: gather(parts[k], world_size, empty) for k in keys}, gather(labels, world_size),
+            gather(undecoded, world_size))
 
 
 # --- Metrics ---
@@ -239,6 +241,32 @@ def _gather(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
     gathered = [None] * world_size  # shards may differ in length
     dist.all_gather_object(gathered, x)
     return torch.cat(gathered)
+
+
+GATHER_CHUNK_BYTES = 64 << 20  # per rank and round of _gather_to_first: its bound on device memory
+
+
+def _gather_to_first(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
+    """_gather's concatenation on rank 0 alone (None on the others), as tensors sent in rounds of at most
+    GATHER_CHUNK_BYTES per rank (through the GPU under NCCL): neither every rank nor the device holds the whole set."""
+    x = torch.cat(parts or [empty]).cpu()
+    if world_size == 1:
+        return x
+    shapes = [None] * world_size  # (rows, row shape, dtype) of every rank; an empty rank's row shape is unknown
+    dist.all_gather_object(shapes, (len(x), x.shape[1:], x.dtype))
+    rows, (_, row, dtype) = [s[0] for s in shapes], max(shapes, key=lambda s: s[0])
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    step = max(1, GATHER_CHUNK_BYTES // max(1, row.numel() * dtype.itemsize))
+    first, out = dist.get_rank() == 0, [[] for _ in range(world_size)]
+    for start in range(0, max(rows), step):
+        piece = torch.zeros((step, *row), dtype=dtype, device=device)
+        mine = x[start:start + step]
+        piece[:len(mine)] = mine.reshape(-1, *row)
+        received = [torch.empty_like(piece) for _ in range(world_size)] if first else None
+        dist.gather(piece, received, dst=0)
+        for r, chunk in enumerate(received or []):
+            out[r].append(chunk[:max(0, min(step, rows[r] - start))].cpu())
+    return torch.cat([chunk for chunks in out for chunk in chunks] or [x[:0]]) if first else None
 
 
 # --- Retrieval ---
@@ -626,13 +654,13 @@ def data_identity(dataset):
 
 def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
     """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)): the image encoder's output before
-    the heads (and after them), on the CPU in float32, undecodable images left out."""
+    the heads (and after them), on the CPU in float32, undecodable images left out; on rank 0 (None on the others)."""
     def encode(images):
         trunk = model.visual(images)
         return {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
 
     keys = ['trunk'] + (list(model.heads) if heads else [])
-    return embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
+    return embeddings(model, cfg, dataset, keys, encode, rank, world_size, to_first=True)[:2]
 
 
 def cached_count(path, key):
@@ -657,12 +685,12 @@ def probe_features(model, cfg, name, train, test, classnames, metric, probe, ran
         if world_size > 1:
             dist.broadcast_object_list(count, src=0)
         if count[0] is None:
-            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)
+            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)  # on rank 0
             if rank == 0:
                 probe['cache'].mkdir(parents=True, exist_ok=True)
                 atomic_write(paths[split], lambda f: torch.save(dict(key=key, features=features, labels=labels), f))
-            count[0] = len(labels)
-        images += count[0]
+                count[0] = len(labels)
+        images += count[0] or 0  # rank 0's count (the others' results are dropped)
     return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': images,
             'skipped': len(train) + len(test) - images}
 
@@ -680,6 +708,22 @@ def probe_settings(path, flags, device, rank=0):
             'seed': int(flags.get('probe_seed', 0)), 'device': device}
 
 
+PROBE_COPIES = 3.6  # the fit's peak memory: ~3.5 float64 copies of the (n, D) train features (bench/README.md)
+
+
+def probe_device(device, n, n_test, dim, say=print):
+    """Where a probe of n train and n_test test features of dim fits: device, or the CPU where that GPU has less free
+    memory than the fit's peak, 8 x dim x (PROBE_COPIES x n + n_test) bytes (one line says so)."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return device
+    need, free = 8 * dim * (PROBE_COPIES * n + n_test), torch.cuda.mem_get_info(device)[0]
+    if need <= free:
+        return device
+    say(f"probe: its fit needs ~{need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free: fitting on the CPU")
+    return torch.device('cpu')
+
+
 def fit_probes(jobs, probe, say=print):
     """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
     results, precision = {}, torch.get_float32_matmul_precision()
@@ -694,9 +738,11 @@ def fit_probes(jobs, probe, say=print):
                            for s in ('train', 'test'))
             results[name] = metrics = {}
             for key in train['features']:
+                device = probe_device(probe['device'], len(train['labels']), len(test['labels']),
+                                      train['features'][key].shape[-1], say)
                 metrics.update(linear_probe(train['features'][key], train['labels'], test['features'][key],
                                             test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
-                                            probe['device']))
+                                            device))
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
                 f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")

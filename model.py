@@ -447,9 +447,12 @@ def build_model(cfg, vocab_size, verbose=True):
 
 # --- Mixed precision ---
 def autocast_dtype(cfg, device):
-    """'auto' = bf16 autocast on GPUs that support it (no GradScaler needed), fp32 on CPU."""
+    """'auto' = bf16 autocast on GPUs with native bf16 (Ampere on; no GradScaler needed), fp16 on older ones (V100,
+    T4: bf16 there is emulated, several times slower; train.py adds a GradScaler), fp32 on CPU."""
     if cfg.precision == 'auto':
-        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type != 'cuda':
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
 
 

@@ -442,17 +442,19 @@ def restore_epoch_state(loop, state, device):
     loop.bad_base = tuple(state['bad_base'])
 
 
-def build_training(cfg, vocab_size, device, rank, world_size):
-    """The model, its momentum copy (a row of config.METHODS with momentum: BYOLIP), AdamW and the GradScaler,
-    initialised identically on every rank (recipe §5.5); the model line is printed by rank 0 only."""
+def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
+    """The model (with the --init weights unless resuming), its momentum copy of those weights (a row of
+    config.METHODS with momentum: BYOLIP), AdamW and the GradScaler, initialised identically on every rank (recipe
+    §5.5); the model line is printed by rank 0 only."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
+    maybe_init_weights(model, cfg, resume, rank == 0)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world_size > 1 and device.type == 'cuda':  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (GPU only: on CPU each rank keeps its own BN)
+    if sync_batchnorm(device, world_size):  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     momentum_model = None
     if config.METHODS[cfg.method].momentum:
         momentum_model = copy.deepcopy(model).requires_grad_(False)
@@ -462,9 +464,31 @@ def build_training(cfg, vocab_size, device, rank, world_size):
     return model, momentum_model, optimizer, scaler
 
 
-def wrap_model(model, cfg, device, world_size):
-    """The module the step calls: compiled when asked, DDP across ranks; `model` keeps the plain parameters."""
-    train_model = torch.compile(model) if cfg.compile else model
+def sync_batchnorm(device, world_size):
+    """Whether BatchNorm becomes SyncBatchNorm: across GPUs only (PyTorch's needs GPU tensors; on CPU each rank keeps
+    its own BN)."""
+    return world_size > 1 and device.type == 'cuda'
+
+
+def compile_parts(model):
+    """The modules --compile compiles: the whole model, or where it holds SyncBatchNorm (multi-GPU BN), which breaks
+    the graph at every BN call, the towers without it (the text tower, a ViT); BN heads and a ResNet stay eager."""
+    def synced(module):
+        return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+    return [model] if not synced(model) else [m for m in (model.visual, model.text) if not synced(m)]
+
+
+def wrap_model(model, cfg, device, world_size, rank=0):
+    """The module the step calls: compiled in place when asked (compile_parts), DDP across ranks."""
+    train_model = model
+    if cfg.compile:
+        parts = compile_parts(model)
+        for part in parts:
+            part.compile()
+        if parts != [model] and rank == 0:
+            names = [name for name, m in model.named_children() if any(m is p for p in parts)]
+            print(f"train: --compile with SyncBatchNorm compiles {' and '.join(names) or 'nothing'}; the modules "
+                  f"holding SyncBatchNorm run eagerly", flush=True)
     if world_size > 1:
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
@@ -636,8 +660,7 @@ def set_up(cfg, rank, world_size, device):
         if steps_per_epoch == 0:
             raise config.ConfigError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
                                      f"lower --batch_size or --update_freq")
-        parts = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
-        maybe_init_weights(parts[0], cfg, resume, rank == 0)
+        parts = build_training(cfg, tokenizer.vocab_size, device, rank, world_size, resume)
         seed_everything(cfg.seed + rank)  # per-rank randomness from here on (recipe §5.5)
         loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
         if resume is not None:
@@ -655,14 +678,25 @@ def set_up(cfg, rank, world_size, device):
 
 def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
     """Rank 0's start line, and a warning when the warmup covers the whole run."""
-    print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
-          f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
-          f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
+    print(f"train: {world_size} process(es) on {device}, {precision_note(cfg, device, amp_dtype)}, {cfg.workers} "
+          f"loader worker(s) + {cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps "
+          f"{loop.step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= last_step > loop.step:
         print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "
               f"run of {last_step} steps: the learning rate never decays and ends at its peak at most; lower "
               f"--warmup_epochs", flush=True)
+
+
+def precision_note(cfg, device, amp_dtype):
+    """The start line's words on the precision and why: 'fp16 + GradScaler (auto: sm_70 has no native bf16)'."""
+    name = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16 + GradScaler'}[amp_dtype]
+    if cfg.precision != 'auto':
+        return f"{name} (--precision={cfg.precision})"
+    if device.type != 'cuda':
+        return f"{name} (auto: CPU)"
+    arch = 'sm_{}{}'.format(*torch.cuda.get_device_capability(device))
+    return f"{name} (auto: {arch} {'has native bf16' if amp_dtype == torch.bfloat16 else 'has no native bf16'})"
 
 
 def train(cfg, rank, world_size, device):
@@ -673,7 +707,7 @@ def train(cfg, rank, world_size, device):
     model, momentum_model, optimizer, scaler = parts
     micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
     last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    train_model = wrap_model(model, cfg, device, world_size)
+    train_model = wrap_model(model, cfg, device, world_size, rank)
     data_iter = start_epoch(loader, loop)
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
