@@ -257,7 +257,8 @@ def _gather_to_first(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
     rows, (_, row, dtype) = [s[0] for s in shapes], max(shapes, key=lambda s: s[0])
     device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
     step = max(1, GATHER_CHUNK_BYTES // max(1, row.numel() * dtype.itemsize))
-    first, out = dist.get_rank() == 0, [[] for _ in range(world_size)]
+    first, offsets = dist.get_rank() == 0, [sum(rows[:r]) for r in range(world_size)]
+    out = torch.empty((sum(rows), *row), dtype=dtype) if first and sum(rows) else x[:0]
     for start in range(0, max(rows), step):
         piece = torch.zeros((step, *row), dtype=dtype, device=device)
         mine = x[start:start + step]
@@ -265,8 +266,9 @@ def _gather_to_first(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
         received = [torch.empty_like(piece) for _ in range(world_size)] if first else None
         dist.gather(piece, received, dst=0)
         for r, chunk in enumerate(received or []):
-            out[r].append(chunk[:max(0, min(step, rows[r] - start))].cpu())
-    return torch.cat([chunk for chunks in out for chunk in chunks] or [x[:0]]) if first else None
+            rows_here = max(0, min(step, rows[r] - start))
+            out[offsets[r] + start:offsets[r] + start + rows_here] = chunk[:rows_here]
+    return out if first else None
 
 
 # --- Retrieval ---
