@@ -3,11 +3,8 @@ mocked (an old driver, a V100 under a CUDA 13 build), the precision auto picks, 
 script under torchrun with SIGUSR1, `srun python train.py`), loader workers against /dev/shm, BYOLIP's momentum
 model under --init, the --compile decision with SyncBatchNorm and the probe's gather to rank 0."""
 import dataclasses
-import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +19,7 @@ import config
 import data
 import evaluate
 import train
+from bench.signals import job_script, processes_naming, train_steps
 from model import autocast_dtype, build_model
 from test_cli import ENV, ROOT, assert_one_error_line
 
@@ -149,59 +147,11 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native, dty
 
 
 # --- SLURM ---
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def slurm_script(tmp_path, out):
-    """The README's job script, run here: 2 ranks on the CPU, the tiny model on the demo data (no epoch ends for
-    250 steps), `srun` running its command, `scontrol` naming this host and noting a requeue in a file."""
-    readme = (ROOT / 'README.md').read_text()
-    script = next(b for b in re.findall(r'```bash\n(.*?)```', readme, re.S) if '#SBATCH' in b)
-    flags = ('--vision_layers=1 --text_layers=1 --vision_width=32 --text_width=32 --image_size=32 '
-             '--local_crop_size=32 --patch_size=16 --embed_dim=16 --mlp_hidden_dim=32 --method=clip --batch_size=8 '
-             f'--workers=1 --eval_every=0 --log_every=1 --demo_train_size=4000 --epochs=1000 --output_dir={out}')
-    script = re.sub(r'train\.py [^&]*&', f'train.py {flags} --resume=auto &', script)
-    script = script.replace('--nproc_per_node=8', '--nproc_per_node=2').replace(':29500', f':{free_port()}')
-    bin_dir = tmp_path / 'bin'
-    bin_dir.mkdir()
-    (bin_dir / 'srun').write_text('#!/bin/sh\nexec "$@"\n')
-    (bin_dir / 'scontrol').write_text(f'#!/bin/sh\nif [ "$1" = show ]; then echo 127.0.0.1; '
-                                      f'else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n')
-    for stub in bin_dir.iterdir():
-        stub.chmod(0o755)
-    (tmp_path / 'job.sh').write_text(script)
-    env = {**ENV, 'PATH': f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", 'SLURM_NNODES': '1',
-           'SLURM_JOB_ID': '42', 'SLURM_NODELIST': 'node1'}
-    return tmp_path / 'job.sh', env
-
-
-def train_steps(out):
-    path = Path(out) / 'log.jsonl'
-    lines = path.read_text().split('\n')[:-1] if path.exists() else []
-    return [r['step'] for r in map(json.loads, lines) if r['type'] == 'train']
-
-
-def processes_naming(text):
-    """pids of the live processes whose command line holds text."""
-    found = []
-    for proc in Path('/proc').glob('[0-9]*'):
-        try:
-            if text in (proc / 'cmdline').read_bytes().decode(errors='replace') and \
-                    (proc / 'stat').read_text().rsplit(')', 1)[1].split()[0] not in 'ZX':
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def test_the_readme_job_script_saves_every_rank_on_sigusr1_and_requeues(tmp_path):
     """SLURM's --signal=B:USR1 reaches the batch script alone; its trap passes the signal to torchrun, which (with
     --signals-to-handle) passes it to both ranks: they save one checkpoint at the next step and exit 0."""
     out = tmp_path / 'run'
-    script, env = slurm_script(tmp_path, out)
+    script, env = job_script(tmp_path, out)
     job = subprocess.Popen(['bash', str(script)], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, start_new_session=True)
     end = time.time() + HANG
