@@ -100,14 +100,15 @@ def run(argv):
     log = [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
     last = [r for r in log if r['type'] == 'train'][-1]
     cfg = config.load_json(Path(out) / 'config.json')
+    ckpt = torch.load(Path(out) / 'checkpoint.pt', map_location='cpu', weights_only=True)
     cells = [f"{last['samples_per_s']:.1f} samples/s", f"peak {last['peak_mem_gb']:.1f} GB"]
     device = torch.device('cuda') if torch.cuda.is_available() else CPU
-    peak, gpus = peak_tflops(device, 0), max(1, torch.cuda.device_count())
+    peak = peak_tflops(device, 0)
     if peak:
         from data import build_tokenizer
         flops = flops_per_sample(cfg, build_tokenizer(cfg).vocab_size, device)
+        gpus = ckpt['data']['world_size']
         cells.append(f"MFU {100 * last['samples_per_s'] * flops / (peak * 1e12 * gpus):.1f}%")
-    ckpt = torch.load(Path(out) / 'checkpoint.pt', map_location='cpu', weights_only=True)
     if ckpt['scaler']:
         cells.append(f"GradScaler scale {ckpt['scaler']['scale']:g}")
     first = next(r for r in log if r['type'] == 'train')

@@ -7,7 +7,8 @@
 #   GPU_CHECK_DIR=DIR bash bench/gpu_check.sh   # keep the runs and each section's log in DIR (default: a temp dir)
 # Sections: the device; NCCL all-reduce bandwidth; a smoke run (torchrun on every GPU, ResNet-50 at 224 px, SyncBN
 # across GPUs, bf16, the generated demo data, 60 steps); the ViT-B/16 rocket step; fp16 with the GradScaler;
-# --augment_device cuda against cpu; the loader alone; evaluate.py on the smoke checkpoint; channels_last.
+# --augment_device cuda against cpu; the loader alone; evaluate.py on the smoke checkpoint; channels_last. The
+# GPU-marked tests need the test requirements: pip install -r requirements-test.txt && python -m pytest -m gpu
 cd "$(dirname "$0")/.." || exit 1
 DIR=${GPU_CHECK_DIR:-$(mktemp -d)}
 ROWS=()

@@ -97,9 +97,9 @@ def test_kernels_run_on_their_major_at_a_higher_minor_and_ptx_on_any_later_gpu()
 
 
 def test_the_driver_version_is_read_from_the_kernel_module_line(tmp_path):
-    for line, version in [('NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 2023', '535.104.05'),
-                          ('NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build', '580.65.06')]:
-        (tmp_path / 'version').write_text(line + '\nGCC version:  gcc version 12.2.0\n')
+    for line, version in [('NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 2023', '535.104.05'),
+                          ('NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build', '580.65.06')]:
+        (tmp_path / 'version').write_text(f'NVRM version: {line}\nGCC version:  gcc version 12.2.0\n')
         assert config.nvidia_driver(tmp_path / 'version') == version
     assert config.nvidia_driver(tmp_path / 'absent') is None
 
@@ -181,7 +181,8 @@ def test_srun_without_torchrun_stops_with_one_line_from_task_0(tmp_path):
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for task in '01']
     (status0, err0), (status1, err1) = [(t.wait(HANG), t.communicate()[1]) for t in tasks]
     assert status0 == status1 == 1 and not (tmp_path / 'config.json').exists()
-    assert_one_error_line(err0, '2 SLURM tasks started this command without torchrun', 'srun --ntasks-per-node=1 torchrun')
+    assert_one_error_line(err0, '2 SLURM tasks started this command without torchrun',
+                          'srun --ntasks-per-node=1 torchrun')
     assert 'error:' not in err1 and 'Traceback' not in err1, err1
 
 
