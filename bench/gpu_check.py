@@ -63,7 +63,7 @@ def allreduce(argv):
     dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None)
     x = torch.ones(opts.get('mib', 256 if cuda else 16) << 18, device=device)  # float32: 4 bytes
     times = []
-    for i in range(25):
+    for _ in range(25):
         dist.barrier()
         start = time.perf_counter()
         dist.all_reduce(x)

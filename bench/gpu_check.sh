@@ -14,18 +14,19 @@ DIR=${GPU_CHECK_DIR:-$(mktemp -d)}
 ROWS=()
 FAILED=0
 
-# section NAME LIMIT COMMAND: run the bash COMMAND for at most LIMIT seconds, its output in DIR/NAME.log; the row:
+# section NAME LIMIT COMMAND: run the bash COMMAND for at most LIMIT seconds, its output in DIR/NAME.log (NAME's
+# characters other than letters, digits, _ . - as _); the row:
 # status (ok, skipped, failed, timeout), seconds, and the command's last `result: ...` line (else its last line)
 section() {
-  local name=$1 limit=$2 start=$SECONDS status result rc
-  timeout -k 15 "$limit" bash -c "$3" > "$DIR/$name.log" 2>&1
+  local name=$1 limit=$2 start=$SECONDS status result rc log="$DIR/${1//[^A-Za-z0-9_.-]/_}.log"
+  timeout -k 15 "$limit" bash -c "$3" > "$log" 2>&1
   rc=$?
-  result=$(sed -n 's/^result: //p' "$DIR/$name.log" | tail -n 1)
+  result=$(sed -n 's/^result: //p' "$log" | tail -n 1)
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     status="timeout (${limit} s)"
   elif [ $rc -ne 0 ]; then
     status="failed ($rc)"
-    result=${result:-$(grep -v '^[[:space:]]*$' "$DIR/$name.log" | tail -n 1 | cut -c1-160)}
+    result=${result:-$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-160)}
   elif [ "${result#skipped}" != "$result" ]; then
     status=skipped
   else

@@ -34,7 +34,7 @@ def test_a_failing_or_hanging_section_gets_its_row_and_the_table_still_comes(tmp
     script = f'''source bench/gpu_check.sh
 DIR={tmp_path}; MODE=test
 section fine 20 "echo noise; echo 'result: 42 samples/s'"
-section broken 20 "echo 'result: half done'; echo 'Traceback: boom'; exit 3"
+section "broken cuda/cpu" 20 "echo 'result: half done'; echo 'Traceback: boom'; exit 3"
 section silent 20 "echo 'the last line'; exit 2"
 section hangs 1 "sleep 60"
 section absent 20 "echo 'result: skipped: no CUDA'"
@@ -42,11 +42,11 @@ table
 echo "failed $FAILED"'''
     r = subprocess.run(['bash', '-c', script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stderr
-    assert rows(r.stdout) == {'fine': ('ok', '42 samples/s'), 'broken': ('failed (3)', 'half done'),
+    assert rows(r.stdout) == {'fine': ('ok', '42 samples/s'), 'broken cuda/cpu': ('failed (3)', 'half done'),
                               'silent': ('failed (2)', 'the last line'), 'hangs': ('timeout (1 s)', ''),
                               'absent': ('skipped', 'skipped: no CUDA')}
     assert r.stdout.rstrip().endswith('failed 1')
-    assert (tmp_path / 'broken.log').read_text() == 'result: half done\nTraceback: boom\n'
+    assert (tmp_path / 'broken_cuda_cpu.log').read_text() == 'result: half done\nTraceback: boom\n'
 
 
 @pytest.mark.slow
