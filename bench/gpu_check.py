@@ -186,8 +186,13 @@ def evaluate_row(argv):
 COMMANDS = {'device': device_row, 'allreduce': allreduce, 'run': run, 'rocket': rocket,
             'channels_last': channels_last, 'loader': loader, 'evaluate': evaluate_row}
 
-if __name__ == '__main__':
-    exit_on_help(sys.argv[1:], __doc__)
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+
+def main(argv):
+    exit_on_help(argv, __doc__)
+    if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: python -m bench.gpu_check {{{','.join(COMMANDS)}}} ...")
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
