@@ -75,8 +75,7 @@ class SharedConfig:
     loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image InfoNCE "
                                     "terms: sum doubles every InfoNCE term, plain CLIP's too (no other loss)")
     gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
-                                      'the paper: constants); terms that always gather with gradient say so '
-                                      '(recipe §2)')
+                                      'the paper: constants; recipe §2.1)')
 
     # --- image augmentation ---
     image_size: int = _f(64, 'global (weak) crop and evaluation size (224 in the paper)')
@@ -106,8 +105,7 @@ class SharedConfig:
 
     # --- data ---
     root: str = _f('', 'image root directory (or three joined by --- for merged29m)')
-    metadata: str = _f('', "the metadata file (or shard pattern) of --dataset's format: what its row of data.READERS "
-                           "expects")
+    metadata: str = _f('', "metadata file or shard pattern, as --dataset's row of data.READERS expects")
     bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); required but for the demo dataset')
     caption_sampling: str = _f('single', "'single' (one caption for all views) or 'multi' (each view draws)")
     csv_image_key: str = _f('filepath', 'CSV column of image paths')
@@ -177,20 +175,15 @@ class SharedConfig:
 
 
 def method_params():
-    """{name: Param} of every row's own hyperparameters, once each. A row whose param two rows declare otherwise,
-    or a shared field names, or whose default lies outside its bound, or whose weight is no field, stops the import."""
+    """{name: Param} of every row's own hyperparameters, once each; a param that a shared field or another row
+    declares otherwise, or whose default lies outside its bound, stops the import."""
     params, shared = {}, {f.name for f in fields(SharedConfig)}
     for method, row in METHODS.items():
         for p in row.params:
             first = params.setdefault(p.name, p)
-            problem = ('a shared Config field has its name' if p.name in shared else
-                       f'another row declares it as {first}' if first != p else
-                       'its default lies outside its bound' if not in_bound(p.default, p.bound) else '')
-            if problem:
-                raise TypeError(f"model.METHODS[{method!r}]: {p}: {problem}")
-        if row.weight and row.weight not in shared | {p.name for p in row.params}:
-            raise TypeError(f"model.METHODS[{method!r}]: weight {row.weight!r} is neither a param of its row nor a "
-                            f"shared Config field")
+            if p.name in shared or first != p or not in_bound(p.default, p.bound):
+                raise TypeError(f"model.METHODS[{method!r}]: {p} names a shared field, or differs from {first} of "
+                                f"another row, or its default is outside its bound")
     return params
 
 
@@ -246,14 +239,12 @@ RECIPES = {
 
 
 def dataset_recipe(dataset, model, method):
-    """The settings of a dataset (none for a format without a recipe); a method's row may add to them, for any model
-    or for one (recipe §5.1)."""
+    """A dataset's recipe, if it has one; a method's row may add to it, for any model or for one (recipe §5.1)."""
     extra = METHODS[method].recipes
     return {**RECIPES.get(dataset, {}), **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
 
 
-# recipe §8.1: a method that never looks at the strong views trains without them, and also without the weak stopword
-# removal, the text augmentation and label smoothing of CLIP 🚀
+# recipe §8.1: a method that never looks at strong views trains without them, stopword removal, EDA and smoothing
 PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
 
 
@@ -404,9 +395,8 @@ def validate(cfg):
                f"--{name}={value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
-    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
-                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob',
-                 'max_image_pixels'):
+    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout', 'max_image_pixels',
+                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
@@ -465,8 +455,7 @@ def cpu_split(workers, threads, device_type, local_world_size=1):
 
 
 def help_text(cfg=None, datasets=()):
-    """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config());
-    datasets: the names --dataset accepts."""
+    """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
     cfg = cfg or Config()
     lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
              f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method} and the flags given:"]
@@ -502,8 +491,7 @@ def resolve(flags, verbose=True, datasets=None):
 
 
 def parse_args(argv=None, datasets=None):
-    """Parse --key=value flags into a Config (datasets: the names --dataset accepts, see resolve); bad input exits
-    with status 2 and one line."""
+    """Parse --key=value flags into a Config (datasets: see resolve); bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
     rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
     try:

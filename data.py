@@ -366,16 +366,9 @@ class MergedReader:
         return self.readers[k].load(i - self.starts[k])
 
 
-def code_hash(*functions):
-    """A short hash of the functions' source (a functools.partial's function): it changes with their code."""
-    source = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in functions)
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
 def metadata_arrays(cfg, parse, *how):
-    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached
-    by how it is read and by the code of the reader and of parse (cached_arrays: an edited reader parses afresh);
-    an error while parsing is one line naming the file and the format."""
+    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached by
+    how it is read and the code reading it (cached_arrays); a parse error is one line naming the file and format."""
     path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
     check_format(path, cfg)
 
@@ -386,8 +379,8 @@ def metadata_arrays(cfg, parse, *how):
             raise
         except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
             raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
-    return cached_arrays(path, cfg.output_dir, [cfg.dataset, code_hash(READERS[cfg.dataset].read, parse), *how],
-                         build)
+    code = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in (READERS[cfg.dataset].read, parse))
+    return cached_arrays(path, cfg.output_dir, [cfg.dataset, hashlib.sha256(code.encode()).hexdigest(), *how], build)
 
 
 def read_npy(cfg, key):
@@ -483,8 +476,7 @@ def read_shards(cfg, rank=0, world_size=1):
 # A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions)); a streamed
 # format's read(cfg, rank, world_size) -> (shard paths, sample counts) for TarShards. `expects` says what
 # --metadata must be (in every format error), `kinds` what sniff may find it to be, `vocabulary` the merges
-# used when --bpe_path is empty. A new format: its read function and a row here; --dataset takes the names of the
-# rows (train.py hands them to config), and a row of config.RECIPES only adds the settings of a dataset that has some.
+# used when --bpe_path is empty. A new format: its read function and a row here (a config.RECIPES row for settings).
 Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
 READERS = {
     # the demo's reader is defined with the demo, below: the lambda looks it up when called

@@ -12,8 +12,8 @@
 Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every evaluation
 set (EVAL_SETS) found under --data_root (<data_root>/<name>, or the paths of a --catalog {name: path} JSON file;
 layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per
-checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as each
-dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
+checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as
+each dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
 features of each dataset's train split instead (features cached in <ckpt>_features/, results in <ckpt>_probe.json).
 """
 import collections
@@ -333,15 +333,8 @@ def read_json(path, what):
 
 
 def override_file(kind, path):
-    """{set: class names} (kind 'labels') or {set: templates} ('templates') of a --labels / --templates file: they
-    replace the rows' own for the sets it names. {} without a file."""
+    """{set: class names} (kind 'labels') or {set: templates} ('templates') of --labels / --templates, else {}."""
     return read_json(path, f'{kind} file') if path else {}
-
-
-@functools.cache
-def asset(file):
-    """A JSON file of assets/, read once."""
-    return read_json(ASSETS / file, 'asset file')
 
 
 def _read_split_file(name, path):
@@ -400,9 +393,9 @@ def image_folder(name, folder, allow_empty=False):
         raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
 
 
-# The readers of the evaluation sets' layouts (docs/datasets.md): split `split` of set `name` stored at root as (images:
-# paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format ones read
-# that split's files alone: the test files, or the train files for the probe.
+# The readers of the evaluation sets' layouts (docs/datasets.md): split `split` of set `name` stored at root as
+# (images: paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format
+# ones read that split's files alone: the test files, or the train files for the probe.
 def read_folder(name, root, split, classnames):
     found = image_folder(name, root / split)
     return [p for p, _ in found.samples], found.targets, len(found.classes)
@@ -452,41 +445,42 @@ def read_filelist(name, root, split, classnames):
     return paths, [index[str(y)] for y in labels], len(classnames)
 
 
-# An evaluation set is one row: its reader (above), eval split, metric, class names and templates, in the paper's
-# order (recipe §6.2). Class names and templates are lists, or the name of a JSON file of assets/ whose entry for the
-# set holds them (the paper's sets); once imported every row holds lists, and a row without them stops the import.
 EvalSet = collections.namedtuple('EvalSet', 'read split metric classnames templates',
                                  defaults=('labels.json', 'templates.json'))
-EVAL_SETS = {
-    'imagenet': EvalSet(read_folder, 'val', 'acc'), 'mnist': EvalSet(read_mnist, 'test', 'acc'),
-    'food101': EvalSet(read_folder, 'test', 'acc'), 'cifar10': EvalSet(read_cifar10, 'test', 'acc'),
-    'cifar100': EvalSet(read_cifar100, 'test', 'acc'), 'cub200': EvalSet(read_folder, 'val', 'acc'),
-    'cars': EvalSet(read_folder, 'test', 'acc'), 'aircraft': EvalSet(read_folder, 'test', 'mean_per_class'),
-    'dtd': EvalSet(read_folder, 'test', 'acc'), 'pets': EvalSet(read_folder, 'test', 'mean_per_class'),
-    'caltech101': EvalSet(read_folder, 'test', 'mean_per_class'),
-    'flowers': EvalSet(read_folder, 'test', 'mean_per_class'),
-    'stl10': EvalSet(read_stl10, 'test', 'acc'), 'eurosat': EvalSet(read_folder, 'val', 'acc'),
-    'resisc45': EvalSet(read_folder, 'test', 'acc'), 'gtsrb': EvalSet(read_folder, 'test', 'acc'),
-    'kitti_distance': EvalSet(read_folder, 'val', 'acc'), 'country211': EvalSet(read_folder, 'test', 'acc'),
-    'patch_camelyon': EvalSet(read_folder, 'val', 'acc'), 'ucf101_frames': EvalSet(read_folder, 'val', 'acc'),
-    'clevr_counts': EvalSet(read_filelist, 'val', 'acc'), 'hateful_memes': EvalSet(read_folder, 'dev', 'roc_auc'),
-    'rendered_sst2': EvalSet(read_folder, 'test', 'acc')}
 
 
 def with_lists(sets):
-    """The rows with their class names and templates as lists (an asset file's entry where a row names the file); a
-    row without class names or templates, or a template without one {} for the class name, raises."""
+    """{name: EvalSet} of the rows, class names and templates as lists (an asset file's entry where a row names the
+    file); a row without them, or with a template without one {} for the class name, raises."""
+    files = {}
     for name, row in sets.items():
-        classnames, templates = (asset(given).get(name) if isinstance(given, str) else given for given in row[3:])
+        row = EvalSet(*row)
+        for file in {f for f in row[3:] if isinstance(f, str)} - files.keys():
+            files[file] = read_json(ASSETS / file, 'asset file')
+        classnames, templates = (files[f].get(name) if isinstance(f, str) else f for f in row[3:])
         if not classnames or not templates or any(t.count('{}') != 1 for t in templates):
-            raise TypeError(f"evaluation set {name!r} needs class names and templates with one {{}} each: lists, or "
-                            f"the name of an assets/ file with an entry {name!r} (it has {row.classnames!r:.60}, "
-                            f"{row.templates!r:.60})")
+            raise TypeError(f"evaluation set {name!r} needs class names and templates (one {{}} each): lists, or "
+                            f"assets/ files with an entry {name!r}, not {row.classnames!r:.40}, {row.templates!r:.40}")
         sets[name] = row._replace(classnames=classnames, templates=templates)
     return sets
 
 
-EVAL_SETS = with_lists(EVAL_SETS)
+# name: (reader, eval split, metric[, class names, templates]), in the paper's order (recipe §6.2). Class names and
+# templates are lists, or the name of an assets/ JSON file whose entry for the set holds them (by default the paper's
+# labels.json and templates.json); at import every row becomes an EvalSet of lists, and one without them raises.
+EVAL_SETS = with_lists({
+    'imagenet': (read_folder, 'val', 'acc'), 'mnist': (read_mnist, 'test', 'acc'),
+    'food101': (read_folder, 'test', 'acc'), 'cifar10': (read_cifar10, 'test', 'acc'),
+    'cifar100': (read_cifar100, 'test', 'acc'), 'cub200': (read_folder, 'val', 'acc'),
+    'cars': (read_folder, 'test', 'acc'), 'aircraft': (read_folder, 'test', 'mean_per_class'),
+    'dtd': (read_folder, 'test', 'acc'), 'pets': (read_folder, 'test', 'mean_per_class'),
+    'caltech101': (read_folder, 'test', 'mean_per_class'), 'flowers': (read_folder, 'test', 'mean_per_class'),
+    'stl10': (read_stl10, 'test', 'acc'), 'eurosat': (read_folder, 'val', 'acc'),
+    'resisc45': (read_folder, 'test', 'acc'), 'gtsrb': (read_folder, 'test', 'acc'),
+    'kitti_distance': (read_folder, 'val', 'acc'), 'country211': (read_folder, 'test', 'acc'),
+    'patch_camelyon': (read_folder, 'val', 'acc'), 'ucf101_frames': (read_folder, 'val', 'acc'),
+    'clevr_counts': (read_filelist, 'val', 'acc'), 'hateful_memes': (read_folder, 'dev', 'roc_auc'),
+    'rendered_sst2': (read_folder, 'test', 'acc')})
 
 
 def build_dataset(name, root, transform, classnames, split=None):
@@ -797,9 +791,8 @@ def demo_dataset(cfg, task, split):
 
 
 def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
-    """The tasks of one --datasets entry: the demo tasks, a folder set or an evaluation set (its class names and
-    templates, or those of labels / templates); none for a set without a root (evaluate names those in one line),
-    or (with a line) without data."""
+    """The tasks of one --datasets entry: the demo tasks, a folder set or an evaluation set (with labels' / templates'
+    lists, else its row's); none for a set without a root (evaluate names those in one line) or (with a line) data."""
     if name == 'demo':
         return [*(Task(f'demo_{t.name}', 'classification', functools.partial(demo_dataset, cfg, t), t.classnames,
                        t.templates, t.metric) for t in demo_eval_tasks(cfg)),
@@ -843,8 +836,7 @@ def run_task(ev, score, task):
 def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog=None, labels=None, templates=None,
              retrieval_csv=None, on_result=None, precision='fp32', probe=None):
     """{dataset: {metric: value}} of the named datasets (default_datasets), {'error': reason} for a failing one;
-    on_result(results) follows each. labels / templates ({set: list}) replace the rows' own class names / templates.
-    probe (probe_settings): the linear probe instead, its results on rank 0 only."""
+    on_result(results) follows each. probe (probe_settings): the linear probe instead, its results on rank 0 only."""
     model, catalog = getattr(model, 'module', model), catalog or {}  # a DDP-wrapped model from train.py
     was_training = model.training
     model.eval()

@@ -3,7 +3,7 @@ and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; mo
 of embeddings; model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from
 one trunk pass)."""
 import math
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -717,29 +717,22 @@ def swalip_term(out, cfg, target):
 
 
 # --- Methods ---
-@dataclass(frozen=True)
-class Param:
-    """A method's own hyperparameter: config makes it a Config field and a --flag (rows that share one declare it
-    alike) and keeps it within `bound`, an interval such as '[0, 1]' or '(0, inf)'."""
-    name: str
-    default: object
-    help: str
-    bound: str = '(-inf, inf)'
+# A method's own hyperparameter: config makes it a Config field and a --flag (rows that share one declare it alike)
+# and keeps it within `bound`, an interval such as '[0, 1]' or '(0, inf)'
+Param = namedtuple('Param', 'name default help bound', defaults=('(-inf, inf)',))
 
 
 @dataclass(frozen=True)
 class Method:
-    """One objective (recipe §2): the loss it trains, its own hyperparameters, the model parts it needs, the strong
-    views it reads, and the settings it implies. config, model and train read these columns; nothing else looks at
-    a method's name."""
+    """One objective (recipe §2): its loss, its own hyperparameters, the model parts and strong views it needs, the
+    settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
     loss: Callable            # its contrastive term (above): (out, cfg) -> {'loss', ...}
     extra: Callable = None    # the term added to it (above): (out, cfg, target) -> {'loss', ...}
     weight: str = ''          # the config field that weights the extra term (none: 1)
     params: tuple = ()        # its own hyperparameters (Param), read by its terms as cfg.<name>
     heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
     #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
-    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them, and
-    #                           trains with config's plain settings (no strong views, stopword removal, EDA, smoothing)
+    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: never looks (config.PLAIN)
     momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
     preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
     fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
@@ -759,8 +752,7 @@ METHODS = {
         Param('slip_temperature', 0.1, 'temperature of the SLIP SimCLR loss', '(0, inf)'))),
     'barlip': Method(cl2l_term, barlip_term, heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE, params=(
         Param('barlip_lambda', 5e-3, 'BarLIP off-diagonal weight', '[0, inf)'),
-        Param('barlip_scale', 0.025, "BarLIP loss scale (its gradient is W ranks x the paper's with "
-                                     "--gather_with_grad=true)", '[0, inf)'),
+        Param('barlip_scale', 0.025, "BarLIP loss scale (--gather_with_grad: W x the paper's gradient)", '[0, inf)'),
         Param('barlip_hidden_dim', 3000, 'BarLIP projector hidden width', '[1, inf)'),
         Param('barlip_proj_dim', 8192, 'BarLIP projector output width', '[1, inf)'))),
     'siamlip': Method(cl2l_term, siamlip_term, heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE, params=_SIAM),

@@ -443,7 +443,7 @@ def restore_epoch_state(loop, state, device):
 
 
 def build_training(cfg, vocab_size, device, rank, world_size):
-    """The model, its momentum copy (a row of model.METHODS with momentum: BYOLIP), AdamW and the GradScaler,
+    """The model, its momentum copy (a row of config.METHODS with momentum: BYOLIP), AdamW and the GradScaler,
     initialised identically on every rank (recipe §5.5); the model line is printed by rank 0 only."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
