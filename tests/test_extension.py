@@ -23,7 +23,8 @@ METHOD = '''
 def cyclip_loss(z_image, z_text):
     """CyCLIP's cyclic consistency (Goel et al., 2022): mean squared gaps between the cosines <I_j, T_k> and
     <I_k, T_j> (cross-modal) and between <I_j, I_k> and <T_j, T_k> (in-modal)."""
-    image, text = F.normalize(z_image.float(), dim=-1), F.normalize(z_text.float(), dim=-1)  # (B, D)
+    image = gather(F.normalize(z_image.float(), dim=-1), with_grad=True)  # (N, D): every rank's rows
+    text = gather(F.normalize(z_text.float(), dim=-1), with_grad=True)
     cross = image @ text.t()
     return (cross - cross.t()).square().mean() + (image @ image.t() - text @ text.t()).square().mean()
 
