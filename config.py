@@ -36,9 +36,10 @@ def _f(default, help):
 
 
 @dataclass
-class Config:
+class SharedConfig:
+    """The settings every method shares; Config (below) adds each method's own hyperparameters (its row's params)."""
     # --- presets ---
-    dataset: str = _f('demo', 'dataset recipe: demo, cc3m, cc12m, yfcc15m, merged29m, csv, wds')
+    dataset: str = _f('demo', 'data format (a row of data.READERS) and its recipe (RECIPES), if it has one')
     model: str = _f('tiny', 'model preset: ' + ', '.join(['tiny', 'resnet50', 'vit_s16', 'vit_s16_12h',
                                                          'vit_s32', 'vit_b32', 'vit_b16', 'vit_l16', 'vit_l14']))
     method: str = _f('rocket', 'objective: ' + ', '.join(METHODS))
@@ -66,34 +67,18 @@ class Config:
     # --- model: heads ---
     embed_dim: int = _f(64, 'joint embedding dimension (256 in the paper)')
     mlp_hidden_dim: int = _f(512, 'hidden width of the local MLP projectors (4096 in the paper)')
-    barlip_hidden_dim: int = _f(3000, 'BarLIP projector hidden width')
-    barlip_proj_dim: int = _f(8192, 'BarLIP projector output width')
-    siamlip_hidden_dim: int = _f(2048, 'SiamLIP/BYOLIP projector and predictor hidden width')
-    siamlip_proj_dim: int = _f(128, 'SiamLIP/BYOLIP projector output width')
     logit_scale_init: float = _f(math.log(1 / 0.07), 'initial log logit scale of the global CLIP loss')
     l2l_logit_scale_init: float = _f(math.log(1 / 0.1), 'initial log logit scale of the local loss')
-    logit_bias_init: float = _f(-10.0, 'initial logit bias of the SigLIP terms (siglip, rocket_siglip)')
     logit_scale_max: float = _f(100.0, 'logit scales are clamped to [1, this] after every step')
 
     # --- objective ---
     num_augs: int = _f(2, 'A: strong image/caption views per sample (0 = plain CLIP)')
-    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs; the global '
-                                     'pair never has it, except with --method=clip, where it applies to '
-                                     'the only (global) term')
-    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image terms: "
-                                    "sum doubles every contrastive term, plain CLIP's too (not the SigLIP, SLIP, "
-                                    "BarLIP, SiamLIP or SwALIP terms)")
+    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) InfoNCE pairs; the global pair '
+                                     'never has it, except where it is the only InfoNCE term (plain CLIP)')
+    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image InfoNCE "
+                                    "terms: sum doubles every InfoNCE term, plain CLIP's too (no other loss)")
     gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
-                                      'the paper: constants); also scales BarLIP\'s gradient: W ranks x the paper\'s '
-                                      'when true; SLIP\'s SimCLR and the SigLIP terms always gather with gradient')
-    slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
-    slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
-    barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
-    barlip_scale: float = _f(0.025, 'BarLIP loss scale')
-    momentum_tau: float = _f(0.99, 'EMA rate of the BYOLIP momentum model')
-    swalip_weight: float = _f(0.2, 'weight of the SwALIP swapped-prediction loss')
-    sk_epsilon: float = _f(0.05, 'Sinkhorn-Knopp entropy epsilon (SwALIP)')
-    sk_iters: int = _f(3, 'Sinkhorn-Knopp iterations (SwALIP)')
+                                      'the paper: constants; recipe §2.1)')
 
     # --- image augmentation ---
     image_size: int = _f(64, 'global (weak) crop and evaluation size (224 in the paper)')
@@ -123,7 +108,7 @@ class Config:
 
     # --- data ---
     root: str = _f('', 'image root directory (or three joined by --- for merged29m)')
-    metadata: str = _f('', 'metadata file: .npy (cc3m/cc12m), .pkl (yfcc15m), .csv/.tsv (csv), shard pattern (wds)')
+    metadata: str = _f('', "metadata file or shard pattern, as --dataset's row of data.READERS expects")
     bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); required but for the demo dataset')
     caption_sampling: str = _f('single', "'single' (one caption for all views) or 'multi' (each view draws)")
     csv_image_key: str = _f('filepath', 'CSV column of image paths')
@@ -193,6 +178,32 @@ class Config:
         return validate(cls(**{k: v for k, v in d.items() if k in known}))
 
 
+def method_params():
+    """{name: Param} of every row's own hyperparameters, once each; a param that a shared field or another row
+    declares otherwise, or whose default lies outside its bound, stops the import."""
+    params, shared = {}, {f.name for f in fields(SharedConfig)}
+    for method, row in METHODS.items():
+        for p in row.params:
+            first = params.setdefault(p.name, p)
+            if p.name in shared or first != p or not in_bound(p.default, p.bound):
+                raise TypeError(f"model.METHODS[{method!r}]: {p} names a shared field, or differs from {first} of "
+                                f"another row, or its default is outside its bound")
+    return params
+
+
+def in_bound(value, bound):
+    """Whether value lies in the interval `bound`, written '[0, 1]', '(0, inf)', ..."""
+    low, high = map(float, bound[1:-1].split(','))
+    return (low <= value if bound[0] == '[' else low < value) and (value <= high if bound[-1] == ']' else value < high)
+
+
+# the settings: the shared fields, then every method's own (a row of model.METHODS adds its flags without edits here)
+PARAMS = method_params()
+Config = dataclasses.make_dataclass('Config', [(p.name, type(p.default), _f(p.default, p.help))
+                                               for p in PARAMS.values()],
+                                    bases=(SharedConfig,), namespace={'__module__': __name__})  # so pickle finds it
+
+
 # --- presets ---
 _TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
 MODELS = {
@@ -229,18 +240,22 @@ RECIPES = {
     'csv': dict(image_size=224, local_crop_size=224),
     'wds': dict(image_size=224, local_crop_size=224),
 }
-DATASETS = tuple(RECIPES)
 
 
 def dataset_recipe(dataset, model, method):
-    """The paper's settings for a dataset; a method's row may add to them, for any model or for one (recipe §5.1)."""
+    """A dataset's recipe, if it has one; a method's row may add to it, for any model or for one (recipe §5.1)."""
     extra = METHODS[method].recipes
-    return {**RECIPES[dataset], **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
+    return {**RECIPES.get(dataset, {}), **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
+
+
+# recipe §8.1: a method that never looks at strong views trains without them, stopword removal, EDA and smoothing
+PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
 
 
 def method_preset(method):
-    """Settings a method implies (its row's preset and fixed settings)."""
-    return {**METHODS[method].preset, **METHODS[method].fixed}
+    """Settings a method implies: PLAIN for a row that never looks at strong views, then its preset and fixed ones."""
+    row = METHODS[method]
+    return {**(PLAIN if row.views is None else {}), **row.preset, **row.fixed}
 
 
 # --- parsing ---
@@ -376,7 +391,6 @@ def _check(cond, msg):
 
 def validate(cfg):
     """Range and choice checks; raises ConfigError with one line naming the field."""
-    _check(cfg.dataset in DATASETS, f"--dataset={cfg.dataset}: choose one of {', '.join(DATASETS)}")
     _check(cfg.model in MODELS, f"--model={cfg.model}: choose one of {', '.join(MODELS)}")
     _check(cfg.method in METHODS, f"--method={cfg.method}: choose one of {', '.join(METHODS)}")
     for name, choices in CHOICES.items():
@@ -385,13 +399,12 @@ def validate(cfg):
                f"--{name}={value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
-    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
-                 'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
-                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
+    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout', 'max_image_pixels',
+                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
-                 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
+                 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'keep_last',
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
@@ -405,20 +418,22 @@ def validate(cfg):
         _check(cfg.vision == 'vit' or getattr(cfg, name) == 0,
                f"--{name}={getattr(cfg, name)} applies to the ViT only: set it to 0 for --vision={cfg.vision}")
     for name in ('remove_stopwords_prob', 'color_jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob',
-                 'momentum_tau', 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
+                 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
         _check(0 <= getattr(cfg, name) <= 1, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
     _check(cfg.strong_min_scale <= cfg.strong_max_scale,
            f"--strong_min_scale={cfg.strong_min_scale} is above --strong_max_scale={cfg.strong_max_scale}")
     _check(cfg.synonym_prob + cfg.swap_prob + cfg.deletion_prob + cfg.identity_prob > 0 or not cfg.text_augment,
            "--text_augment needs one of synonym/swap/deletion/identity_prob > 0")
-    _check(cfg.sk_epsilon > 0, f"--sk_epsilon={cfg.sk_epsilon}: must be > 0")
-    _check(cfg.slip_temperature > 0, f"--slip_temperature={cfg.slip_temperature}: must be > 0")
+    for name, param in PARAMS.items():  # every method's own, whichever method runs
+        _check(in_bound(getattr(cfg, name), param.bound), f"--{name}={getattr(cfg, name)}: must be in {param.bound}")
     _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
     method = METHODS[cfg.method]
     for name, value in method.fixed.items():
         _check(getattr(cfg, name) == value, f"--method={cfg.method} needs --{name}={value:g} (it trains only with it)")
+    _check(method.views is not None or cfg.num_augs == 0,
+           f"--method={cfg.method} never encodes strong views: set --num_augs=0")
     _check(method.views is None or cfg.num_augs >= method.views,
            f"--method={cfg.method} needs --num_augs >= {method.views} (it uses the strong views)")
     _check(not cfg.byol_augment or cfg.num_augs == 2, "--byol_augment needs --num_augs=2")
@@ -449,26 +464,28 @@ def cpu_split(workers, threads, device_type, local_world_size=1):
     return workers, threads
 
 
-def help_text(cfg=None):
+def help_text(cfg=None, datasets=()):
     """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
     cfg = cfg or Config()
     lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
              f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method} and the flags given:"]
     for f in fields(Config):
-        lines.append(f"  --{f.name:<24} {f.metadata['help']} (here: {getattr(cfg, f.name)})")
+        choices = f": {', '.join(datasets)}" if f.name == 'dataset' and datasets else ''
+        lines.append(f"  --{f.name:<24} {f.metadata['help']}{choices} (here: {getattr(cfg, f.name)})")
     lines.append('')
-    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(DATASETS)}) < method < flag")
+    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag")
     return '\n'.join(lines)
 
 
-def resolve(flags, verbose=True):
-    """Build a Config from explicit flags ({key: raw string}) with presets filled in underneath them."""
+def resolve(flags, verbose=True, datasets=None):
+    """Build a Config from explicit flags ({key: raw string}) with presets filled in underneath them. datasets: the
+    names --dataset accepts, data.READERS (the command passes them: config cannot import data); None: any."""
     values = {k: _convert(k, v) for k, v in flags.items()}
     base = Config()
     dataset, method = values.get('dataset', base.dataset), values.get('method', base.method)
-    _check(dataset in DATASETS, f"--dataset={dataset}: choose one of {', '.join(DATASETS)}")
+    _check(datasets is None or dataset in datasets, f"--dataset={dataset}: choose one of {', '.join(datasets or ())}")
     _check(method in METHODS, f"--method={method}: choose one of {', '.join(METHODS)}")
-    recipe = dataset_recipe(dataset, values.get('model', RECIPES[dataset].get('model', base.model)), method)
+    recipe = dataset_recipe(dataset, values.get('model', RECIPES.get(dataset, {}).get('model', base.model)), method)
     model = values.get('model', recipe.get('model', base.model))
     _check(model in MODELS, f"--model={model}: choose one of {', '.join(MODELS)}")
     layers = [(f'model preset {model}', MODELS[model]), (f'dataset recipe {dataset}', recipe),
@@ -483,16 +500,17 @@ def resolve(flags, verbose=True):
     return validate(dataclasses.replace(base, **merged))
 
 
-def parse_args(argv=None):
-    """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
+def parse_args(argv=None, datasets=None):
+    """Parse --key=value flags into a Config (datasets: see resolve); bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
     rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
     try:
         if '-h' in argv or '--help' in argv:  # the values the other flags resolve to: presets included
             if rank0:
-                print(help_text(resolve(_split_flags([a for a in argv if a not in ('-h', '--help')]), False)))
+                flags = _split_flags([a for a in argv if a not in ('-h', '--help')])
+                print(help_text(resolve(flags, False, datasets), datasets or ()))
             sys.exit(0)
-        return resolve(_split_flags(argv), verbose=rank0)
+        return resolve(_split_flags(argv), rank0, datasets)
     except ConfigError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
@@ -832,7 +850,7 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
                          Path(CLIP_BPE)) if p.is_file()]
     fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
     dataset = getattr(args, 'dataset', None)
-    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in DATASETS else 'csv'})
+    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in RECIPES else 'csv'})
     source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
               if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
               else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')

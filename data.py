@@ -9,7 +9,9 @@ import dataclasses
 import functools
 import gc
 import gzip
+import hashlib
 import heapq
+import inspect
 import io
 import itertools
 import json
@@ -33,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
-from config import ConfigError, UserError, atomic_write, parse_flags, run_cli
+from config import RECIPES, ConfigError, UserError, atomic_write, parse_flags, run_cli
 
 
 # --- BPE tokenizer ---
@@ -365,8 +367,8 @@ class MergedReader:
 
 
 def metadata_arrays(cfg, parse, *how):
-    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached
-    by how it is read (cached_arrays); an error while parsing is one line naming the file and the format."""
+    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached by
+    how it is read and the code reading it (cached_arrays); a parse error is one line naming the file and format."""
     path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
     check_format(path, cfg)
 
@@ -377,7 +379,8 @@ def metadata_arrays(cfg, parse, *how):
             raise
         except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
             raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
-    return cached_arrays(path, cfg.output_dir, [cfg.dataset, *how], build)
+    code = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in (READERS[cfg.dataset].read, parse))
+    return cached_arrays(path, cfg.output_dir, [cfg.dataset, hashlib.sha256(code.encode()).hexdigest(), *how], build)
 
 
 def read_npy(cfg, key):
@@ -473,7 +476,7 @@ def read_shards(cfg, rank=0, world_size=1):
 # A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions)); a streamed
 # format's read(cfg, rank, world_size) -> (shard paths, sample counts) for TarShards. `expects` says what
 # --metadata must be (in every format error), `kinds` what sniff may find it to be, `vocabulary` the merges
-# used when --bpe_path is empty. A new format: its read function and a row here (and a recipe in config.RECIPES).
+# used when --bpe_path is empty. A new format: its read function and a row here (a config.RECIPES row for settings).
 Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
 READERS = {
     # the demo's reader is defined with the demo, below: the lambda looks it up when called
@@ -492,6 +495,9 @@ READERS = {
     'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
                   "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
 }
+if set(RECIPES) - set(READERS):
+    raise TypeError(f"config.RECIPES has rows without a reader: {', '.join(sorted(set(RECIPES) - set(READERS)))}; "
+                    f"add their rows to data.READERS or remove the recipes")
 
 
 def build_reader(cfg):

@@ -9,11 +9,11 @@
         [--vision_act=gelu|quickgelu] [--text_act=...] [--image_mean=a,b,c] [--image_std=a,b,c] [--bpe_path=FILE]
     python evaluate.py --export ckpt.pt --out DIR    # open_clip's local-dir layout, for open_clip and clip_benchmark
 
-Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every catalogue
-dataset found under --data_root (<data_root>/<name>, or the paths of a {name: path} JSON catalogue; layouts in
-docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per checkpoint.
-Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as each
-dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
+Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every evaluation
+set (EVAL_SETS) found under --data_root (<data_root>/<name>, or the paths of a --catalog {name: path} JSON file;
+layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per
+checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as
+each dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
 features of each dataset's train split instead (features cached in <ckpt>_features/, results in <ckpt>_probe.json).
 """
 import collections
@@ -362,9 +362,9 @@ def read_json(path, what):
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
 
 
-def catalogue_file(kind, path=None):
-    """{dataset: class names} (kind 'labels') or {dataset: templates} ('templates') from path, else from assets/."""
-    return read_json(path or ASSETS / f'{kind}.json', f'{kind} file')
+def override_file(kind, path):
+    """{set: class names} (kind 'labels') or {set: templates} ('templates') of --labels / --templates, else {}."""
+    return read_json(path, f'{kind} file') if path else {}
 
 
 def _read_split_file(name, path):
@@ -423,9 +423,9 @@ def image_folder(name, folder, allow_empty=False):
         raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
 
 
-# The readers of the catalogue's layouts (docs/datasets.md): split `split` of set `name` stored at root as (images:
-# paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format ones read
-# that split's files alone: the test files, or the train files for the probe.
+# The readers of the evaluation sets' layouts (docs/datasets.md): split `split` of set `name` stored at root as
+# (images: paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format
+# ones read that split's files alone: the test files, or the train files for the probe.
 def read_folder(name, root, split, classnames):
     found = image_folder(name, root / split)
     return [p for p, _ in found.samples], found.targets, len(found.classes)
@@ -475,8 +475,30 @@ def read_filelist(name, root, split, classnames):
     return paths, [index[str(y)] for y in labels], len(classnames)
 
 
-# name: (reader, eval split, metric), in catalogue order (recipe §6.2)
-CATALOGUE = {
+EvalSet = collections.namedtuple('EvalSet', 'read split metric classnames templates',
+                                 defaults=('labels.json', 'templates.json'))
+
+
+def with_lists(sets):
+    """{name: EvalSet} of the rows, class names and templates as lists (an asset file's entry where a row names the
+    file); a row without them, or with a template without one {} for the class name, raises."""
+    files = {}
+    for name, row in sets.items():
+        row = EvalSet(*row)
+        for file in {f for f in row[3:] if isinstance(f, str)} - files.keys():
+            files[file] = read_json(ASSETS / file, 'asset file')
+        classnames, templates = (files[f].get(name) if isinstance(f, str) else f for f in row[3:])
+        if not classnames or not templates or any(t.count('{}') != 1 for t in templates):
+            raise TypeError(f"evaluation set {name!r} needs class names and templates (one {{}} each): lists, or "
+                            f"assets/ files with an entry {name!r}, not {row.classnames!r:.40}, {row.templates!r:.40}")
+        sets[name] = row._replace(classnames=classnames, templates=templates)
+    return sets
+
+
+# name: (reader, eval split, metric[, class names, templates]), in the paper's order (recipe §6.2). Class names and
+# templates are lists, or the name of an assets/ JSON file whose entry for the set holds them (by default the paper's
+# labels.json and templates.json); at import every row becomes an EvalSet of lists, and one without them raises.
+EVAL_SETS = with_lists({
     'imagenet': (read_folder, 'val', 'acc'), 'mnist': (read_mnist, 'test', 'acc'),
     'food101': (read_folder, 'test', 'acc'), 'cifar10': (read_cifar10, 'test', 'acc'),
     'cifar100': (read_cifar100, 'test', 'acc'), 'cub200': (read_folder, 'val', 'acc'),
@@ -488,16 +510,16 @@ CATALOGUE = {
     'kitti_distance': (read_folder, 'val', 'acc'), 'country211': (read_folder, 'test', 'acc'),
     'patch_camelyon': (read_folder, 'val', 'acc'), 'ucf101_frames': (read_folder, 'val', 'acc'),
     'clevr_counts': (read_filelist, 'val', 'acc'), 'hateful_memes': (read_folder, 'dev', 'roc_auc'),
-    'rendered_sst2': (read_folder, 'test', 'acc')}
+    'rendered_sst2': (read_folder, 'test', 'acc')})
 
 
 def build_dataset(name, root, transform, classnames, split=None):
-    """The eval split (or `split`: 'train' for the probe) of catalogue set `name` at root, as an ImageList."""
-    split = split or CATALOGUE[name][1]
-    images, labels, n = CATALOGUE[name][0](name, Path(root), split, classnames)
+    """The eval split (or `split`: 'train' for the probe) of evaluation set `name` at root, as an ImageList."""
+    split = split or EVAL_SETS[name].split
+    images, labels, n = EVAL_SETS[name].read(name, Path(root), split, classnames)
     if n != len(classnames):
-        raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
-                        f"fix the labels file or the dataset folder")
+        raise UserError(f"{name}: the data has {n} classes but {len(classnames)} class names are given; fix the "
+                        f"class names (its row of EVAL_SETS, or --labels) or the dataset folder")
     if not len(labels):
         raise UserError(f"{name}: the {split} split under {root} holds no images")
     if min(labels) < 0 or max(labels) >= n:
@@ -795,12 +817,12 @@ def _dataset_path(name, data_root, catalog):
 
 
 def check_datasets(names, catalog=None):
-    """Raise ConfigError naming the first that is neither 'demo', in CATALOGUE, folder:PATH nor in the --catalog."""
+    """Raise ConfigError naming the first that is neither 'demo', in EVAL_SETS, folder:PATH nor in the --catalog."""
     for name in names:
-        if name != 'demo' and name not in CATALOGUE and not name.startswith(FOLDER) and name not in (catalog or {}):
-            close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
+        if name != 'demo' and name not in EVAL_SETS and not name.startswith(FOLDER) and name not in (catalog or {}):
+            close = difflib.get_close_matches(name, list(EVAL_SETS), n=1)
             raise ConfigError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else
-                                                            f"; choose from demo, {', '.join(CATALOGUE)}") +
+                                                            f"; choose from demo, {', '.join(EVAL_SETS)}") +
                               "; a set of your own: folder:PATH (an ImageFolder) or an entry of --catalog")
     return names
 
@@ -817,13 +839,13 @@ def demo_dataset(cfg, task, split):
 
 
 def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
-    """The tasks of one --datasets entry: the demo tasks, a folder set or a catalogue set; none for a catalogue set
-    without a root (evaluate names those in one line), or (with a line) without data or class names."""
+    """The tasks of one --datasets entry: the demo tasks, a folder set or an evaluation set (with labels' / templates'
+    lists, else its row's); none for a set without a root (evaluate names those in one line) or (with a line) data."""
     if name == 'demo':
         return [*(Task(f'demo_{t.name}', 'classification', functools.partial(demo_dataset, cfg, t), t.classnames,
                        t.templates, t.metric) for t in demo_eval_tasks(cfg)),
                 Task('demo_retrieval', 'retrieval', functools.partial(demo_retrieval, cfg))]
-    if name not in CATALOGUE:  # a user's own set: folder:PATH or a --catalog entry
+    if name not in EVAL_SETS:  # a user's own set: folder:PATH or a --catalog entry
         entry = {'path': name[len(FOLDER):]} if name.startswith(FOLDER) else catalog[name]
         entry = {'path': '', **entry} if isinstance(entry, dict) else {'path': entry}
         shown = Path(entry['path']).name if name.startswith(FOLDER) else name
@@ -834,11 +856,10 @@ def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
     if not root.exists():
         say(f"skip {name}: no data at {root}")
         return []
-    if name not in labels or name not in templates:
-        say(f"skip {name}: no entry for it in the labels or templates file")
-        return []
-    return [Task(name, 'classification', functools.partial(build_dataset, name, root, transform, labels[name]),
-                 labels[name], templates[name], CATALOGUE[name][2])]
+    row = EVAL_SETS[name]
+    classnames = labels.get(name, row.classnames)
+    return [Task(name, 'classification', functools.partial(build_dataset, name, root, transform, classnames),
+                 classnames, templates.get(name, row.templates), row.metric)]
 
 
 def run_task(ev, score, task):
@@ -870,10 +891,10 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     # fp32 like the official evaluation, whatever the training run's, so that train.py's table and evaluate.py agree
     cfg = dataclasses.replace(cfg, precision=precision)
     say = print if rank == 0 else (lambda *a, **k: None)
-    labels, templates = labels or catalogue_file('labels'), templates or catalogue_file('templates')
+    labels, templates = labels or {}, templates or {}
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
     names = check_datasets(datasets or default_datasets(cfg), catalog)
-    rootless = [n for n in names if n in CATALOGUE and _dataset_path(n, cfg.data_root, catalog) is None]
+    rootless = [n for n in names if n in EVAL_SETS and _dataset_path(n, cfg.data_root, catalog) is None]
     if rootless:
         say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
     tasks = [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
@@ -895,20 +916,20 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
 
 
 def check_data(data_root, catalog, labels):
-    """{name: status}, printed a line per catalogue set: found, missing or malformed (why); no decoding: seconds."""
+    """{name: status}, printed a line per evaluation set: found, missing or malformed (why); no decoding: seconds."""
     print(f"{'dataset':<16}{'split':<6}{'status':<11}{'images':>8}{'classes':>8}  path or problem")
     statuses = {}
-    for name, (_, split, _) in CATALOGUE.items():
+    for name, row in EVAL_SETS.items():
         root = _dataset_path(name, data_root, catalog)
-        statuses[name], count, classes, detail = data_status(name, root, labels.get(name, []))
-        print(f"{name:<16}{split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
+        statuses[name], count, classes, detail = data_status(name, root, labels.get(name, row.classnames))
+        print(f"{name:<16}{row.split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
     print(', '.join(f"{list(statuses.values()).count(s)} {s}" for s in ('found', 'missing', 'malformed')) +
           " (layouts: docs/datasets.md)")
     return statuses
 
 
 def data_status(name, root, classnames):
-    """(status, images, classes, path or problem) of one catalogue dataset stored at root (None: no root)."""
+    """(status, images, classes, path or problem) of one evaluation set stored at root (None: no root)."""
     if root is None or not root.exists():
         return 'missing', '-', '-', str(root) if root else 'no --data_root or catalogue entry'
     try:
@@ -1007,7 +1028,7 @@ def evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, d
             _write_json(records if 'out' in flags else record, out)
 
     datasets = (flags['datasets'].split(',') if 'datasets' in flags else
-                list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
+                list(EVAL_SETS) + (['demo'] if cfg.dataset == 'demo' else []))
     save(evaluate(model, tokenizer, cfg, rank, world_size, datasets, **inputs, on_result=None if probe else save,
                   precision=flags.get('precision', 'fp32'), probe=probe))
     return out
@@ -1037,10 +1058,10 @@ def _run(argv):
     if command:
         return command(argv)
     paths, flags, catalog = parse_argv(argv)
-    labels = catalogue_file('labels', flags.get('labels'))
+    labels = override_file('labels', flags.get('labels'))
     if 'check_data' in flags:
         return check_data(flags.get('data_root', ''), catalog, labels)
-    inputs = {'catalog': catalog, 'labels': labels, 'templates': catalogue_file('templates', flags.get('templates')),
+    inputs = {'catalog': catalog, 'labels': labels, 'templates': override_file('templates', flags.get('templates')),
               'retrieval_csv': flags.get('retrieval')}
     # the cores are split as in training: same thread count, same float results
     cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)

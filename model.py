@@ -3,7 +3,8 @@ and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; mo
 of embeddings; model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from
 one trunk pass)."""
 import math
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -673,7 +674,7 @@ def cl2l_siglip_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_sc
 
 
 # --- Objectives ---
-# A method's row in METHODS (below) names its contrastive term and the term added to it: these functions, which
+# A method's row in METHODS (below) holds its contrastive term and the term added to it: these functions, which
 # hand each loss above its inputs from the model's output dict (out) and the config.
 def clip_term(out, cfg):
     """Plain CLIP (recipe §2.2): label smoothing, if any, on its only (global) pair."""
@@ -719,39 +720,56 @@ def swalip_term(out, cfg, target):
 
 
 # --- Methods ---
+# A method's own hyperparameter: config makes it a Config field and a --flag (rows that share one declare it alike)
+# and keeps it within `bound`, an interval such as '[0, 1]' or '(0, inf)'
+Param = namedtuple('Param', 'name default help bound', defaults=('(-inf, inf)',))
+
+
 @dataclass(frozen=True)
 class Method:
-    """One objective (recipe §2): the loss it trains, the model parts it needs, the strong views it reads, and the
+    """One objective (recipe §2): its loss, its own hyperparameters, the model parts and strong views it needs, the
     settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
-    loss: str                 # the function (above) of its contrastive term: (out, cfg) -> {'loss', ...}
-    extra: str = ''           # the function (above) of the term added to it: (out, cfg, target) -> {'loss', ...}
+    loss: Callable            # its contrastive term (above): (out, cfg) -> {'loss', ...}
+    extra: Callable = None    # the term added to it (above): (out, cfg, target) -> {'loss', ...}
     weight: str = ''          # the config field that weights the extra term (none: 1)
+    params: tuple = ()        # its own hyperparameters (Param), read by its terms as cfg.<name>
     heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
     #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
-    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them
+    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: never looks (config.PLAIN)
     momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
     preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
     fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
     recipes: dict = field(default_factory=dict)  # {(dataset, model or None): settings} on top of that dataset's recipe
 
 
-# recipe §8.1: a plain baseline has no augmented views and must also switch off the weak stopword removal
-_PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False)
 _SIGLIP = dict(logit_scale_init=math.log(10.0), l2l_logit_scale_init=math.log(10.0))  # t = exp(t') = 10 (Zhai et al.)
+_BIAS = (Param('logit_bias_init', -10.0, 'initial logit bias of the SigLIP terms'),)
 _NONCONTRASTIVE = {('cc12m', None): dict(text_dropout=0.1)}  # recipe §5.1
+_SIAM = (Param('siamlip_hidden_dim', 2048, 'SiamLIP/BYOLIP projector and predictor hidden width', '[1, inf)'),
+         Param('siamlip_proj_dim', 128, 'SiamLIP/BYOLIP projector output width', '[1, inf)'))
 METHODS = {
-    'clip': Method('clip_term', views=None, preset=dict(_PLAIN, label_smoothing=0.0)),
-    'rocket': Method('cl2l_term', heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
-    'slip': Method('cl2l_term', 'slip_term', 'slip_scale', heads=('h', 'slip'), views=2),
-    'barlip': Method('cl2l_term', 'barlip_term', heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE),
-    'siamlip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE),
-    'byolip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, momentum=True,
-                     recipes=_NONCONTRASTIVE),
-    'swalip': Method('cl2l_term', 'swalip_term', 'swalip_weight', heads=('h',), views=1,
-                     fixed=dict(label_smoothing=0.0), recipes=_NONCONTRASTIVE),  # recipe §2.6
-    'siglip': Method('siglip_term', heads=('bias',), views=None, preset=dict(_PLAIN, **_SIGLIP),
-                     fixed=dict(label_smoothing=0.0)),
-    'rocket_siglip': Method('cl2l_siglip_term', heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0)),
+    'clip': Method(clip_term, views=None),
+    'rocket': Method(cl2l_term, heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
+    'slip': Method(cl2l_term, slip_term, 'slip_scale', heads=('h', 'slip'), views=2, params=(
+        Param('slip_scale', 1.0, 'weight of the SLIP SimCLR loss', '[0, inf)'),
+        Param('slip_temperature', 0.1, 'temperature of the SLIP SimCLR loss', '(0, inf)'))),
+    'barlip': Method(cl2l_term, barlip_term, heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE, params=(
+        Param('barlip_lambda', 5e-3, 'BarLIP off-diagonal weight', '[0, inf)'),
+        Param('barlip_scale', 0.025, "BarLIP loss scale (--gather_with_grad: W x the paper's gradient)", '[0, inf)'),
+        Param('barlip_hidden_dim', 3000, 'BarLIP projector hidden width', '[1, inf)'),
+        Param('barlip_proj_dim', 8192, 'BarLIP projector output width', '[1, inf)'))),
+    'siamlip': Method(cl2l_term, siamlip_term, heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE, params=_SIAM),
+    'byolip': Method(cl2l_term, siamlip_term, heads=('h', 'siam'), views=1, momentum=True, recipes=_NONCONTRASTIVE,
+                     params=(*_SIAM, Param('momentum_tau', 0.99, 'EMA rate of the BYOLIP momentum model', '[0, 1]'))),
+    'swalip': Method(cl2l_term, swalip_term, 'swalip_weight', heads=('h',), views=1, fixed=dict(label_smoothing=0.0),
+                     recipes=_NONCONTRASTIVE, params=(  # recipe §2.6
+        Param('swalip_weight', 0.2, 'weight of the SwALIP swapped-prediction loss', '[0, inf)'),
+        Param('sk_epsilon', 0.05, 'Sinkhorn-Knopp entropy epsilon (SwALIP)', '(0, inf)'),
+        Param('sk_iters', 3, 'Sinkhorn-Knopp iterations (SwALIP)', '[1, inf)'))),
+    'siglip': Method(siglip_term, heads=('bias',), views=None, preset=_SIGLIP, fixed=dict(label_smoothing=0.0),
+                     params=_BIAS),
+    'rocket_siglip': Method(cl2l_siglip_term, heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0),
+                            params=_BIAS),
 }
 
 
@@ -763,9 +781,9 @@ def compute_loss(out, cfg, target=None):
     method = METHODS[cfg.method]
     if method.momentum and target is None:
         raise ValueError(f"method {cfg.method} needs target=<the momentum model's output dict>")
-    losses = globals()[method.loss](out, cfg)
+    losses = method.loss(out, cfg)
     if method.extra:
-        extra = globals()[method.extra](out, cfg, target if method.momentum else out)
+        extra = method.extra(out, cfg, target if method.momentum else out)
         weight = getattr(cfg, method.weight) if method.weight else 1.0
         total = losses['loss'] + weight * extra['loss']
         losses = {**losses, **extra, f'{cfg.method}_loss': extra['loss'], 'loss': total}

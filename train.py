@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import config
 from augment import finish_views
-from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
+from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
 from evaluate import evaluate, print_table
 from model import autocast_dtype, build_model, compute_loss
 
@@ -778,7 +778,7 @@ def full_disk_is_one_line():
 def main(argv=None):
     """Train with the config of the command-line flags (see config.py / --help). Purposeful errors are
     config.UserError (printed as one line by config.run_cli); under torchrun each is printed once."""
-    cfg = config.parse_args(argv)
+    cfg = config.parse_args(argv, datasets=READERS)
     rank, world_size, device = config.setup_distributed(cfg)
     # SIGTERM/SIGUSR1 (SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step boundary and
     # exit 0. Installed first, so that torchrun's SIGTERM, sent to every rank when one fails, cannot cut off this

@@ -124,7 +124,6 @@ def test_unknown_key_suggests_close_ones():
     (['--label_smoothing=1'], r'--label_smoothing=1.0: must be in \[0, 1\)'),
     (['--batch_size=abc'], "--batch_size: expected int, got 'abc'"),
     (['--compile=maybe'], '--compile: expected true/false'),
-    (['--dataset=imagenet21k'], '--dataset=imagenet21k: choose one of'),
     (['--model=vit_h14'], '--model=vit_h14: choose one of'),
     (['--method=swalip', '--label_smoothing=0.1'], 'swalip needs --label_smoothing=0'),
     (['--lr'], '--lr needs a value'),

@@ -19,9 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 from config import Config, UserError
 
 import data as D
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,6 +318,45 @@ def test_metadata_arrays_are_cached_reused_and_rebuilt_on_change(tmp_path, monke
     reader = D.build_reader(cfg_for(dataset='csv', metadata=str(tmp_path / 'pairs.csv'),
                                     output_dir=str(tmp_path / 'out')))
     assert (tmp_path / 'out' / 'pairs.csv.arrays' / 'stamp.json').is_file() and reader.captions[5] == (CAPTIONS[5],)
+
+
+def upper_npy(cfg):
+    """read_npy as a forker might edit it: the same file, row and settings, other code (captions upper-cased)."""
+    def parse(path):
+        meta = np.load(path, allow_pickle=True)
+        return {**D.Strings.arrays('paths', [d['image_id'] for d in meta]),
+                **D.CaptionLists.arrays('captions', [[c.upper() for c in d['captions']] for d in meta])}
+    return D.FileReader(cfg.root, D.metadata_arrays(cfg, parse))
+
+
+def test_an_edited_reader_parses_the_metadata_afresh(tmp_path, monkeypatch):
+    """The cache keys on the reader's code: other code parses the unchanged file again, the same code reuses it."""
+    cfg = write_formats(tmp_path)['cc3m']
+    assert D.build_reader(cfg).captions[0] == (CAPTIONS[0],)
+    monkeypatch.setitem(D.READERS, 'cc3m', D.READERS['cc3m']._replace(read=upper_npy))
+    edited = D.build_reader(cfg)
+    assert edited.captions[0] == (CAPTIONS[0].upper(),) and not isinstance(edited.paths.data, np.memmap)
+    assert isinstance(D.build_reader(cfg).paths.data, np.memmap)  # unchanged code: the cached arrays
+    monkeypatch.undo()
+    assert D.build_reader(cfg).captions[0] == (CAPTIONS[0],)
+
+
+def test_dataset_names_are_the_rows_of_readers(capsys):
+    """train.py's --dataset takes the rows of READERS, and its --help lists them; a format needs no recipe; a recipe
+    without a reader stops the import of data.py."""
+    with pytest.raises(SystemExit):
+        train.main(['--dataset=imagenet21k'])
+    assert capsys.readouterr().err.strip() == f"error: --dataset=imagenet21k: choose one of {', '.join(D.READERS)}"
+    with pytest.raises(SystemExit):
+        train.main(['--help'])
+    assert f"{', '.join(D.READERS)} (here: demo)" in capsys.readouterr().out
+    formats = {**D.READERS, 'jsonl': D.READERS['csv']}
+    assert config.resolve({'dataset': 'jsonl'}, False, formats) == config.Config(dataset='jsonl')
+    r = subprocess.run([sys.executable, '-c', "import config; config.RECIPES['laion'] = {}; import data"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "TypeError: config.RECIPES has rows without a reader: laion; add their rows to data.READERS or remove the "
+        "recipes")
 
 
 def test_wrong_format_and_missing_bpe_path_give_one_line(tmp_path):
