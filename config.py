@@ -1,10 +1,11 @@
-"""One source of truth for every setting: a flat dataclass, presets, and the --key=value parser; and the
-mechanisms every command shares: the atomic file writer, the process-group set-up and the checkpoint home.
+"""One source of truth for every setting: a flat dataclass (its method fields declared by model.METHODS' rows),
+presets, and the --key=value parser; and the plumbing every command shares: one-line errors (UserError, run_cli),
+the atomic file writer and the process-group set-up. Checkpoints live with training (train.py) and with reading
+them (evaluate.py); the model's weights in and out, with the model (model.py).
 
 Precedence: dataclass default < model preset < dataset recipe < method preset < explicit flag.
 Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
 """
-import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -14,8 +15,6 @@ import importlib.metadata
 import json
 import math
 import os
-import pathlib
-import pickle
 import re
 import shutil
 import sys
@@ -325,6 +324,12 @@ def run_cli(main_fn, argv=None):
         sys.exit(e.exit_code)
 
 
+def first_line(e, limit=160):
+    """An exception's first line, cut at a word boundary."""
+    line = (str(e).strip().splitlines() or [''])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
+
+
 def _convert(name, raw):
     kind = type(_FIELDS[name].default) if _FIELDS[name].default is not dataclasses.MISSING else list
     if kind is bool:
@@ -557,6 +562,21 @@ def atomic_write(path, write, size=None):
         os.close(fd)
 
 
+def atomic_save(obj, path):
+    """torch.save through atomic_write: a crash at any moment leaves the old file or the new one."""
+    atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors and byte strings in nested dicts, lists and tuples: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, bytes):
+        return len(obj)
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(tensor_bytes, items))
+
+
 # --- Processes ---
 def setup_distributed(cfg):
     """Join torchrun's process group (NCCL on GPU, gloo on CPU) and split the cores between loader workers and
@@ -669,432 +689,3 @@ def no_cuda_message(flag):
                  f"later, CUDA 12 R525)")
     return (f"--device={flag}: {found} but this PyTorch cannot use them: {cause}; install PyTorch's CUDA 12 build: "
             f"{cuda12_install()}; or pass --device=cpu to run on the CPU")
-
-
-# --- Checkpoints ---
-# One file format for training, resume, evaluation and import: a dict with 'format': FORMAT, the run's 'config',
-# the 'model' weights and the tokenizer's 'bpe_merges'; train.py adds the optimizer, scaler, RNG and data position.
-FORMAT = 'rocket-clip/1'
-STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # TMP_NAME of a checkpoint whose save was killed
-
-
-def atomic_save(obj, path):
-    """torch.save through atomic_write: a crash at any moment leaves the old file or the new one."""
-    atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
-
-
-def tensor_bytes(obj):
-    """The bytes of the tensors and byte strings in nested dicts, lists and tuples: about what torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, bytes):
-        return len(obj)
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(map(tensor_bytes, items))
-
-
-def save_checkpoint(ckpt, output_dir, keep_last):
-    """checkpoint.pt and a step-numbered copy in output_dir, keeping the last keep_last copies; a full disk raises
-    one line saying what still loads."""
-    out, step, saved = Path(output_dir), ckpt['step'], False
-    try:
-        atomic_save(ckpt, out / 'checkpoint.pt')
-        saved = True
-
-        def copy_into(f):
-            with open(out / 'checkpoint.pt', 'rb') as src:
-                shutil.copyfileobj(src, f, 1 << 24)
-        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
-        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
-        atomic_write(out / f'checkpoint_{step:08d}.pt', copy_into, os.path.getsize(out / 'checkpoint.pt'))
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
-                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
-        raise UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
-                        f"--resume=auto") from None
-    for old in sorted(out.glob('checkpoint_*.pt'))[:-keep_last]:
-        old.unlink()
-
-
-def find_resume(out, resume):
-    """The checkpoint that --resume names (auto: out/checkpoint.pt if there is one), or None to start fresh."""
-    if resume == 'auto':
-        numbered = sorted(out.glob('checkpoint_*.pt'))
-        if not (out / 'checkpoint.pt').exists() and numbered:  # starting over would delete them
-            raise UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
-                            f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
-        return out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
-    if resume and not Path(resume).is_file():
-        raise UserError(f"--resume={resume}: no such checkpoint; give a checkpoint.pt path or auto")
-    return Path(resume) if resume else None
-
-
-def _describe(obj):
-    """A few words on what a non-rocket-clip checkpoint file holds."""
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    if 'format' in obj:
-        return f"format={obj['format']!r}"
-    if obj and all(torch.is_tensor(v) for v in obj.values()):
-        return f"a raw state_dict of {len(obj)} tensors (e.g. {next(iter(obj))!r})"
-    return f"a dict with keys {sorted(map(str, obj))[:6]}"
-
-
-def read_checkpoint(path, overrides=None, defaults=None):
-    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
-    (import_checkpoint); missing, corrupt or foreign files raise one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
-    try:
-        ckpt = load_weights_file(path)
-    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
-            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
-                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
-                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
-                from None
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first_line(e)}); "
-                        f"re-copy it or pick another epoch") from None
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
-        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
-    return ckpt
-
-
-def read_resume(path):
-    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
-    try:
-        return read_checkpoint(path)
-    except (ValueError, UserError) as e:  # read_checkpoint's one-line refusals
-        error = e
-    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
-        try:
-            step = read_checkpoint(numbered)['step']
-        except (ValueError, UserError):
-            continue
-        if numbered.resolve() != Path(path).resolve():
-            raise UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
-                            f"from it with --resume={numbered}") from None
-    raise UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
-                    f"or another --output_dir") from None
-
-
-def first_line(e, limit=160):
-    """An exception's first line, cut at a word boundary."""
-    line = (str(e).strip().splitlines() or [''])[0]
-    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
-
-
-IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
-                'guess_heads')
-CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
-
-
-def import_overrides(flags):
-    """The IMPORT_FLAGS among flags, typed as the Config fields they set; a bad value raises ConfigError."""
-    out = {k: _convert(k, flags[k]) for k in IMPORT_FLAGS if k in flags and k != 'guess_heads'}
-    for k in ('image_mean', 'image_std'):
-        _check(len(out.get(k, 'abc')) == 3, f"--{k}={flags.get(k)}: expected three comma-separated numbers, "
-                                              f"e.g. 0.485,0.456,0.406")
-    if 'guess_heads' in flags:
-        out['guess_heads'] = flags['guess_heads'].lower() in ('', 'true', '1')
-    return out
-
-
-def open_clip_config(path):
-    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
-    head counts, activations and image statistics; {} when there is none."""
-    config = Path(path).parent / 'open_clip_config.json'
-    if not config.is_file():
-        return {}
-    try:
-        found = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"open_clip config {config} is unreadable ({type(e).__name__}); give a JSON file") from None
-    model_cfg, preprocess = (found.get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
-    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
-    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
-    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
-                  vision_act=act, text_act=act)
-    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
-    return fields
-
-
-def import_checkpoint(obj, path, overrides=None, defaults=None):
-    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory, and one line saying what was found;
-    overrides (IMPORT_FLAGS) beat what is found, defaults give the head counts of a file without a model name."""
-    try:
-        imported = convert_weights(obj)
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
-    if imported is None:
-        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
-                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
-    overrides, arch = dict(overrides or {}), imported['arch']
-    guess = overrides.pop('guess_heads', False)
-    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
-    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
-    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
-    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
-    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
-    missing = [k for k in heads if k not in fields]
-    if missing:
-        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
-                         f"its head counts are unknown (no shape shows them): pass "
-                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
-    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
-    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
-                         Path(CLIP_BPE)) if p.is_file()]
-    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
-    dataset = getattr(args, 'dataset', None)
-    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in RECIPES else 'csv'})
-    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
-              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
-              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
-    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
-             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
-             if cfg.vision == 'vit' else 'ResNet-50')
-    local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
-    projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
-    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
-    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
-            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
-            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
-            f"{source}")
-    if any(k not in {**overrides, **beside} for k in imported['assumed']):
-        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
-                "--text_act=gelu)"
-    if imported['ignored']:
-        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(line)
-    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
-            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
-
-
-# Released weights.
-# The checkpoints of SLIP and CLIP 🚀 (their main.py's dict: an `args` Namespace and a DDP state_dict) and open_clip
-# state dicts of OpenAI-architecture ViTs, renamed onto this model. Widths and depths come from the tensors; head
-# counts, which no shape shows, from the official builder named in args.model (for open_clip files: the caller's).
-OFFICIAL_HEADS = {  # (format, backbone in args.model) -> (vision heads, text heads) of the official builders
-    ('slip', 'VITS16'): (12, 8), ('slip', 'VITB16'): (12, 8), ('slip', 'VITL16'): (16, 8),  # SLIP's ViT-S: 12 heads
-    ('rocket', 'R50'): (None, 8), ('rocket', 'VITS16MOCO'): (12, 8), ('rocket', 'VITS16'): (6, 8),
-    ('rocket', 'VITS32'): (6, 8), ('rocket', 'VITB32'): (12, 8), ('rocket', 'VITB16'): (12, 8),
-    ('rocket', 'VITL16'): (16, 8),
-}
-OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-_MLP_INDEX = {'layer1': 0, 'bn1': 1, 'layer2': 3, 'bn2': 4, 'layer3': 6}  # official 3-layer MLP names -> mlp()
-_RENAMES = [  # (pattern, replacement), applied in turn to every key: the official name -> ours
-    (r'^visual\.cls_token$', 'visual.class_embedding'), (r'^visual\.pos_embed$', 'visual.positional_embedding'),
-    (r'^visual\.patch_embed\.proj\.', 'visual.conv1.'), (r'^visual\.blocks\.', 'visual.transformer.resblocks.'),
-    (r'^visual\.norm\.', 'visual.ln_post.'), (r'\.norm1\.', '.ln_1.'), (r'\.norm2\.', '.ln_2.'),
-    (r'\.attn\.qkv\.', '.attn.in_proj.'), (r'\.attn\.proj\.', '.attn.out_proj.'),
-    (r'\.attn\.in_proj_(weight|bias)$', r'.attn.in_proj.\1'),
-    (r'\.mlp\.fc1\.', '.mlp.c_fc.'), (r'\.mlp\.fc2\.', '.mlp.c_proj.'),
-    (r'^(text\.)?(token_embedding|positional_embedding|transformer|ln_final)\b', r'text.\2'),
-    (r'^image_projector\.', 'image_heads.z.'), (r'^text_projector\.', 'text_heads.z.'),
-    (r'^l2l_image_projector\.', 'image_heads.h.'), (r'^l2l_text_projector\.', 'text_heads.h.'),
-    (r'^image_mlp\.', 'slip_image.'),
-    (r'^(image_heads\.h|text_heads\.h|slip_image)\.(layer[123]|bn[12])\.', lambda m: f'{m[1]}.{_MLP_INDEX[m[2]]}.'),
-    # CLIP 🚀's non-contrastive heads: the '_global' modules (the '_local' ones are the same modules unless
-    # --separate-proj-child, which this model does not have)
-    (r'^barlip_(image|text)_projector_global\.', r'barlip_\1.'),
-    (r'^siamlip_(image|text)_projector_global\.0\.', r'siam_proj_\1.'),
-    (r'^siamlip_(image|text)_projector_global\.1\.', r'siam_proj_\1.4.'),  # the affine-free last BN
-    (r'^image_text_predictor_global\.', 'siam_pred_image.'), (r'^text_image_predictor_global\.', 'siam_pred_text.'),
-]
-_CORE = ('visual.', 'text.', 'image_heads.', 'text_heads.', 'logit_scale', 'l2l_logit_scale')
-_EXTRA = ('slip_image.', 'barlip_image.', 'barlip_text.', 'siam_proj_', 'siam_pred_')
-
-
-def load_weights_file(path):
-    """torch.load(weights_only=True) admitting only the argparse.Namespace (and the pathlib paths inside it) that
-    SLIP and CLIP 🚀 save as `args`: an explicit allow-list, never a full unpickle."""
-    allowed = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
-    if pathlib.PosixPath.__module__ != 'pathlib':  # Python 3.13 moved it; older files name it pathlib.PosixPath
-        allowed += [(pathlib.PosixPath, 'pathlib.PosixPath'), (pathlib.WindowsPath, 'pathlib.WindowsPath')]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _rename(key):
-    for pattern, replacement in _RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def _count(state, prefix):
-    """Number of blocks under prefix (keys prefix + '<i>.')."""
-    return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
-
-
-def _source_format(sd):
-    """'slip', 'rocket' or 'open_clip' from the keys; None for an unknown dict; raises for unsupported models."""
-    if 'visual.attnpool.positional_embedding' in sd:
-        raise ValueError("OpenAI's modified ResNet-50 (attention pooling) is out of scope: only OpenAI's ViTs and "
-                         "CLIP 🚀's standard ResNet-50 are supported")
-    if 'token_embedding.weight' not in sd and 'text.token_embedding.weight' not in sd:
-        if 'image_mlp.layer1.weight' in sd:
-            raise ValueError("a SLIP SimCLR checkpoint: an image tower without text tower or projection, so no "
-                             "zero-shot classifier; use one of SLIP's CLIP or SLIP files")
-        return None
-    if 'image_projection' in sd:
-        return 'slip'
-    if 'image_projector.weight' in sd or 'image_projector.layer1.weight' in sd:
-        return 'rocket'
-    if 'visual.proj' in sd and 'visual.class_embedding' in sd:
-        return 'open_clip'
-    return None
-
-
-def _arch(fmt, name, state, extra):
-    """(Config fields of the weights, the fields among them that are assumed, where the head counts come from)."""
-    text_width = state['text.ln_final.weight'].shape[0]
-    arch = dict(text_width=text_width, text_layers=_count(state, 'text.transformer.resblocks.'),
-                context_length=state['text.positional_embedding'].shape[0],
-                embed_dim=state['image_heads.z.weight'].shape[0], method='clip', num_augs=0)
-    if 'visual.class_embedding' in state:
-        width, _, patch, _ = state['visual.conv1.weight'].shape
-        size = math.isqrt(state['visual.positional_embedding'].shape[1] - 1) * patch
-        arch.update(vision='vit', vision_width=width, vision_layers=_count(state, 'visual.transformer.resblocks.'),
-                    patch_size=patch, image_size=size, local_crop_size=size,
-                    vit_style='openai' if fmt == 'open_clip' else 'timm')
-    else:
-        arch.update(vision='resnet50', image_size=224, local_crop_size=224)
-    if 'image_heads.h.0.weight' in state:
-        arch.update(method='rocket', num_augs=2, mlp_hidden_dim=state['image_heads.h.0.weight'].shape[0])
-    elif 'slip_image.0.weight' in extra:
-        arch['mlp_hidden_dim'] = extra['slip_image.0.weight'].shape[0]
-    if fmt == 'open_clip':  # OpenAI's weights were trained with QuickGELU, some LAION ones with GELU: not in the file
-        arch.update(image_mean=OPENAI_MEAN, image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
-        return arch, ['vision_act', 'text_act'], None  # nor are the head counts: no name, no shape shows them
-    arch.update(vision_act='gelu', text_act='quickgelu')
-    backbone = name.split('_')[1] if name and '_' in name else None
-    heads = OFFICIAL_HEADS.get((fmt, backbone))
-    if heads is None:
-        return arch, [], None
-    if heads[0] is not None and arch['vision'] == 'vit':
-        arch['vision_heads'] = heads[0]
-    arch['text_heads'] = heads[1]
-    return arch, [], f"the official builder {name}"
-
-
-def convert_weights(obj):
-    """A released checkpoint in our names: {format, name, epoch, arch (its Config fields), assumed, heads_from, state,
-    extra (method heads), ignored (keys left out)}; None for a foreign dict, ValueError for an unsupported model."""
-    if not isinstance(obj, dict):
-        return None
-    wrapped = isinstance(obj.get('state_dict'), dict)  # main.py's dict (or open_clip's) around the state_dict
-    sd = obj['state_dict'] if wrapped else obj
-    if not sd:
-        return None
-    if all(k.startswith('module.') for k in sd):  # saved from a DistributedDataParallel model
-        sd = {k[len('module.'):]: v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}  # OpenAI's
-    if not all(torch.is_tensor(v) for v in sd.values()):
-        return None
-    fmt = _source_format(sd)
-    if fmt is None:
-        return None
-    if 'image_projector.layer1.weight' in sd:
-        raise ValueError("a CLIP 🚀 checkpoint with MLP global projectors (--clip-proj-type mlp), which this model "
-                         "does not have; only the paper's linear ones are supported")
-    state, ignored = {}, []
-    for key, value in sd.items():
-        if key in ('image_projection', 'visual.proj', 'text_projection', 'text.text_projection'):
-            # used as x @ P: our Linear weight is P^T
-            state['text_heads.z.weight' if 'text' in key else 'image_heads.z.weight'] = value.t()
-            continue
-        new = _rename(key)
-        if new.startswith(_CORE + _EXTRA):
-            state[new] = value
-        else:
-            ignored.append(key)
-    if fmt == 'open_clip':  # class token (D,) and position embedding (L, D) -> ours, with batch axes
-        state['visual.class_embedding'] = state['visual.class_embedding'].reshape(1, 1, -1)
-        state['visual.positional_embedding'] = state['visual.positional_embedding'].unsqueeze(0)
-    if state.get('image_heads.h.weight') is not None:  # a linear local head
-        if 'l2l_logit_scale' in state:
-            raise ValueError("a CLIP 🚀 checkpoint with linear local projectors (--cl2l-img-proj-type linear), "
-                             "which this model does not have; only the paper's MLP ones are supported")
-        # without --separate-proj the local head is the global one, saved a second time: keep it once
-        ignored += [k for k in sd if k.startswith('l2l_')]
-        state = {k: v for k, v in state.items() if not k.startswith(('image_heads.h.', 'text_heads.h.'))}
-    extra = {k: state.pop(k) for k in list(state) if k.startswith(_EXTRA)}
-    name = getattr(obj.get('args'), 'model', None)
-    arch, assumed, heads_from = _arch(fmt, name, state, extra)
-    return {'format': fmt, 'name': name, 'epoch': obj.get('epoch') if wrapped else None, 'arch': arch,
-            'assumed': assumed, 'heads_from': heads_from, 'state': state, 'extra': extra, 'ignored': ignored}
-
-
-# Export to open_clip.
-# The inverse of the import renames: every plain rename of _RENAMES (a literal name, no group) turned around gives
-# timm's ViT names from ours, so one table serves both ways. open_clip's own towers keep OpenAI's names.
-_INVERSE = [(re.escape(new).join(['^' * p.startswith('^'), '$' * p.endswith('$')]), p.strip('^$').replace('\\.', '.'))
-            for p, new in reversed(_RENAMES) if isinstance(new, str) and '\\' not in new
-            and re.escape(p.strip('^$').replace('\\.', '.')) == p.strip('^$')]  # literal renames only
-_PACKED_QKV = (r'\.attn\.in_proj\.(weight|bias)$', r'.attn.in_proj_\1')  # open_clip's nn.MultiheadAttention
-# (width, layers, heads, patch, image size) of our timm-style ViT -> timm's registered ViT of that shape
-TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224): 'vit_small_patch16_224',
-             (384, 12, 6, 32, 224): 'vit_small_patch32_224', (768, 12, 12, 16, 224): 'vit_base_patch16_224',
-             (768, 12, 12, 32, 224): 'vit_base_patch32_224', (1024, 24, 16, 16, 224): 'vit_large_patch16_224'}
-
-
-def _timm_name(key):
-    """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
-    for pattern, replacement in _INVERSE:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def _vision_tower(cfg, state):
-    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
-    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
-    visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
-    head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
-    if cfg.vision == 'resnet50':  # our names are timm's
-        vision_cfg = dict(timm_model_name='resnet50', timm_pool='avg', timm_proj='linear', image_size=cfg.image_size)
-        return vision_cfg, {**{f'trunk.{k}': v for k, v in visual.items()}, **head}
-    shape = (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.patch_size, cfg.image_size)
-    if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' and shape in TIMM_VITS:
-        vision_cfg = dict(timm_model_name=TIMM_VITS[shape], timm_pool='token', timm_proj='linear',
-                          image_size=cfg.image_size)
-        return vision_cfg, {**{'trunk.' + _timm_name(f'visual.{k}')[len('visual.'):]: v for k, v in visual.items()},
-                            **head}
-    if cfg.vision_act != cfg.text_act:  # open_clip's quick_gelu sets both of its own towers
-        timm = f"; timm's shapes {sorted(TIMM_VITS.values())} export through its timm tower" \
-            if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' else ''
-        raise ValueError(f"--vision_act={cfg.vision_act} with --text_act={cfg.text_act}: open_clip's own ViT takes "
-                         f"the text tower's activation{timm}")
-    out = {re.sub(*_PACKED_QKV, k): v for k, v in visual.items() if k != 'conv1.bias'}
-    out['class_embedding'] = visual['class_embedding'].reshape(-1)  # (1, 1, D) -> (D,)
-    out['positional_embedding'] = visual['positional_embedding'][0].clone()  # (1, 1+N, D) -> (1+N, D)
-    if 'conv1.bias' in visual:  # open_clip's patch conv has no bias: it is a constant on every patch position
-        out['positional_embedding'][1:] += visual['conv1.bias']
-    out['proj'] = state['image_heads.z.weight'].t()  # used as x @ proj
-    vision_cfg = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                      layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads)
-    if cfg.vit_style == 'timm':
-        vision_cfg.update(no_ln_pre=True, norm_kwargs={'eps': 1e-6})
-    return vision_cfg, out
-
-
-def export_open_clip(cfg, state, vocab_size):
-    """Our weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, modules left out: every head but z
-    has no place in open_clip's CLIP); ValueError for a model open_clip cannot represent exactly."""
-    vision_cfg, visual = _vision_tower(cfg, state)
-    text = {re.sub(*_PACKED_QKV, k[len('text.'):]): v for k, v in state.items() if k.startswith('text.')}
-    out = {**{f'visual.{k}': v for k, v in visual.items()}, **text,
-           'text_projection': state['text_heads.z.weight'].t(), 'logit_scale': state['logit_scale']}
-    model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.text_act == 'quickgelu', vision_cfg=vision_cfg,
-                     text_cfg=dict(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
-                                   heads=cfg.text_heads, layers=cfg.text_layers))
-    preprocess_cfg = dict(size=cfg.image_size, mode='RGB', mean=list(cfg.image_mean), std=list(cfg.image_std),
-                          interpolation='bilinear', resize_mode='shortest', fill_color=0)
-    left_out = sorted({'.'.join(k.split('.')[:2 if k.startswith(('image_heads.', 'text_heads.')) else 1])
-                       for k in state if k != 'logit_scale'
-                       and not k.startswith(('visual.', 'text.', 'image_heads.z.', 'text_heads.z.'))})
-    return model_cfg, preprocess_cfg, {k: v.contiguous() for k, v in out.items()}, left_out

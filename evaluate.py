@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval (recipe §6), and the linear probe.
+"""Reading checkpoints (ours, or released SLIP / CLIP 🚀 / open_clip ones), zero-shot classification and image-text
+retrieval (recipe §6), and the linear probe.
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -41,10 +43,9 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import (_FALSE, _TRUE, CLIP_BPE, IMPORT_FLAGS, Config, ConfigError, UserError, atomic_save, atomic_write,
-                    export_open_clip, first_line, import_overrides, parse_flags, read_checkpoint, run_cli,
-                    setup_distributed)
-from model import CLIPModel, autocast_dtype, build_model
+from config import (_FALSE, _TRUE, RECIPES, Config, ConfigError, UserError, _check, _convert, atomic_save,
+                    atomic_write, first_line, parse_flags, run_cli, setup_distributed)
+from model import FORMAT, CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
 from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
                   demo_retrieval, load_image, merges_text)
 
@@ -54,6 +55,126 @@ RECALL_KS = (1, 5, 10)
 
 
 # --- Checkpoints ---
+def _describe(obj):
+    """A few words on what a non-rocket-clip checkpoint file holds."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if 'format' in obj:
+        return f"format={obj['format']!r}"
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return f"a raw state_dict of {len(obj)} tensors (e.g. {next(iter(obj))!r})"
+    return f"a dict with keys {sorted(map(str, obj))[:6]}"
+
+
+def read_checkpoint(path, overrides=None, defaults=None):
+    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
+    (import_checkpoint); missing, corrupt or foreign files raise one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
+    try:
+        ckpt = load_weights_file(path)
+    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
+            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
+                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
+                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
+                from None
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first_line(e)}); "
+                        f"re-copy it or pick another epoch") from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
+    return ckpt
+
+
+IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
+                'guess_heads')
+CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
+
+
+def import_overrides(flags):
+    """The IMPORT_FLAGS among flags, typed as the Config fields they set; a bad value raises ConfigError."""
+    out = {k: _convert(k, flags[k]) for k in IMPORT_FLAGS if k in flags and k != 'guess_heads'}
+    for k in ('image_mean', 'image_std'):
+        _check(len(out.get(k, 'abc')) == 3, f"--{k}={flags.get(k)}: expected three comma-separated numbers, "
+                                              f"e.g. 0.485,0.456,0.406")
+    if 'guess_heads' in flags:
+        out['guess_heads'] = flags['guess_heads'].lower() in ('', 'true', '1')
+    return out
+
+
+def open_clip_config(path):
+    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
+    head counts, activations and image statistics; {} when there is none."""
+    config = Path(path).parent / 'open_clip_config.json'
+    if not config.is_file():
+        return {}
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"open_clip config {config} is unreadable ({type(e).__name__}); give a JSON file") from None
+    model_cfg, preprocess = (found.get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
+    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
+    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
+    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
+                  vision_act=act, text_act=act)
+    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
+    return fields
+
+
+def import_checkpoint(obj, path, overrides=None, defaults=None):
+    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory, and one line saying what was found;
+    overrides (IMPORT_FLAGS) beat what is found, defaults give the head counts of a file without a model name."""
+    try:
+        imported = convert_weights(obj)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    if imported is None:
+        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
+                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
+    overrides, arch = dict(overrides or {}), imported['arch']
+    guess = overrides.pop('guess_heads', False)
+    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
+    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
+    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
+    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
+    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
+    missing = [k for k in heads if k not in fields]
+    if missing:
+        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
+                         f"its head counts are unknown (no shape shows them): pass "
+                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
+    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
+    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
+                         Path(CLIP_BPE)) if p.is_file()]
+    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
+    dataset = getattr(args, 'dataset', None)
+    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in RECIPES else 'csv'})
+    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
+              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
+              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
+    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
+             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
+             if cfg.vision == 'vit' else 'ResNet-50')
+    local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
+    projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
+    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
+    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
+            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
+            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
+            f"{source}")
+    if any(k not in {**overrides, **beside} for k in imported['assumed']):
+        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
+                "--text_act=gelu)"
+    if imported['ignored']:
+        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(line)
+    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
+            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
+
+
 def load_model(path, device='cpu', bpe_path=None):
     """Rebuild (cfg, model in eval mode, tokenizer) from a checkpoint alone."""
     return model_from_checkpoint(read_checkpoint(path), path, device, bpe_path)

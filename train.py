@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train.py --dataset=cc3m --root=... --metadata=...
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
-Checkpoints go to output_dir/checkpoint.pt (atomically); --resume=auto continues at the exact next sample.
+Checkpoints go to output_dir/checkpoint.pt (atomically; this module's "Checkpoints" section saves, keeps and resumes
+them, evaluate.read_checkpoint reads them); --resume=auto continues at the exact next sample.
 SIGTERM / SIGUSR1 (sent by SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step and exit 0;
 a second Ctrl-C exits at once.
 """
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -34,8 +36,8 @@ from tqdm import tqdm
 import config
 from augment import finish_views
 from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
-from evaluate import evaluate, print_table
-from model import autocast_dtype, build_model, compute_loss
+from evaluate import evaluate, print_table, read_checkpoint
+from model import FORMAT, autocast_dtype, build_model, compute_loss
 
 
 # --- Distributed set-up ---
@@ -128,6 +130,7 @@ def ema_update(momentum_model, model, tau):
 
 
 # --- Checkpoints ---
+STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # config.TMP_NAME of a checkpoint whose save was killed
 def rng_state(device):
     """This process's RNG states as tensors and plain Python data (loadable with weights_only=True); the CUDA
     state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
@@ -149,7 +152,7 @@ def set_rng_state(state):
 def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size,
                     epoch_state=None):
     """Collective: gather every rank's RNG state and running epoch sums (epoch_state) to rank 0, which writes the
-    checkpoint (config.save_checkpoint). Refuses (on every rank) to save non-finite weights."""
+    checkpoint (write_checkpoint). Refuses (on every rank) to save non-finite weights."""
     device = next(model.parameters()).device
     finite = all(torch.isfinite(p).all() for m in (model, momentum_model) if m is not None for p in m.parameters())
     if all_reduce(torch.tensor(float(not finite), device=device), dist.ReduceOp.MAX).item():
@@ -162,19 +165,19 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
         states = [(rng_state(device), epoch_state)]
     if rank != 0:
         return
-    ckpt = {'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
+    ckpt = {'format': FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
             'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
             'epoch_sums': [s[1] for s in states], 'metrics': metrics,
             'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
-    config.save_checkpoint(ckpt, cfg.output_dir, cfg.keep_last)
+    write_checkpoint(ckpt, cfg.output_dir, cfg.keep_last)
 
 
 def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_size, batch_size):
     """Restore training state in place; returns (step, data position, this rank's RNG state or None, this rank's
     running epoch sums or None)."""
-    ckpt = config.read_resume(path)
+    ckpt = read_resume(path)
     try:
         model.load_state_dict(ckpt['model'])
         if momentum_model is not None:
@@ -196,6 +199,62 @@ def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_
     return ckpt['step'], position, rng[rank] if rng is not None else None, sums[rank] if sums else None
 
 
+def write_checkpoint(ckpt, output_dir, keep_last):
+    """checkpoint.pt and a step-numbered copy in output_dir, keeping the last keep_last copies; a full disk raises
+    one line saying what still loads."""
+    out, step, saved = Path(output_dir), ckpt['step'], False
+    try:
+        config.atomic_save(ckpt, out / 'checkpoint.pt')
+        saved = True
+
+        def copy_into(f):
+            with open(out / 'checkpoint.pt', 'rb') as src:
+                shutil.copyfileobj(src, f, 1 << 24)
+        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
+        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
+        config.atomic_write(out / f'checkpoint_{step:08d}.pt', copy_into, os.path.getsize(out / 'checkpoint.pt'))
+    except OSError as e:
+        if e.errno not in config.NO_SPACE:
+            raise
+        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
+                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
+        raise config.UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
+                        f"--resume=auto") from None
+    for old in sorted(out.glob('checkpoint_*.pt'))[:-keep_last]:
+        old.unlink()
+
+
+def find_resume(out, resume):
+    """The checkpoint that --resume names (auto: out/checkpoint.pt if there is one), or None to start fresh."""
+    if resume == 'auto':
+        numbered = sorted(out.glob('checkpoint_*.pt'))
+        if not (out / 'checkpoint.pt').exists() and numbered:  # starting over would delete them
+            raise config.UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
+                            f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
+        return out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
+    if resume and not Path(resume).is_file():
+        raise config.UserError(f"--resume={resume}: no such checkpoint; give a checkpoint.pt path or auto")
+    return Path(resume) if resume else None
+
+
+def read_resume(path):
+    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
+    try:
+        return read_checkpoint(path)
+    except (ValueError, config.UserError) as e:  # read_checkpoint's one-line refusals
+        error = e
+    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
+        try:
+            step = read_checkpoint(numbered)['step']
+        except (ValueError, config.UserError):
+            continue
+        if numbered.resolve() != Path(path).resolve():
+            raise config.UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
+                            f"from it with --resume={numbered}") from None
+    raise config.UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
+                    f"or another --output_dir") from None
+
+
 # Config fields that shape the model and that a checkpoint's config (ours, or an import's) fixes
 ARCH_FIELDS = ('vision', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'image_size', 'vit_style',
                'vision_act', 'text_width', 'text_layers', 'text_heads', 'text_act', 'context_length', 'embed_dim')
@@ -209,7 +268,7 @@ def maybe_init_weights(model, cfg, resume, master):
     if not cfg.init or resume is not None:
         return
     # a released file without an official model name does not tell its head counts: the run's are taken
-    ckpt = config.read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
+    ckpt = read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
     theirs = ckpt['config']
     fields = ['vision'] if theirs['vision'] != cfg.vision else [
         k for k in ARCH_FIELDS if k in theirs and (cfg.vision == 'vit' or k not in VIT_FIELDS)]
@@ -256,7 +315,7 @@ def check_output_dir(cfg):
         if (out / 'checkpoint.pt').exists():
             raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
                                    f"it or --overwrite to start over")
-    return config.find_resume(out, cfg.resume)
+    return find_resume(out, cfg.resume)
 
 
 def check_writable(out):
@@ -278,7 +337,7 @@ def init_output_dir(cfg, resume, rank):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.iterdir():
-            if config.STALE_TMP.fullmatch(stale.name):
+            if STALE_TMP.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
             for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:

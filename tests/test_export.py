@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import evaluate
 from augment import eval_transform
-from config import Config, _rename, _timm_name
+from config import Config
 from data import Tokenizer, checkpoint_merges
-from model import CLIPModel
+from model import FORMAT, CLIPModel, _rename, _timm_name
 
 open_clip = pytest.importorskip('open_clip', reason='open_clip_torch (a test-only dependency) is not installed')
 CLIP_BPE = Path(__file__).resolve().parents[2] / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -44,7 +43,7 @@ def checkpoint(tmp_path, name, bpe_path='', **arch):
             if key.endswith(('running_mean', 'running_var')):
                 b.copy_(torch.rand_like(b) + 0.5 if key.endswith('var') else 0.1 * torch.randn_like(b))
     path = tmp_path / f'{name}.pt'
-    torch.save({'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
                 'bpe_merges': merges}, path)
     return path, cfg, model, Tokenizer(merges, cfg.context_length)
 

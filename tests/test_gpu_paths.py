@@ -20,7 +20,7 @@ import data
 import evaluate
 import train
 from bench.signals import job_script, processes_naming, train_steps
-from model import autocast_dtype, build_model
+from model import FORMAT, autocast_dtype, build_model
 from test_cli import ENV, ROOT, assert_one_error_line
 
 HANG = 300  # seconds: a hang guard far above what these runs take on a busy 2-core machine
@@ -242,7 +242,7 @@ def test_byolip_momentum_model_starts_from_the_init_weights(tmp_path):
     cfg = tiny('--method=byolip', '--siamlip_hidden_dim=32', '--siamlip_proj_dim=16')
     torch.manual_seed(123)
     donor = build_model(cfg, 100)
-    torch.save({'format': config.FORMAT, 'config': cfg.to_dict(), 'model': donor.state_dict()}, tmp_path / 'w.pt')
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'model': donor.state_dict()}, tmp_path / 'w.pt')
     model, momentum, _, _ = train.build_training(dataclasses.replace(cfg, init=str(tmp_path / 'w.pt')), 100,
                                                  torch.device('cpu'), 0, 1)
     for states in (model.state_dict(), momentum.state_dict()):

@@ -165,7 +165,7 @@ def test_demo_steps_lower_the_loss(tmp_path):
     assert len(losses) == 16 and all(map(math.isfinite, losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
     ckpt = load(tmp_path / 'checkpoint.pt')  # weights_only=True: tensors and plain data only
-    assert ckpt['format'] == config.FORMAT and ckpt['step'] == 16
+    assert ckpt['format'] == model_lib.FORMAT and ckpt['step'] == 16
     assert data.load_merges(ckpt['bpe_merges']) == data.load_merges(data.DEMO_BPE_PATH)  # evaluates anywhere
     assert ckpt['data'] == {'epoch': 2, 'batch': 0, 'world_size': 1, 'batch_size': 8}
     assert sorted(p.name for p in tmp_path.glob('checkpoint_*.pt')) == ['checkpoint_00000008.pt',
