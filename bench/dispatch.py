@@ -6,8 +6,10 @@ host's reads of any tensor's values (what would wait for a GPU, were the tensor 
 
 python -m bench.dispatch [--batches=32,128,256] [--start=f4c13f9]
 The step-side augment.finish_views of the cc3m recipe (1 weak + 2 strong views at 224 px) under the counter, on the
-CPU and on 'meta', at each batch size: the code at --start (git show) against this checkout's; then the bytes of
-images a batch of 128 hands from the loader workers to the step, with --augment_device=cpu and cuda.
+CPU and on 'meta' (and CUDA when present), at each batch size: the code at --start (git show) against this checkout's;
+then the bytes of images a batch of 128 hands from the loader workers to the step, with --augment_device=cpu and cuda.
+With CUDA: finish_views's samples/s before and after, and its views against the same batched kernels on the CPU,
+under training's TF32 setting.
 """
 import contextlib
 import importlib.util
@@ -15,6 +17,7 @@ import io
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +159,29 @@ def finish_counts(augment, batch, cfg, device):
     return counts
 
 
+def samples_per_second(augment, batch, cfg, calls=5):
+    augment.finish_views(batch, cfg, torch.device('cuda'))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        augment.finish_views(batch, cfg, torch.device('cuda'))
+    torch.cuda.synchronize()
+    return calls * len(batch['tokens']) / (time.perf_counter() - start)
+
+
+def cuda_views_against_cpu(augment, batch, cfg):
+    """(largest difference, share of values off by over 1e-4) of the normalised views made on CUDA and by the same
+    batched kernels on the CPU."""
+    gpu = augment.finish_views(batch, cfg, torch.device('cuda'))
+    cpu_kernels, augment.batched_kernels = augment.batched_kernels, lambda device: True
+    try:
+        cpu = augment.finish_views(batch, cfg, torch.device('cpu'))
+    finally:
+        augment.batched_kernels = cpu_kernels
+    diff = torch.cat([(g.cpu() - c).abs().flatten() for g, c in zip([gpu[0], *gpu[1]], [cpu[0], *cpu[1]])])
+    return diff.max().item(), (diff > 1e-4).float().mean().item()
+
+
 def worker_bytes(augment, cfg, images):
     """Bytes of images in one --augment_device=cpu batch: the workers' views, stacked."""
     views = augment.ImageViews(cfg)
@@ -188,7 +214,7 @@ def main(argv):
         for b in sizes:
             batches = {name: step_batch(module, cfg, images[:b]) for name, module in (('at start', before),
                                                                                        ('now', augment))}
-            for device in ('cpu', 'meta'):
+            for device in ('cpu', 'meta') + ('cuda',) * torch.cuda.is_available():
                 row = []
                 for name, module in (('at start', before), ('now', augment)):
                     c = finish_counts(module, batches[name], cfg, device)
@@ -196,6 +222,13 @@ def main(argv):
                                f"{c.syncs}")
                 print(f"  B = {b:3d}, {device:<4}  {row[0]}  ->  {row[1]}")
         n = 128
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision('high')  # as training sets it (TF32)
+            rates = [samples_per_second(m, step_batch(m, cfg, images[:n]), cfg) for m in (before, augment)]
+            largest, share = cuda_views_against_cpu(augment, step_batch(augment, cfg, images[:n]), cfg)
+            print(f"on {torch.cuda.get_device_name()}, batch {n}: {rates[0]:.0f} -> {rates[1]:.0f} samples/s "
+                  f"({rates[1] / rates[0]:.1f}x); views against the CPU's batched kernels: largest difference "
+                  f"{largest:.2e}, {100 * share:.3f}% of values over 1e-4")
         cpu = Config(**{**cfg.__dict__, 'augment_device': 'cpu'})
         old, new = worker_bytes(before, cpu, images[:n]), worker_bytes(augment, cpu, images[:n])
         packed = step_batch(augment, cfg, images[:n])
