@@ -109,9 +109,9 @@ def gaussian_blur(img, taps):
     up to its uint8 rounding between passes (<= 3/255). torchvision's sampled Gaussian blurs far less below 0.7."""
     if batched_kernels(img.device):
         return box_passes(img, taps)
-    used = taps.ne(0).any(0)  # taps zero in every row add nothing: a narrower filter on the CPU
-    r = taps.shape[1] // 2 - int(used.int().argmax())
-    taps = taps[:, taps.shape[1] // 2 - r:taps.shape[1] // 2 + r + 1].T.reshape(-1, len(img), 1, 1, 1)  # (T, N, 1, 1, 1)
+    lead = int(taps.ne(0).any(0).int().argmax())  # taps zero in every row add nothing: a narrower filter on the CPU
+    r = taps.shape[1] // 2 - lead
+    taps = taps[:, lead:taps.shape[1] - lead].T.reshape(-1, len(img), 1, 1, 1)  # (T, N, 1, 1, 1)
     for dim, pad in ((3, (r, r, 0, 0)), (2, (0, 0, r, r))):  # (N, C, H, W): along W, then along H
         size = img.shape[dim]
         for _ in range(3):
@@ -250,12 +250,12 @@ def finish_strong(img, columns, active):
     if any(0 < active[k] < n for k in (HUE, GRAY, FLIP)):  # masks for the ops some views skip
         on = dict(zip((HUE, GRAY, FLIP), columns[HUE:FLIP + 1].ne(0).view(3, -1, 1, 1, 1).unbind()))
 
-    def masked(k, out):  # out where a view asked for the op k, img elsewhere
-        return out if active[k] == n else torch.where(on[k], out, img)
+    def masked(k, out, before):  # out where a view asked for the op k, before elsewhere
+        return out if active[k] == n else torch.where(on[k], out, before)
 
     for slot in range(BLEND_SLOTS):
         if slot == BLEND_SLOTS // 2 and active[HUE]:
-            img = masked(HUE, adjust_hue(img, col[HUE]))
+            img = masked(HUE, adjust_hue(img, col[HUE]), img)
         weights = [col[i] if active[i] else None for i in range(3 * slot, 3 * slot + 3)]
         if any(w is not None for w in weights):
             img = blend_(img, *weights)
@@ -266,7 +266,7 @@ def finish_strong(img, columns, active):
         img = gaussian_blur(img, columns[TAPS:].T)
     if active[SOLARIZE]:
         img = solarize(img, col[SOLARIZE])
-    return masked(FLIP, img.flip(-1)) if active[FLIP] else img
+    return masked(FLIP, img.flip(-1), img) if active[FLIP] else img
 
 
 # --- Image: decoding, crops, packing for the step, normalisation ---
@@ -350,6 +350,17 @@ def resize_weights(lengths, extent, size):
     return w.div_(w.sum(-1, keepdim=True))
 
 
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """float32 matmuls in full precision, whatever training set (TF32 on Ampere and later)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def resize_crops(pixels, crops, host, size):
     """(N, 3, size, size) float in [0, 1]: the crops (4, N, 1) of pack_views's pixels, on their device (host: the
     same on the CPU), resized as resized_crop does; batched off the CPU: each pass (width, then height) one bmm with
@@ -360,24 +371,15 @@ def resize_crops(pixels, crops, host, size):
                             for f, s, h, w in host[..., 0].T.tolist()]).float().mul_(1 / 255)
     n, extent = crops.shape[1], int(host[2:].max())
     first, stride, h, _ = crops.unbind()  # (N, 1) each
-    rows = first + torch.minimum(torch.arange(extent, device=pixels.device), h - 1) * stride  # (N, P): rows past h
+    # (N, P) first pixel of each crop row, rows past h repeating the last (their weights are zero)
+    rows = first + torch.minimum(torch.arange(extent, device=pixels.device), h - 1) * stride
     x = pixels.unfold(0, 3 * extent, 3)[rows]  # (N, P, 3 P) uint8: every crop row as a window of P pixels
     x = x.view(n, extent, extent, 3).permute(0, 1, 3, 2).to(torch.float, memory_format=torch.contiguous_format)
     w_h, w_w = resize_weights(crops[2:], extent, size).unbind()  # (N, size, P): zero past the crop's own h, w
     with full_fp32_matmul():  # TF32's 10-bit weights would move a pixel by up to 0.1 level, across roundings
-        x = torch.bmm(x.view(n, 3 * extent, extent), w_w.transpose(1, 2)).round_().clamp_(0, 255)  # (N, P 3, size)
+        x = torch.bmm(x.view(n, 3 * extent, extent), w_w.transpose(1, 2)).round_().clamp_(0, 255)  # (N, P * 3, size)
         x = torch.bmm(w_h, x.view(n, extent, 3 * size)).round_().clamp_(0, 255)  # (N, size, 3 size)
     return x.view(n, size, 3, size).transpose(1, 2).contiguous().mul_(1 / 255)
-
-
-@contextlib.contextmanager
-def full_fp32_matmul():
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
 
 
 def to_unit(x):
@@ -406,8 +408,8 @@ def view_sizes(cfg):
 
 
 class ImageViews:
-    """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A), all cut from one decoded image, every random
-    draw from torch generator gen (torch's default one if None)."""
+    """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A) uint8, all cut from one decoded image, every
+    random draw from torch generator gen (torch's default one if None)."""
 
     def __init__(self, cfg):
         self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise

@@ -75,7 +75,8 @@ def resize_in_float(crop, size):
     clamped (the step's resize off the CPU, crop by crop)."""
     out = crop[None].float()
     for shape in ((crop.shape[-2], size), (size, size)):
-        out = tnf.interpolate(out, size=shape, mode='bicubic', antialias=True, align_corners=False).round_().clamp_(0, 255)
+        out = tnf.interpolate(out, size=shape, mode='bicubic', antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
     return out[0].to(torch.uint8)
 
 
