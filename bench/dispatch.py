@@ -202,7 +202,7 @@ def main(argv):
     from config import Config, resolve
     cfg = resolve({'dataset': 'cc3m', 'augment_device': 'cuda'}, verbose=False)
     jpegs = make_jpegs(16)
-    images = [Image.open(io.BytesIO(jpegs[i % len(jpegs)])) for i in range(max(sizes))]
+    images = [Image.open(io.BytesIO(jpegs[i % len(jpegs)])) for i in range(max(sizes + [128]))]
     for img in images:
         img.load()
     torch.set_num_threads(2)
