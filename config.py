@@ -90,9 +90,10 @@ class SharedConfig:
     blur_prob: float = _f(0.5, 'probability of Gaussian blur (sigma in [0.1, 2]) on strong views')
     solarize_prob: float = _f(0.0, 'probability of solarize on strong views')
     byol_augment: bool = _f(False, 'asymmetric BYOL strong pipelines (needs num_augs=2)')
-    augment_device: str = _f('cpu', "where the views' crops, the strong views' colour, blur, flip and all "
-                             "normalisation run: cpu (data workers, per sample) or cuda (the training device, "
-                             "batched; workers decode, draw and send the uint8 pixels the crops cover)")
+    augment_device: str = _f('cpu', "where the views' crops and the strong views' colour, blur and flip run: cpu "
+                             "(data workers, per sample; they send uint8 views) or cuda (the training device, "
+                             "batched; workers decode, draw and send the uint8 pixels the crops cover); the "
+                             "training device normalises either way")
     image_mean: list = _f([0.485, 0.456, 0.406], 'normalisation mean (ImageNet statistics)')
     image_std: list = _f([0.229, 0.224, 0.225], 'normalisation std (ImageNet statistics)')
     # --- text augmentation ---

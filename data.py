@@ -34,7 +34,7 @@ import regex
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
+from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_views
 from config import RECIPES, ConfigError, UserError, atomic_write, parse_flags, run_cli
 
 
@@ -868,8 +868,8 @@ class SampleMaker:
             captions = (rng.choice(captions),)
         gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
         if self.defer:  # the step crops and finishes the views (augment.finish_views)
-            images, boxes, params = self.image_views.draw_for_step(image, gen)
-            views = {'images': images, 'boxes': boxes, 'strong_params': params}
+            images, boxes, columns = self.image_views.draw_for_step(image, gen)
+            views = {'images': images, 'boxes': boxes, 'photometric': columns}
         else:
             weak, strong = self.image_views(image, gen)
             views = {'weak': weak, 'strong': strong}
@@ -1112,13 +1112,12 @@ def trim_tokens(tokens):
 
 def collate(samples):
     """default_collate with the tokens trimmed to the batch's longest caption; --augment_device=cuda's images of
-    different sizes are packed into one tensor (pixels, image_sizes), the boxes then index the batch's images."""
+    different sizes, their crop boxes and photometric columns are packed into three tensors (augment.pack_views)."""
     images = [s.pop('images') for s in samples if 'images' in s]
     batch = torch.utils.data.default_collate(samples)
     batch['tokens'] = trim_tokens(batch['tokens'])
     if images:
-        batch['boxes'][:, :, 0] += torch.tensor([0] + [len(i) for i in images[:-1]]).cumsum(0)[:, None]
-        batch['pixels'], batch['image_sizes'] = pack_images([x for i in images for x in i])
+        batch.update(pack_views(images, batch.pop('boxes'), batch.pop('photometric')))
     return batch
 
 

@@ -584,7 +584,7 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         loop.batch += 1
         loop.data_time += time.perf_counter() - loop.t_data
         weak, tokens, strong = to_device(batch, cfg, device)
-        skipped = batch['skipped'].sum().to(device)
+        skipped = batch['skipped'].to(device, non_blocking=True).sum()  # pinned: no copy that blocks the host
         # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
         last_micro = micro == cfg.update_freq - 1
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
@@ -604,8 +604,9 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
             sums.skipped += skipped
         loop.t_data = time.perf_counter()
 
-    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
-    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
+    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request (torch.full: a fill on
+    # the device, where torch.tensor would be a blocking host-to-device copy)
+    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.full((), float(STOP['signal']), device=device)])
     nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
     if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
         optimizer.zero_grad(set_to_none=True)
