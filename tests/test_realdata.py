@@ -2,13 +2,19 @@
 background in training and evaluation), runs of unreadable files (counted once each, named in the output dir),
 and oversized images that the pixel budget, not PIL's warning, decides about."""
 import io
+import json
+import tarfile
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import config
 import data
+import train
 from augment import ImageViews, eval_transform, to_rgb
 from config import Config
 
@@ -125,3 +131,148 @@ def test_every_way_of_being_transparent_is_composited(mode):
     assert np.array_equal(np.asarray(to_rgb(img)), np.asarray(expected))
     if mode != 'PA':  # PNG stores a palette's alpha as tRNS: PIL reads it back as P with transparency
         assert np.array_equal(np.asarray(to_rgb(png(img))), np.asarray(expected))
+
+
+# --- Unreadable samples ---
+class CountingReader:
+    """A reader of n rows whose rows in `bad` do not exist; counts every load."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad, self.loads = n, set(bad), 0
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i):
+        self.loads += 1
+        if i in self.bad:
+            raise FileNotFoundError(2, 'No such file or directory', f'{i}.png')
+        return Image.new('RGB', (8, 8)), (f'row {i}',)
+
+    def name(self, i):
+        return f'{i}.png'
+
+
+def rows_of(dataset, keys):
+    """{key: (the row that made the sample, skipped, [where, why] pairs)} with a sample maker that records its row."""
+    def make(image, captions, epoch, index, skipped):
+        return {'row': int(captions[0].split()[1]), 'skipped': skipped}
+    dataset.make_sample = make
+    return {k: (s['row'], s['skipped'], json.loads(s['skipped_files'])) for k in keys for s in [dataset[k]]}
+
+
+def test_a_run_of_bad_rows_costs_linear_reads_and_counts_each_once():
+    """48 rows, the last 16 missing: each missing row is counted and named once, and its replacement costs a few
+    reads (a third of the draws fail), not the 16 + 15 + ... + 1 = 136 failed reads of replacing it by the next."""
+    reader = CountingReader(48, range(32, 48))
+    dataset = data.TrainDataset(reader, None, seed=7)
+    out = rows_of(dataset, [(0, i) for i in range(48)])
+    assert sum(skipped for _, skipped, _ in out.values()) == 16
+    assert sorted(w for _, _, names in out.values() for w, _ in names) == sorted(f'{i}.png' for i in range(32, 48))
+    assert all(why.startswith('FileNotFoundError: ') for _, _, names in out.values() for _, why in names)
+    assert all(row < 32 for row, _, _ in out.values())  # every sample is a readable row
+    assert 48 + 16 < reader.loads <= 48 + 3 * 16  # expected 48 + 16 x 1.5
+    # the replacements hang on (seed, epoch, index, attempt) alone: any order, any worker, a resumed run agree
+    again = rows_of(data.TrainDataset(CountingReader(48, range(32, 48)), None, seed=7),
+                    [(0, i) for i in reversed(range(48))])
+    assert again == out
+    other = rows_of(data.TrainDataset(CountingReader(48, range(32, 48)), None, seed=7), [(1, i) for i in range(48)])
+    assert [other[(1, i)][0] for i in range(32, 48)] != [out[(0, i)][0] for i in range(32, 48)]  # a new epoch draws anew
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--vision_layers=1', '--text_layers=1', '--vision_width=32', '--text_width=32', '--image_size=32',
+        '--local_crop_size=32', '--embed_dim=16', '--mlp_hidden_dim=32', '--batch_size=8', '--eval_every=0',
+        '--method=clip', f'--bpe_path={ROOT / "assets/demo_bpe.txt.gz"}', '--dataset=csv']
+
+
+def last_rows_missing(tmp_path, n=48, missing=16):
+    """A CSV of n drawings whose last `missing` files are not there (a folder that did not copy)."""
+    (tmp_path / 'img').mkdir()
+    for i in range(n - missing):
+        Image.new('RGB', (40, 40), (5 * i, 100, 50)).save(tmp_path / 'img' / f'{i}.png')
+    (tmp_path / 'pairs.csv').write_text('filepath,title\n' + ''.join(f'img/{i}.png,shape {i % 5}\n' for i in range(n)))
+    return [f'--metadata={tmp_path / "pairs.csv"}']
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_missing_rows_with_a_loader_worker_are_counted_named_and_judged_once_each(tmp_path, capsys):
+    flags = [*TINY, *last_rows_missing(tmp_path), '--workers=1', '--epochs=1', '--log_every=2']
+    train.main([*flags, f'--output_dir={tmp_path / "ok"}', '--bad_sample_threshold=0.5'])
+    out = capsys.readouterr().out
+    epoch = [r for r in jsonl(tmp_path / 'ok' / 'log.jsonl') if r['type'] == 'epoch']
+    assert epoch[0]['skipped'] == 16  # a third of the rows: under 50%, training goes on
+    skipped = jsonl(tmp_path / 'ok' / 'skipped.jsonl')
+    assert sorted(r['sample'] for r in skipped) == sorted(str(tmp_path / 'img' / f'{i}.png') for i in range(32, 48))
+    assert all(r['reason'].startswith('FileNotFoundError') and r['step'] in (2, 4, 6) for r in skipped)
+    steps = [r for r in jsonl(tmp_path / 'ok' / 'log.jsonl') if r['type'] == 'train']
+    assert [r.get('skipped_files', []) for r in steps] == [[s['sample'] for s in skipped if s['step'] == r['step']][:5]
+                                                           for r in steps]
+    shown = [line for line in out.splitlines() if 'unreadable sample(s) skipped' in line]
+    assert len(shown) == sum(r['skipped'] > 0 for r in steps) and 'skipped.jsonl' in shown[0]
+    assert f"{skipped[0]['sample']} (FileNotFoundError" in out
+
+    with pytest.raises(config.UserError, match=r'^16 of 48 samples read this epoch \(33\.33%\) were unreadable'):
+        train.main([*flags, f'--output_dir={tmp_path / "stop"}', '--bad_sample_threshold=0.3'])
+
+
+def test_a_resumed_run_names_each_skipped_sample_once(tmp_path):
+    """Stopped mid-epoch (the list written with the checkpoint, a line past it from a killed run's last interval) and
+    resumed: skipped.jsonl names what an uninterrupted run names, once each."""
+    flags = [*TINY, *last_rows_missing(tmp_path, 48, 12), '--workers=0', '--epochs=1', '--log_every=4',
+             '--bad_sample_threshold=0.5']
+    train.main([*flags, f'--output_dir={tmp_path / "straight"}'])
+    train.main([*flags, f'--output_dir={tmp_path / "resumed"}', '--max_steps=3'])
+    with open(tmp_path / 'resumed' / 'skipped.jsonl', 'a') as f:
+        f.write(json.dumps({'step': 4, 'sample': 'read after the checkpoint', 'reason': 'x'}) + '\n{"step": 5, "sa')
+    train.main([*flags, f'--output_dir={tmp_path / "resumed"}', '--resume=auto'])
+    straight, resumed = (jsonl(tmp_path / d / 'skipped.jsonl') for d in ('straight', 'resumed'))
+    assert sorted(r['sample'] for r in resumed) == sorted(r['sample'] for r in straight)
+    assert len(straight) == sum(r['skipped'] for r in jsonl(tmp_path / 'straight' / 'log.jsonl')
+                                if r['type'] == 'epoch') > 0
+
+
+def jpeg(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+def test_a_run_of_bad_tar_members_is_read_counted_and_named_once_each(tmp_path):
+    members = []
+    for i in range(12):
+        bad = 4 <= i < 9  # a run of 5 broken images in a row
+        members += [(f'{i:05d}.jpg', b'broken' if bad else jpeg(i)), (f'{i:05d}.txt', f'caption {i}'.encode())]
+    with tarfile.open(tmp_path / 'a.tar', 'w') as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    cfg = Config(dataset='wds', metadata=str(tmp_path / 'a.tar'), batch_size=7, workers=1, image_size=16,
+                 local_crop_size=16, bpe_path=str(ROOT / 'assets/demo_bpe.txt.gz'))
+    batch, = list(data.build_train_loader(cfg, data.build_tokenizer(cfg)))  # the 7 good samples of 12
+    names = [w for s in batch['skipped_files'] for w, why in json.loads(s)]
+    assert int(batch['skipped'].sum()) == 5 and sorted(names) == [f'{tmp_path / "a.tar"}:{i:05d}' for i in range(4, 9)]
+    assert data.samples_read(7, 5, cfg) == 12 and data.samples_read(7, 5, Config(dataset='csv')) == 7
+
+
+def test_the_pixel_budget_decides_without_pils_warning(tmp_path, monkeypatch):
+    """A JPEG over PIL's decompression-bomb warning size decodes at 1/2 scale within --max_image_pixels, silently; with
+    no budget (0) PIL's own warning stays."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 400 * 300)  # PIL warns over this, refuses over twice it
+    buf = io.BytesIO()
+    Image.new('RGB', (480, 320), (200, 10, 10)).save(buf, 'JPEG')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        img = data.open_image(buf.getvalue(), max_pixels=200 * 200)
+        img.load()
+        assert img.size == (240, 160)  # the budget's 1/2 scale
+        with pytest.raises(ValueError, match='over --max_image_pixels'):  # a PNG is refused, never decoded
+            png_buf = io.BytesIO()
+            Image.new('L', (480, 320)).save(png_buf, 'PNG')
+            data.open_image(png_buf.getvalue(), max_pixels=200 * 200)
+    with pytest.warns(Image.DecompressionBombWarning):
+        data.open_image(buf.getvalue())
