@@ -160,7 +160,8 @@ class Config:
     compile: bool = _f(False, 'torch.compile the model')
 
     # --- evaluation ---
-    eval_datasets: str = _f('', 'comma-separated zero-shot sets (empty = demo tasks for demo, else imagenet)')
+    eval_datasets: str = _f('', 'comma-separated zero-shot sets, folder:PATH for an ImageFolder of your own (empty: '
+                                'the demo tasks for demo data, else imagenet under --data_root)')
     data_root: str = _f('', 'root of the evaluation datasets')
     eval_batch_size: int = _f(256, 'evaluation batch size')
     eval_every: int = _f(1, 'zero-shot evaluation every N epochs (0 = never during training)')

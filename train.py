@@ -34,7 +34,7 @@ from tqdm import tqdm
 import config
 from augment import finish_views
 from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges, samples_read
-from evaluate import evaluate, print_table
+from evaluate import epoch_datasets, evaluate, print_table
 from model import autocast_dtype, build_model, compute_loss
 
 
@@ -632,16 +632,16 @@ def check_data(cfg, loop, skipped, world_size, epoch_end=False):
     return None
 
 
-def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
-    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation when due) and
-    move the loop to the next epoch; returns the bad-data error of check_data, or None."""
+def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names):
+    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation of eval_names when
+    due) and move the loop to the next epoch; returns the bad-data error of check_data, or None."""
     sums = loop.epoch_sums
     total_skipped = int(all_reduce(sums.skipped.clone()).item())
     bad = check_data(cfg, loop, total_skipped, world_size, epoch_end=True)
     record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
               **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
-    if cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
-        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
+    if eval_names and cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
+        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size, eval_names)  # {dataset: {metric: value}}
     loop.metrics = record
     if rank == 0:
         write_log(cfg, record)
@@ -709,6 +709,7 @@ def train(cfg, rank, world_size, device):
         set_rng_state(rng)
     if rank == 0:
         announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size)
+    eval_names = epoch_datasets(cfg, print if rank == 0 else lambda *a, **k: None) if cfg.eval_every else []
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
@@ -728,7 +729,7 @@ def train(cfg, rank, world_size, device):
             bad = check_data(cfg, loop, skipped, world_size)
         epoch_end = loop.batch == micro_per_epoch
         if epoch_end:
-            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping) or bad
+            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names) or bad
         done = stopping or bad is not None or loop.step >= last_step or loop.epoch >= cfg.epochs
         if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
             write_skipped(cfg, loop, world_size, rank)  # a resume never reads these samples again

@@ -276,3 +276,22 @@ def test_the_pixel_budget_decides_without_pils_warning(tmp_path, monkeypatch):
             data.open_image(png_buf.getvalue(), max_pixels=200 * 200)
     with pytest.warns(Image.DecompressionBombWarning):
         data.open_image(buf.getvalue())
+
+
+# --- Per-epoch evaluation of a user's data ---
+def test_a_csv_run_evaluates_its_folder_sets_each_epoch_and_says_once_when_it_has_none(tmp_path, capsys):
+    flags = [*TINY, *last_rows_missing(tmp_path, 16, 0), '--workers=0', '--epochs=2', '--log_every=2',
+             '--eval_every=1']
+    train.main([*flags, f'--output_dir={tmp_path / "none"}'])
+    out = capsys.readouterr().out
+    assert out.count('no zero-shot evaluation during training') == 1 and out.count('skip imagenet') == 1
+    assert all('test' not in r for r in jsonl(tmp_path / 'none' / 'log.jsonl'))
+    for i, colour in enumerate(('red', 'blue', 'red', 'blue')):
+        (tmp_path / 'shapes' / colour).mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (40, 40), (200, 0, 0) if colour == 'red' else (0, 0, 200)).save(
+            tmp_path / 'shapes' / colour / f'{i}.png')
+    train.main([*flags, f'--output_dir={tmp_path / "folder"}', f'--eval_datasets=folder:{tmp_path / "shapes"}'])
+    out = capsys.readouterr().out
+    assert 'skip ' not in out and 'no zero-shot evaluation' not in out
+    tests = [r['test'] for r in jsonl(tmp_path / 'folder' / 'log.jsonl') if r['type'] == 'epoch']
+    assert len(tests) == 2 and all(t['shapes']['images'] == 4 and t['shapes']['classes'] == 2 for t in tests)
