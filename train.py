@@ -332,7 +332,7 @@ SKIPPED_LOG = 'skipped.jsonl'  # every unreadable sample: {"step", "sample": whe
 SHOWN = 5  # unreadable samples named per log interval in its record and line
 
 
-def write_skipped(cfg, loop, world_size, rank):
+def write_skipped(cfg, loop, rank, world_size):
     """Append the unreadable samples of every rank met since the last call to output_dir/skipped.jsonl (rank 0),
     one line each, tagged with this step; returns them ([where, why] pairs; every rank gets all)."""
     files, loop.skipped_files = loop.skipped_files, []
@@ -581,7 +581,7 @@ def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, wo
     sums = loop.log
     elapsed = time.perf_counter() - loop.t_log
     skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
-    files = write_skipped(cfg, loop, world_size, rank)
+    files = write_skipped(cfg, loop, rank, world_size)
     record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
               **mean_over_ranks(sums.losses, sums.micro),
               'logit_scale': model.logit_scale.exp().item(),
@@ -640,7 +640,7 @@ def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_name
     bad = check_data(cfg, loop, total_skipped, world_size, epoch_end=True)
     record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
               **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
-    if eval_names and cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
+    if eval_names and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
         record['test'] = evaluate(model, tokenizer, cfg, rank, world_size, eval_names)  # {dataset: {metric: value}}
     loop.metrics = record
     if rank == 0:
@@ -732,7 +732,7 @@ def train(cfg, rank, world_size, device):
             bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names) or bad
         done = stopping or bad is not None or loop.step >= last_step or loop.epoch >= cfg.epochs
         if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
-            write_skipped(cfg, loop, world_size, rank)  # a resume never reads these samples again
+            write_skipped(cfg, loop, rank, world_size)  # a resume never reads these samples again
             position = {'epoch': loop.epoch, 'batch': loop.batch, 'world_size': world_size,
                         'batch_size': cfg.batch_size}
             save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,

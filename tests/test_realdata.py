@@ -3,6 +3,9 @@ background in training and evaluation), runs of unreadable files (counted once e
 and oversized images that the pixel budget, not PIL's warning, decides about."""
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -217,6 +220,21 @@ def test_missing_rows_with_a_loader_worker_are_counted_named_and_judged_once_eac
 
     with pytest.raises(config.UserError, match=r'^16 of 48 samples read this epoch \(33\.33%\) were unreadable'):
         train.main([*flags, f'--output_dir={tmp_path / "stop"}', '--bad_sample_threshold=0.3'])
+
+
+@pytest.mark.slow
+def test_two_ranks_name_each_skipped_sample_once(tmp_path):
+    """Under torchrun (2 gloo ranks, a loader worker each) the ranks' unreadable samples reach rank 0's skipped.jsonl,
+    each once, and the epoch's count is theirs."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone', 'train.py', *TINY,
+           *last_rows_missing(tmp_path), '--batch_size=4', '--workers=1', '--epochs=1', '--log_every=2',
+           '--bad_sample_threshold=0.5', f'--output_dir={tmp_path / "run"}']
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,
+                       timeout=600)  # a hang guard, far above the minute it takes
+    assert r.returncode == 0, r.stdout + r.stderr
+    skipped = jsonl(tmp_path / 'run' / 'skipped.jsonl')
+    assert sorted(s['sample'] for s in skipped) == sorted(str(tmp_path / 'img' / f'{i}.png') for i in range(32, 48))
+    assert [e['skipped'] for e in jsonl(tmp_path / 'run' / 'log.jsonl') if e['type'] == 'epoch'] == [16]
 
 
 def test_a_resumed_run_names_each_skipped_sample_once(tmp_path):
