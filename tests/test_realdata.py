@@ -26,8 +26,8 @@ CFG = Config(image_size=32, local_crop_size=24, strong_min_scale=0.25)
 
 # --- Transparency ---
 def drawing(size=(90, 70)):
-    """Black anti-aliased line art on a transparent canvas whose hidden colour is black, as many clip-art PNGs are:
-    alpha 0 outside the strokes, 255 on them and every level in between along their edges."""
+    """Dark anti-aliased line art on a transparent canvas that hides the same dark colour, as clip-art PNGs hide
+    black: alpha 0 outside the strokes, 255 on them and every level in between along their edges."""
     big = Image.new('L', (size[0] * 4, size[1] * 4), 0)
     pen = ImageDraw.Draw(big)
     pen.ellipse((20, 30, 300, 250), outline=255, width=9)
