@@ -29,16 +29,26 @@ def check_image(img):
         raise ValueError(f"empty image of size {img.size}; drop it from the dataset")
 
 
-def to_rgb(img):
-    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+WHITE = (255, 255, 255)
+
+
+def to_rgb(img, background=WHITE):
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, and an image with alpha (a
+    channel, or a palette or grey/RGB colour marked transparent) is composited onto the constant background."""
     check_image(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         # PIL's own convert clips 16-bit values at 255 (an all-white image); rescale to 8 bits instead
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), 'L')
-    elif img.mode in ('P', 'PA'):
-        img = img.convert('RGBA')  # palette transparency must go through RGBA (else PIL warns per image)
+        gray = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), 'L')
+        if 'transparency' in img.info:  # a transparent grey level, in the stored units
+            gray.putalpha(Image.fromarray(np.where(a == img.info['transparency'], 0, 255).astype(np.uint8), 'L'))
+        img = gray
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+        # transparent pixels keep whatever colour the file stored (often black, which hides black line art)
+        rgba = img.convert('RGBA')  # palette and colour-key transparency become alpha here (else PIL warns)
+        img = Image.new('RGB', img.size, tuple(map(int, background)))
+        img.paste(rgba, mask=rgba.getchannel('A'))  # round((c a + bg (255 - a)) / 255), PIL's exact blend
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
@@ -415,6 +425,7 @@ class ImageViews:
         self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise
         self.strong = strong_specs(cfg)
         self.sizes = view_sizes(cfg)
+        self.background = cfg.alpha_background
 
     def draw_boxes(self, img, gen=None):
         """(x (3, H, W) uint8, boxes [(top, left, h, w)] * (1 + A), [strong params] * A), every draw made: boxes drawn
@@ -427,7 +438,7 @@ class ImageViews:
             boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
         k = draft(img, boxes, self.sizes)
-        x = v2.functional.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        x = v2.functional.pil_to_tensor(to_rgb(img, self.background))  # (3, H / k, W / k) uint8, for every view
         return x, [scale_box(box, k) for box in boxes], params
 
     def draw(self, img, gen=None):
@@ -482,10 +493,24 @@ def finish_views(batch, cfg, device):
     return standardize_(weak, *stats), list(standardize_(strong, *stats).split(n))
 
 
+class ToRGB:
+    """to_rgb onto a given background, as a transform whose repr names it (the probe's feature cache keys on the
+    transform's repr)."""
+
+    def __init__(self, background):
+        self.background = tuple(map(int, background))
+
+    def __call__(self, img):
+        return to_rgb(img, self.background)
+
+    def __repr__(self):
+        return f'ToRGB(background={self.background})'
+
+
 def eval_transform(cfg):
     """Validation transform (recipe §3.1): resize the short side to S (bilinear), centre crop S, normalise."""
     return v2.Compose([
-        v2.Lambda(to_rgb),
+        ToRGB(cfg.alpha_background),
         v2.PILToTensor(),
         v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(cfg.image_size),

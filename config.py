@@ -80,8 +80,10 @@ class SharedConfig:
                                       'the paper: constants; recipe §2.1)')
 
     # --- image augmentation ---
-    image_size: int = _f(64, 'global (weak) crop and evaluation size (224 in the paper)')
-    local_crop_size: int = _f(64, 'strong (local) crop size (224; 192 for the 29M recipe)')
+    image_size: int = _f(64, 'global (weak) crop and evaluation size (the model preset\'s: 64 for tiny, 224 for the '
+                             'others; the paper recipes: 224)')
+    local_crop_size: int = _f(64, 'strong (local) crop size (the model preset\'s: 64 for tiny, 224 for the others; the '
+                                  'paper recipes: 224, 192 for merged29m)')
     weak_min_scale: float = _f(0.5, 'RandomResizedCrop min scale of the weak view')
     strong_min_scale: float = _f(0.08, 'RandomResizedCrop min scale of the strong views')
     strong_max_scale: float = _f(1.0, 'RandomResizedCrop max scale of the strong views')
@@ -96,6 +98,8 @@ class SharedConfig:
                              "training device normalises either way")
     image_mean: list = _f([0.485, 0.456, 0.406], 'normalisation mean (ImageNet statistics)')
     image_std: list = _f([0.229, 0.224, 0.225], 'normalisation std (ImageNet statistics)')
+    alpha_background: list = _f([255, 255, 255], 'R,G,B (0-255) that transparent pixels are composited onto, in '
+                                                  'training and evaluation (default white)')
     # --- text augmentation ---
     remove_stopwords_prob: float = _f(0.8, 'probability of stopword removal (weak and strong captions)')
     text_augment: bool = _f(True, 'apply one EDA operation to each strong caption')
@@ -145,7 +149,8 @@ class SharedConfig:
     compile: bool = _f(False, 'torch.compile the model')
 
     # --- evaluation ---
-    eval_datasets: str = _f('', 'comma-separated zero-shot sets (empty = demo tasks for demo, else imagenet)')
+    eval_datasets: str = _f('', 'comma-separated zero-shot sets, folder:PATH for an ImageFolder of your own (empty: '
+                                'the demo tasks for demo data, else imagenet under --data_root)')
     data_root: str = _f('', 'root of the evaluation datasets')
     eval_batch_size: int = _f(256, 'evaluation batch size')
     eval_every: int = _f(1, 'zero-shot evaluation every N epochs (0 = never during training)')
@@ -205,20 +210,24 @@ Config = dataclasses.make_dataclass('Config', [(p.name, type(p.default), _f(p.de
 
 
 # --- presets ---
-_TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
-MODELS = {
+# the paper's text tower, heads and image size (recipe §5.1)
+_SIZES = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096, image_size=224,
+              local_crop_size=224)
+MODELS = {  # image sizes live here: a model keeps its own unless a flag or a paper recipe sets one
     # tiny trains on a laptop CPU in minutes on the demo data; 16-pixel patches (a 4x4 grid at 64 px) learn its
-    # shapes far faster than 8-pixel ones (a supervised probe: 93% against 24% after 200 steps)
+    # shapes far faster than 8-pixel ones (a supervised probe: 93% against 24% after 200 steps); GELU in both towers,
+    # so that open_clip, whose one quick_gelu switch sets both of its towers, loads its export
     'tiny': dict(vision='vit', vision_width=128, vision_layers=4, vision_heads=4, patch_size=16,
-                 text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512),
-    'resnet50': dict(vision='resnet50', **_TEXT_512),
-    'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_TEXT_512),
-    'vit_s16_12h': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
-    'vit_s32': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=32, **_TEXT_512),
-    'vit_b32': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=32, **_TEXT_512),
-    'vit_b16': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
-    'vit_l16': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=16, **_TEXT_512),
-    'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_TEXT_512),
+                 text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512, text_act='gelu',
+                 image_size=64, local_crop_size=64),
+    'resnet50': dict(vision='resnet50', **_SIZES),
+    'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_SIZES),
+    'vit_s16_12h': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=12, patch_size=16, **_SIZES),
+    'vit_s32': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=32, **_SIZES),
+    'vit_b32': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=32, **_SIZES),
+    'vit_b16': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, **_SIZES),
+    'vit_l16': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=16, **_SIZES),
+    'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_SIZES),
 }
 
 # recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
@@ -237,8 +246,8 @@ RECIPES = {
     'yfcc15m': dict(_PAPER, text_dropout=0.0, loss_reduction='sum', clean_before_augment=True),
     'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
                       loss_reduction='sum', clean_before_augment=True),
-    'csv': dict(image_size=224, local_crop_size=224),
-    'wds': dict(image_size=224, local_crop_size=224),
+    'csv': {},  # the model preset's image size (64 px for tiny, 224 for the others)
+    'wds': {},
 }
 
 
@@ -435,6 +444,9 @@ def validate(cfg):
     _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
+    _check(len(cfg.alpha_background) == 3 and all(v == int(v) and 0 <= v <= 255 for v in cfg.alpha_background),
+           f"--alpha_background={','.join(f'{v:g}' for v in cfg.alpha_background)}: give three integers 0-255 "
+           f"(R,G,B), e.g. 255,255,255 (white) or 0,0,0 (black)")
     method = METHODS[cfg.method]
     for name, value in method.fixed.items():
         _check(getattr(cfg, name) == value, f"--method={cfg.method} needs --{name}={value:g} (it trains only with it)")

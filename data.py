@@ -25,6 +25,7 @@ import signal
 import struct
 import sys
 import tarfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_views
-from config import RECIPES, ConfigError, UserError, atomic_write, parse_flags, run_cli
+from config import RECIPES, ConfigError, UserError, atomic_write, first_line, parse_flags, run_cli
 
 
 # --- BPE tokenizer ---
@@ -299,7 +300,10 @@ def open_image(data, max_pixels=0):
     # decoded here, so that a bad file fails now, except an upright JPEG: the views decode it at the DCT scale their
     # crops allow (augment.draft) and raise UnreadableImage there. Deviation from recipe §4.1 (truncated JPEGs
     # allowed): a truncated image is a bad sample, skipped and counted.
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        if max_pixels:  # the budget decides (fit_pixels): PIL's DecompressionBombWarning at 89M pixels would repeat it
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         fit_pixels(img, max_pixels)
     if img.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
@@ -337,6 +341,9 @@ class FileReader:
     def load(self, i):
         return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
 
+    def name(self, i):
+        return str(self.root / self.paths[i])
+
 
 class YfccReader(FileReader):
     """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
@@ -347,9 +354,15 @@ class YfccReader(FileReader):
         self.ids = arrays['ids']
 
     def load(self, i):
-        name = f'{int(self.ids[i]):08d}'
-        data = read_zip_member(self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg')
+        data = read_zip_member(*self.member(i))
         return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
+
+    def member(self, i):
+        name = f'{int(self.ids[i]):08d}'
+        return self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg'
+
+    def name(self, i):
+        return '{}:{}'.format(*self.member(i))
 
 
 class MergedReader:
@@ -364,6 +377,10 @@ class MergedReader:
     def load(self, i):
         k = bisect.bisect_right(self.starts, i) - 1
         return self.readers[k].load(i - self.starts[k])
+
+    def name(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].name(i - self.starts[k])
 
 
 def metadata_arrays(cfg, parse, *how):
@@ -473,10 +490,11 @@ def read_shards(cfg, rank=0, world_size=1):
     return shards, counts
 
 
-# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions)); a streamed
-# format's read(cfg, rank, world_size) -> (shard paths, sample counts) for TarShards. `expects` says what
-# --metadata must be (in every format error), `kinds` what sniff may find it to be, `vocabulary` the merges
-# used when --bpe_path is empty. A new format: its read function and a row here (a config.RECIPES row for settings).
+# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions), name(i) -> where
+# sample i lives, for the list of skipped samples); a streamed format's read(cfg, rank, world_size) -> (shard paths,
+# sample counts) for TarShards. `expects` says what --metadata must be (in every format error), `kinds` what sniff
+# may find it to be, `vocabulary` the merges used when --bpe_path is empty. A new format: its read function and a
+# row here (a config.RECIPES row for settings).
 Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
 READERS = {
     # the demo's reader is defined with the demo, below: the lambda looks it up when called
@@ -877,8 +895,9 @@ class SampleMaker:
         return {**views, 'tokens': tokens, 'skipped': skipped}
 
 
-def read_sample(load, make_sample, epoch, index, skipped):
-    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded."""
+def read_sample(load, make_sample, epoch, index, bad):
+    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded. The
+    sample counts and names (as JSON) the unreadable samples `bad` ([where, why] pairs) that it replaces or follows."""
     try:
         image, captions = load()
         captions = tuple(c for c in captions if _clean(c))
@@ -887,28 +906,39 @@ def read_sample(load, make_sample, epoch, index, skipped):
     except BAD_SAMPLE as e:
         return None, e
     try:
-        return make_sample(image, captions, epoch, index, skipped), None
+        sample = make_sample(image, captions, epoch, index, len(bad))
     except UnreadableImage as e:  # a JPEG, decoded by the views at the scale their crops allow
         return None, e
+    sample['skipped_files'] = json.dumps(bad)
+    return sample, None
+
+
+def bad_sample(where, error):
+    """[where, why] of an unreadable sample, for the log and output_dir/skipped.jsonl."""
+    return [where, f'{type(error).__name__}: {first_line(error)}']
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style samples keyed by (epoch, index); an unreadable item is replaced by the next index and counted."""
+    """Map-style samples keyed by (epoch, index). An unreadable sample is counted and named, and replaced by rows drawn
+    from (seed, epoch, index, attempt): the same whichever worker draws them and on resume, and a run of k unreadable
+    rows costs O(k) reads. A drawn row that fails is not counted here: it is counted at its own turn in the epoch."""
 
-    def __init__(self, reader, make_sample):
-        self.reader, self.make_sample = reader, make_sample
+    def __init__(self, reader, make_sample, seed):
+        self.reader, self.make_sample, self.seed = reader, make_sample, seed
 
     def __len__(self):
         return len(self.reader)
 
     def __getitem__(self, key):
         epoch, index = key
-        for skipped in range(MAX_BAD_IN_A_ROW):
-            load = functools.partial(self.reader.load, (index + skipped) % len(self.reader))
-            sample, error = read_sample(load, self.make_sample, epoch, index, skipped)
+        row, bad = index, []
+        for attempt in range(1, MAX_BAD_IN_A_ROW + 1):
+            sample, error = read_sample(functools.partial(self.reader.load, row), self.make_sample, epoch, index, bad)
             if sample is not None:
                 return sample
-        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index} ({error!r}); "
+            bad = bad or [bad_sample(self.reader.name(row), error)]
+            row = sample_seed(self.seed, epoch, index, attempt) % len(self.reader)
+        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row for index {index} ({error!r}); "
                            f"check --root and --metadata")
 
 
@@ -964,7 +994,7 @@ class TarShards(torch.utils.data.IterableDataset):
         return self.batches * self.batch_size  # samples this rank yields per epoch
 
     def groups(self, shards, skip):
-        """(index, group) forever, cycling over shards; the first pass starts after `skip` samples' worth of
+        """(index, where, group) forever, cycling over shards; the first pass starts after `skip` samples' worth of
         whole shards."""
         skip %= max(1, sum(self.counts[s] for s in shards))
         while True:
@@ -974,9 +1004,9 @@ class TarShards(torch.utils.data.IterableDataset):
                     skip -= self.counts[s]
                     continue
                 skip = 0
-                for position, (_, group) in enumerate(read_shard(self.shards[s])):
+                for position, (key, group) in enumerate(read_shard(self.shards[s])):
                     read += 1
-                    yield self.starts[s] + position, group
+                    yield self.starts[s] + position, f'{self.shards[s]}:{key or "(unreadable from here)"}', group
             if read == 0:
                 raise RuntimeError(f"shards {[self.shards[s] for s in shards][:3]} hold no readable samples")
 
@@ -989,22 +1019,28 @@ class TarShards(torch.utils.data.IterableDataset):
         quota, done = len(range(worker, self.batches, workers)), len(range(worker, self.start_batch, workers))
         rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, worker))
         stream, buffer = self.groups(mine, done * self.batch_size), []
-        left, pending = (quota - done) * self.batch_size, 0
+        left, bad = (quota - done) * self.batch_size, []
         while left > 0:
             while len(buffer) < min(SHUFFLE_BUFFER, left):  # never read more than this epoch still needs
                 buffer.append(next(stream))
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            index, group = buffer.pop()
+            index, where, group = buffer.pop()
             sample, error = read_sample(functools.partial(decode_group, group, self.max_pixels), self.make_sample,
-                                        self.epoch, index, pending)
-            if sample is None:
-                pending += 1
-                if pending == MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({error!r}); check the shards")
+                                        self.epoch, index, bad)
+            if sample is None:  # read past: each unreadable member is read and counted once
+                bad.append(bad_sample(where, error))
+                if len(bad) == MAX_BAD_IN_A_ROW:
+                    raise RuntimeError(f"{len(bad)} unreadable tar samples in a row ({error!r}); check the shards")
                 continue
             yield sample
-            pending, left = 0, left - 1
+            bad, left = [], left - 1
+
+
+def samples_read(delivered, skipped, cfg):
+    """The distinct samples read this epoch, `skipped` of them unreadable: a map-style epoch replaces an unreadable
+    sample by a drawn one that has its own turn (so `delivered`), a stream reads on past it (delivered + skipped)."""
+    return delivered + skipped if READERS[cfg.dataset].streamed else delivered
 
 
 def check_bad_fraction(skipped, seen, cfg):
@@ -1128,7 +1164,7 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     if row.streamed:  # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
         dataset, options = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size), {}
     else:
-        dataset = TrainDataset(build_reader(cfg), make_sample)
+        dataset = TrainDataset(build_reader(cfg), make_sample, cfg.seed)
         options = dict(sampler=EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size),
                        persistent_workers=cfg.workers > 0)
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
@@ -1296,6 +1332,9 @@ class DemoReader:
 
     def load(self, i):
         return draw_scene(demo_scene(self.seed, 'train', i), self.canvas), demo_captions(self.seed, 'train', i)
+
+    def name(self, i):
+        return f'demo scene {i}'
 
 
 class DemoImages(torch.utils.data.Dataset):

@@ -983,6 +983,26 @@ def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
                  classnames, templates.get(name, row.templates), row.metric)]
 
 
+def tasks_of(names, cfg, catalog, labels, templates, transform, say):
+    """The tasks of the --datasets names (dataset_tasks); those without data are skipped with a line, the catalogue
+    sets without a root in one."""
+    rootless = [n for n in names if n in EVAL_SETS and _dataset_path(n, cfg.data_root, catalog) is None]
+    if rootless:
+        say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
+    return [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
+
+
+def epoch_datasets(cfg, say=print):
+    """The per-epoch evaluation's datasets (default_datasets) that have data, for train.py: a set without data is said
+    once here, not every epoch, and so is an evaluation left with nothing."""
+    names = [n for n in check_datasets(default_datasets(cfg)) if tasks_of([n], cfg, {}, {}, {}, None, say)]
+    if not names:
+        say("train: no zero-shot evaluation during training: give --eval_datasets=folder:PATH (an ImageFolder, one "
+            "sub-folder of images per class) or --data_root=DIR (the sets of docs/datasets.md under it), or "
+            "--eval_every=0")
+    return names
+
+
 def run_task(ev, score, task):
     """score(ev, task) between a start and a done line; a UserError is the result, as {'error': its one line}."""
     ev.say(f"{task.name}: start", flush=True)
@@ -1015,10 +1035,7 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     labels, templates = labels or {}, templates or {}
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
     names = check_datasets(datasets or default_datasets(cfg), catalog)
-    rootless = [n for n in names if n in EVAL_SETS and _dataset_path(n, cfg.data_root, catalog) is None]
-    if rootless:
-        say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
-    tasks = [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
+    tasks = tasks_of(names, cfg, catalog, labels, templates, transform, say)
     if retrieval_csv:
         tasks.append(Task('retrieval', 'retrieval', functools.partial(read_retrieval_csv, retrieval_csv, transform)))
     ev, results = Evaluation(model, tokenizer, cfg, rank, world_size, probe, say), {}

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import config
 from augment import finish_views
-from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
-from evaluate import evaluate, print_table, read_checkpoint
+from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges, samples_read
+from evaluate import epoch_datasets, evaluate, print_table, read_checkpoint
 from model import FORMAT, autocast_dtype, build_model, compute_loss
 
 
@@ -340,7 +340,7 @@ def init_output_dir(cfg, resume, rank):
             if STALE_TMP.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
-            for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:
+            for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl', out / SKIPPED_LOG]:
                 old.unlink(missing_ok=True)
         config.save_json(cfg, out / 'config.json')
 
@@ -385,6 +385,25 @@ def write_log(cfg, record):
         f.write(json.dumps(record) + '\n')
     for log, _ in TRACKERS:
         log(record)
+
+
+SKIPPED_LOG = 'skipped.jsonl'  # every unreadable sample: {"step", "sample": where, "reason": why}, one per line
+SHOWN = 5  # unreadable samples named per log interval in its record and line
+
+
+def write_skipped(cfg, loop, rank, world_size):
+    """Append the unreadable samples of every rank met since the last call to output_dir/skipped.jsonl (rank 0),
+    one line each, tagged with this step; returns them ([where, why] pairs; every rank gets all)."""
+    files, loop.skipped_files = loop.skipped_files, []
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, files)
+        files = [f for part in parts for f in part]
+    if rank == 0 and files:  # appended lines: a kill tears at most the last one, which a resume drops (trim_log)
+        with open(Path(cfg.output_dir) / SKIPPED_LOG, 'a') as f:
+            f.write(''.join(json.dumps({'step': loop.step, 'sample': where, 'reason': why}) + '\n'
+                            for where, why in files))
+    return files
 
 
 # --- Experiment tracking ---
@@ -440,18 +459,19 @@ def close_trackers():
 
 
 def trim_log(cfg, step):
-    """On resume, drop the log records of the steps past the checkpoint's (they are logged again) and a line torn by
-    a kill, so that log.jsonl holds one record per step. A 'nonfinite' record of step s is the update s -> s + 1."""
-    path = Path(cfg.output_dir) / 'log.jsonl'
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
-                keep.append(line + '\n')
-    config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+    """On resume, drop the log and skipped-sample records of the steps past the checkpoint's (they are logged again)
+    and a line torn by a kill, so that log.jsonl holds one record per step and skipped.jsonl each unreadable sample
+    once. A 'nonfinite' record of step s is the update s -> s + 1."""
+    for path in (Path(cfg.output_dir) / 'log.jsonl', Path(cfg.output_dir) / SKIPPED_LOG):
+        if not path.exists():
+            continue
+        keep = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
+                    keep.append(line + '\n')
+        config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 
 # --- Training ---
@@ -484,6 +504,7 @@ class Loop:
     t_start: float = 0.0  # when this process's loop began, at step first_step (for the ETA)
     first_step: int = 0
     bad_base: tuple = (0, 0)  # (skipped, read) this epoch, all ranks, when bad data last stopped the run
+    skipped_files: list = field(default_factory=list)  # [where, why] of this rank's unreadable samples not yet written
     metrics: dict = field(default_factory=dict)  # the last record, saved in the checkpoint
 
 
@@ -585,6 +606,7 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         loop.data_time += time.perf_counter() - loop.t_data
         weak, tokens, strong = to_device(batch, cfg, device)
         skipped = batch['skipped'].to(device, non_blocking=True).sum()  # pinned: no copy that blocks the host
+        loop.skipped_files += [f for names in batch['skipped_files'] if names != '[]' for f in json.loads(names)]
         # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
         last_micro = micro == cfg.update_freq - 1
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
@@ -643,16 +665,24 @@ def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, wo
     sums = loop.log
     elapsed = time.perf_counter() - loop.t_log
     skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
+    files = write_skipped(cfg, loop, rank, world_size)
     record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
               **mean_over_ranks(sums.losses, sums.micro),
               'logit_scale': model.logit_scale.exp().item(),
               'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
               'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
-              'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total}
+              'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total,
+              **({'skipped_files': [where for where, _ in files[:SHOWN]]} if files else {})}
     loop.metrics = record
     if rank == 0:
         write_log(cfg, record)
         show_progress(record, loop, last_step, bar)
+        if files:
+            with tqdm.external_write_mode():
+                print(f"step {loop.step}: {skipped} unreadable sample(s) skipped: " +
+                      ', '.join(f"{where} ({why.split(':')[0]})" for where, why in files[:SHOWN]) +
+                      (' ...' if len(files) > SHOWN else '') + f"; each with its reason in "
+                      f"{Path(cfg.output_dir) / SKIPPED_LOG}", flush=True)
     loop.log, loop.data_time, loop.t_log = new_sums(device), 0.0, time.perf_counter()
     return skipped_epoch
 
@@ -673,7 +703,7 @@ def check_data(cfg, loop, skipped, world_size, epoch_end=False):
     """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since
     the last such stop) were unreadable, else None. Checked at every log interval once --bad_sample_min samples are
     read, and at the epoch's end; skipped: this epoch's unreadable samples so far, all ranks."""
-    read = loop.epoch_sums.micro * cfg.batch_size * world_size + skipped
+    read = samples_read(loop.epoch_sums.micro * cfg.batch_size * world_size, skipped, cfg)
     base_skipped, base_read = loop.bad_base
     if read - base_read < (1 if epoch_end else cfg.bad_sample_min):
         return None
@@ -686,16 +716,16 @@ def check_data(cfg, loop, skipped, world_size, epoch_end=False):
     return None
 
 
-def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
-    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation when due) and
-    move the loop to the next epoch; returns the bad-data error of check_data, or None."""
+def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names):
+    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation of eval_names when
+    due) and move the loop to the next epoch; returns the bad-data error of check_data, or None."""
     sums = loop.epoch_sums
     total_skipped = int(all_reduce(sums.skipped.clone()).item())
     bad = check_data(cfg, loop, total_skipped, world_size, epoch_end=True)
     record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
               **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
-    if cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
-        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
+    if eval_names and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
+        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size, eval_names)  # {dataset: {metric: value}}
     loop.metrics = record
     if rank == 0:
         write_log(cfg, record)
@@ -773,6 +803,7 @@ def train(cfg, rank, world_size, device):
         set_rng_state(rng)
     if rank == 0:
         announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size)
+    eval_names = epoch_datasets(cfg, print if rank == 0 else lambda *a, **k: None) if cfg.eval_every else []
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
@@ -792,9 +823,10 @@ def train(cfg, rank, world_size, device):
             bad = check_data(cfg, loop, skipped, world_size)
         epoch_end = loop.batch == micro_per_epoch
         if epoch_end:
-            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping) or bad
+            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names) or bad
         done = stopping or bad is not None or loop.step >= last_step or loop.epoch >= cfg.epochs
         if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
+            write_skipped(cfg, loop, rank, world_size)  # a resume never reads these samples again
             position = {'epoch': loop.epoch, 'batch': loop.batch, 'world_size': world_size,
                         'batch_size': cfg.batch_size}
             save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,

@@ -149,8 +149,8 @@ def sixteen_bit(value):
 BAD_IMAGES = {  # name: (image factory, expected RGB of its first pixel or None)
     'L': (lambda: solid(128, mode='L'), (128, 128, 128)),
     '1': (lambda: solid(1, mode='1'), (255, 255, 255)),
-    'RGBA': (lambda: solid((0, 255, 0, 0), mode='RGBA'), (0, 255, 0)),
-    'LA': (lambda: solid((9, 200), mode='LA'), (9, 9, 9)),
+    'RGBA': (lambda: solid((0, 255, 0, 0), mode='RGBA'), (255, 255, 255)),  # transparent: the white background
+    'LA': (lambda: solid((9, 200), mode='LA'), (62, 62, 62)),  # round((9 * 200 + 255 * 55) / 255)
     'CMYK': (lambda: solid((0, 0, 0, 0), mode='CMYK'), (255, 255, 255)),
     'YCbCr': (lambda: solid((90, 128, 128), mode='YCbCr'), None),
     'I': (lambda: solid(70000, mode='I'), (255, 255, 255)),

@@ -186,7 +186,7 @@ def test_caption_sampling_single_and_multi(tmp_path):
                enumerate(rows['multi'][e * N:(e + 1) * N]))
 
 
-def test_bad_samples_are_replaced_by_the_next_index_and_counted(tmp_path):
+def test_bad_samples_are_replaced_by_drawn_rows_and_counted_once(tmp_path):
     (tmp_path / 'img').mkdir()
     good = jpeg(1)
     files = {'0.jpg': good, '2.jpg': b'', '3.jpg': good[:len(good) // 2], '4.jpg': b'not an image', '5.jpg': jpeg(5),
@@ -196,18 +196,20 @@ def test_bad_samples_are_replaced_by_the_next_index_and_counted(tmp_path):
     (tmp_path / 'bad.csv').write_text('filepath,title\n' + ''.join(f'img/{i}.jpg,c{i}\n' for i in range(7)))
     cfg = cfg_for(dataset='csv', metadata=str(tmp_path / 'bad.csv'), batch_size=1)
     loader = D.build_train_loader(cfg, chars)
-    replaced = {1: (5, 4), 2: (5, 3), 3: (5, 2), 4: (5, 1), 0: (0, 0), 5: (5, 0), 6: (6, 0)}
-    for i, (source, skipped) in replaced.items():
-        sample = loader.dataset[(0, i)]
-        assert (text_of(sample['tokens'][0]), sample['skipped']) == (f'c{source}', skipped)
-    assert sum(int(b['skipped'].sum()) for b in loader) == 4 + 3 + 2 + 1  # each index of the epoch once
+    for i in range(7):
+        sample, bad = loader.dataset[(0, i)], i in (1, 2, 3, 4)
+        assert sample['skipped'] == bad and text_of(sample['tokens'][0]) in ({'c0', 'c5', 'c6'} if bad else {f'c{i}'})
+        names = json.loads(sample['skipped_files'])
+        assert [n[0] for n in names] == ([str(tmp_path / 'img' / f'{i}.jpg')] if bad else [])
+    assert json.loads(loader.dataset[(0, 1)]['skipped_files'])[0][1].startswith('FileNotFoundError: ')
+    assert sum(int(b['skipped'].sum()) for b in loader) == 4  # each index of the epoch once
     # captions that are not text
     np.save(tmp_path / 'nontext.npy', np.array([{'image_id': 'img/0.jpg', 'captions': c} for c in
                                                 (None, [3], [], ['ok'])], dtype=object))
     dataset = D.build_train_loader(dataclasses.replace(cfg, dataset='cc3m', metadata=str(tmp_path / 'nontext.npy'),
                                                        root=str(tmp_path)), chars).dataset
     assert [(text_of(dataset[(0, i)]['tokens'][0]), dataset[(0, i)]['skipped']) for i in range(4)] == \
-        [('ok', 3), ('ok', 2), ('ok', 1), ('ok', 0)]
+        [('ok', 1), ('ok', 1), ('ok', 1), ('ok', 0)]
 
 
 def test_bad_fraction_threshold():

@@ -26,13 +26,14 @@ KINDS = {  # the towers open_clip can hold: its own ViT (both styles) and its ti
     'timm_vit_tower': dict(vision_width=192, vision_layers=12, vision_heads=3, patch_size=16, image_size=224,
                            local_crop_size=224),  # our default activations: GELU image, QuickGELU text
     'resnet50': dict(vision='resnet50', image_size=64, local_crop_size=64),
+    'tiny': config.MODELS['tiny'],  # the quick start's model (python train.py): one activation, GELU, in both towers
 }
 TEXTS = ['a photo of a dog.', 'red square', 'Hello World!! zebra', 'a b c']
 
 
 def checkpoint(tmp_path, name, bpe_path='', **arch):
     """A checkpoint as train.py writes it, of a model with every tensor redrawn (no identity blocks, no zero bias)."""
-    cfg = dataclasses.replace(Config(), **SMALL, **arch, bpe_path=str(bpe_path))
+    cfg = dataclasses.replace(Config(), **{**SMALL, **arch}, bpe_path=str(bpe_path))
     merges = checkpoint_merges(cfg.bpe_path)
     torch.manual_seed(0)
     model = CLIPModel(cfg, Tokenizer(merges).vocab_size).eval()
