@@ -246,9 +246,7 @@ RECIPES = {
     'yfcc15m': dict(_PAPER, text_dropout=0.0, loss_reduction='sum', clean_before_augment=True),
     'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
                       loss_reduction='sum', clean_before_augment=True),
-    'csv': {},  # the model preset's image size (64 px for tiny, 224 for the others)
-    'wds': {},
-}
+}  # formats without a row here (csv, wds) take the defaults and the model preset's image size
 
 
 def dataset_recipe(dataset, model, method):

@@ -43,11 +43,11 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import (_FALSE, _TRUE, RECIPES, Config, ConfigError, UserError, _check, _convert, atomic_save,
+from config import (_FALSE, _TRUE, Config, ConfigError, UserError, _check, _convert, atomic_save,
                     atomic_write, first_line, parse_flags, run_cli, setup_distributed)
 from model import FORMAT, CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
-from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
-                  demo_retrieval, load_image, merges_text)
+from data import (READERS, Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks,
+                  demo_probe_train, demo_retrieval, load_image, merges_text)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 ENSEMBLE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # w * sim_z + (1 - w) * sim_h
@@ -150,7 +150,7 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
                          Path(CLIP_BPE)) if p.is_file()]
     fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
     dataset = getattr(args, 'dataset', None)
-    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in RECIPES else 'csv'})
+    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in READERS else 'csv'})
     source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
               if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
               else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')

@@ -11,7 +11,7 @@ from PIL import Image
 
 import evaluate
 from augment import eval_transform
-from config import Config
+from config import MODELS, Config
 from data import Tokenizer, checkpoint_merges
 from model import FORMAT, CLIPModel, _rename, _timm_name
 
@@ -26,7 +26,7 @@ KINDS = {  # the towers open_clip can hold: its own ViT (both styles) and its ti
     'timm_vit_tower': dict(vision_width=192, vision_layers=12, vision_heads=3, patch_size=16, image_size=224,
                            local_crop_size=224),  # our default activations: GELU image, QuickGELU text
     'resnet50': dict(vision='resnet50', image_size=64, local_crop_size=64),
-    'tiny': config.MODELS['tiny'],  # the quick start's model (python train.py): one activation, GELU, in both towers
+    'tiny': MODELS['tiny'],  # the quick start's model (python train.py): one activation, GELU, in both towers
 }
 TEXTS = ['a photo of a dog.', 'red square', 'Hello World!! zebra', 'a b c']
 
