@@ -287,7 +287,7 @@ def checkpoint_merges(bpe_path):
     return gzip.compress(merges_text(load_merges(Path(bpe_path or DEMO_BPE_PATH).expanduser())), mtime=0)
 
 
-# --- Readers ---
+# --- Images ---
 # everything a corrupt or missing image, archive or caption raises while being read
 BAD_SAMPLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError,
               Image.DecompressionBombError)
@@ -326,212 +326,6 @@ def fit_pixels(img, max_pixels):
 def load_image(path, max_pixels=0):
     """open_image of a file: the one decode of training and evaluation."""
     return open_image(Path(path).read_bytes(), max_pixels)
-
-
-class FileReader:
-    """Images stored as files: load(i) -> (image, captions) of root / paths[i], from compact metadata arrays."""
-
-    def __init__(self, root, arrays, max_pixels=0):
-        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
-        self.paths = Strings(arrays, 'paths')
-
-    def __len__(self):
-        return len(self.captions)
-
-    def load(self, i):
-        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
-
-    def name(self, i):
-        return str(self.root / self.paths[i])
-
-
-class YfccReader(FileReader):
-    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
-    non-empty ones of (title, description)."""
-
-    def __init__(self, root, arrays, max_pixels=0):
-        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
-        self.ids = arrays['ids']
-
-    def load(self, i):
-        data = read_zip_member(*self.member(i))
-        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
-
-    def member(self, i):
-        name = f'{int(self.ids[i]):08d}'
-        return self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg'
-
-    def name(self, i):
-        return '{}:{}'.format(*self.member(i))
-
-
-class MergedReader:
-    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
-
-    def __init__(self, readers):
-        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
-
-    def __len__(self):
-        return self.starts[-1]
-
-    def load(self, i):
-        k = bisect.bisect_right(self.starts, i) - 1
-        return self.readers[k].load(i - self.starts[k])
-
-    def name(self, i):
-        k = bisect.bisect_right(self.starts, i) - 1
-        return self.readers[k].name(i - self.starts[k])
-
-
-def metadata_arrays(cfg, parse, *how):
-    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached by
-    how it is read and the code reading it (cached_arrays); a parse error is one line naming the file and format."""
-    path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
-    check_format(path, cfg)
-
-    def build():
-        try:
-            return parse(path)
-        except UserError:
-            raise
-        except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
-            raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
-    code = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in (READERS[cfg.dataset].read, parse))
-    return cached_arrays(path, cfg.output_dir, [cfg.dataset, hashlib.sha256(code.encode()).hexdigest(), *how], build)
-
-
-def read_npy(cfg, key):
-    """CC3M ('image_id') or CC12M ('image_name'): a .npy object array of dicts {key: image path, 'captions': [...]}."""
-    def parse(path):
-        meta = np.load(path, allow_pickle=True)
-        return {**Strings.arrays('paths', [str(d[key]) for d in meta]),
-                **CaptionLists.arrays('captions', [d['captions'] for d in meta])}
-    arrays = metadata_arrays(cfg, parse)
-    return FileReader(existing(cfg.root, 'root', 'the folder holding the images'), arrays, cfg.max_image_pixels)
-
-
-def read_yfcc(cfg):
-    """YFCC15M: a pickled list of (image_id, title, description)."""
-    def parse(path):
-        with open(path, 'rb') as f:
-            items = pickle.load(f)
-        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
-                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
-            raise bad_format(cfg, 'entries are not (int, str, str) triples')
-        ids = np.asarray([t[0] for t in items], np.int64)
-        ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
-        return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
-    arrays = metadata_arrays(cfg, parse)
-    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
-                      cfg.max_image_pixels)
-
-
-def read_csv(cfg):
-    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
-    keys, suffix = (cfg.csv_image_key, cfg.csv_caption_key), Path(cfg.metadata).suffix.lower()
-
-    def parse(path):
-        try:
-            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
-                rows = csv.reader(f, delimiter='\t' if suffix == '.tsv' else ',')
-                header = next(rows, [])
-                missing = [k for k in keys if k not in header]
-                if missing:
-                    raise bad_format(cfg, f"no column {missing[0]!r} among {header}")
-                a, b = map(header.index, keys)
-                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
-        except UnicodeDecodeError as e:
-            raise bad_format(cfg, f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") from None
-        return {**Strings.arrays('paths', [r[0] for r in rows]),
-                **CaptionLists.arrays('captions', [r[1] for r in rows])}
-    arrays = metadata_arrays(cfg, parse, *keys, suffix)
-    root = existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else \
-        Path(cfg.metadata).expanduser().parent
-    return FileReader(root, arrays, cfg.max_image_pixels)
-
-
-MERGED = ('cc3m', 'cc12m', 'yfcc15m')  # the parts of merged29m, in the order of its --metadata and --root values
-
-
-def read_merged(cfg):
-    """Merged 29M (recipe §8.21): the readers of its parts, each read as its own row, concatenated."""
-    metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
-    if len(metadata) != len(MERGED) or len(roots) != len(MERGED):
-        raise ConfigError(f"--dataset={cfg.dataset} needs {len(MERGED)} --metadata and {len(MERGED)} --root values "
-                          f"joined by '---', in the order {'---'.join(MERGED)}")
-    return MergedReader([READERS[part].read(dataclasses.replace(cfg, dataset=part, metadata=m, root=r))
-                         for part, m, r in zip(MERGED, metadata, roots)])
-
-
-def read_shards(cfg, rank=0, world_size=1):
-    """Shard paths and sample counts of the brace pattern cfg.metadata (under --root), checked before any
-    worker starts."""
-    pattern, expects = str(Path(cfg.root) / cfg.metadata) if cfg.root else cfg.metadata, READERS[cfg.dataset].expects
-    if not cfg.metadata:
-        raise ConfigError(f"--metadata is empty; give {expects}")
-    shards = expand_braces(pattern)
-    stats, missing = [], []
-    for s in shards:
-        try:
-            stats.append(os.stat(s))
-        except OSError:
-            missing.append(s)
-    if missing:
-        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
-                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected {expects}")
-    check_format(shards[0], cfg, f'shard {shards[0]} of --metadata={cfg.metadata}')
-    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
-    if sum(counts) == 0:
-        raise bad_format(cfg, 'no readable tar members')
-    workers = max(1, cfg.workers)
-    if len(shards) < world_size * workers:
-        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
-                          f"lower --workers or write more shards")
-    return shards, counts
-
-
-# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions), name(i) -> where
-# sample i lives, for the list of skipped samples); a streamed format's read(cfg, rank, world_size) -> (shard paths,
-# sample counts) for TarShards. `expects` says what --metadata must be (in every format error), `kinds` what sniff
-# may find it to be, `vocabulary` the merges used when --bpe_path is empty. A new format: its read function and a
-# row here (a config.RECIPES row for settings).
-Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
-READERS = {
-    # the demo's reader is defined with the demo, below: the lambda looks it up when called
-    'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
-                   vocabulary=DEMO_BPE_PATH),
-    'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
-                   "{'image_id': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
-    'cc12m': Reader(functools.partial(read_npy, key='image_name'), "a .npy object array of dicts "
-                    "{'image_name': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
-    # pickles of protocol 0 are text, of protocol 1 binary
-    'yfcc15m': Reader(read_yfcc, "a pickled list of (image_id: int, title: str, description: str), images in "
-                      "--root/images/XX/YYY.zip", {'pickle', 'text', 'latin', 'binary'}),
-    'merged29m': Reader(read_merged, f"the {', '.join(MERGED)} metadata joined by '---'", ()),
-    'csv': Reader(read_csv, "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key "
-                  "columns", {'text'}),
-    'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
-                  "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
-}
-if set(RECIPES) - set(READERS):
-    raise TypeError(f"config.RECIPES has rows without a reader: {', '.join(sorted(set(RECIPES) - set(READERS)))}; "
-                    f"add their rows to data.READERS or remove the recipes")
-
-
-def build_reader(cfg):
-    """The map-style reader of cfg.dataset's row; bad paths or metadata raise one line before any worker starts."""
-    reader = READERS[cfg.dataset].read(cfg)
-    if len(reader) == 0:
-        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
-    errors = []
-    for i in range(min(len(reader), 16)):
-        try:
-            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
-            return reader
-        except BAD_SAMPLE as e:
-            errors.append(e)
-    raise ConfigError(f"none of the first {len(errors)} samples of --metadata={cfg.metadata} is readable "
-                      f"({errors[-1]!r}); check --root={cfg.root}")
 
 
 # --- Format checks ---
@@ -862,6 +656,213 @@ def write_index(index, files):
     if file not in (None, files[0]):
         print(f"shard counts cached in {file} ({files[0].parent} is read-only)", file=sys.stderr)
     return file
+
+
+# --- Readers ---
+class FileReader:
+    """Images stored as files: load(i) -> (image, captions) of root / paths[i], from compact metadata arrays."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.paths = Strings(arrays, 'paths')
+
+    def __len__(self):
+        return len(self.captions)
+
+    def load(self, i):
+        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
+
+    def name(self, i):
+        return str(self.root / self.paths[i])
+
+
+class YfccReader(FileReader):
+    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
+    non-empty ones of (title, description)."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.ids = arrays['ids']
+
+    def load(self, i):
+        data = read_zip_member(*self.member(i))
+        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
+
+    def member(self, i):
+        name = f'{int(self.ids[i]):08d}'
+        return self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg'
+
+    def name(self, i):
+        return '{}:{}'.format(*self.member(i))
+
+
+class MergedReader:
+    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
+
+    def __init__(self, readers):
+        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def load(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].load(i - self.starts[k])
+
+    def name(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].name(i - self.starts[k])
+
+
+def metadata_arrays(cfg, parse, *how):
+    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached by
+    how it is read and the code reading it (cached_arrays); a parse error is one line naming the file and format."""
+    path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
+    check_format(path, cfg)
+
+    def build():
+        try:
+            return parse(path)
+        except UserError:
+            raise
+        except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
+            raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
+    code = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in (READERS[cfg.dataset].read, parse))
+    return cached_arrays(path, cfg.output_dir, [cfg.dataset, hashlib.sha256(code.encode()).hexdigest(), *how], build)
+
+
+def read_npy(cfg, key):
+    """CC3M ('image_id') or CC12M ('image_name'): a .npy object array of dicts {key: image path, 'captions': [...]}."""
+    def parse(path):
+        meta = np.load(path, allow_pickle=True)
+        return {**Strings.arrays('paths', [str(d[key]) for d in meta]),
+                **CaptionLists.arrays('captions', [d['captions'] for d in meta])}
+    arrays = metadata_arrays(cfg, parse)
+    return FileReader(existing(cfg.root, 'root', 'the folder holding the images'), arrays, cfg.max_image_pixels)
+
+
+def read_yfcc(cfg):
+    """YFCC15M: a pickled list of (image_id, title, description)."""
+    def parse(path):
+        with open(path, 'rb') as f:
+            items = pickle.load(f)
+        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
+                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
+            raise bad_format(cfg, 'entries are not (int, str, str) triples')
+        ids = np.asarray([t[0] for t in items], np.int64)
+        ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
+        return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
+    arrays = metadata_arrays(cfg, parse)
+    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
+                      cfg.max_image_pixels)
+
+
+def read_csv(cfg):
+    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
+    keys, suffix = (cfg.csv_image_key, cfg.csv_caption_key), Path(cfg.metadata).suffix.lower()
+
+    def parse(path):
+        try:
+            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
+                rows = csv.reader(f, delimiter='\t' if suffix == '.tsv' else ',')
+                header = next(rows, [])
+                missing = [k for k in keys if k not in header]
+                if missing:
+                    raise bad_format(cfg, f"no column {missing[0]!r} among {header}")
+                a, b = map(header.index, keys)
+                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
+        except UnicodeDecodeError as e:
+            raise bad_format(cfg, f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") from None
+        return {**Strings.arrays('paths', [r[0] for r in rows]),
+                **CaptionLists.arrays('captions', [r[1] for r in rows])}
+    arrays = metadata_arrays(cfg, parse, *keys, suffix)
+    root = existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else \
+        Path(cfg.metadata).expanduser().parent
+    return FileReader(root, arrays, cfg.max_image_pixels)
+
+
+MERGED = ('cc3m', 'cc12m', 'yfcc15m')  # the parts of merged29m, in the order of its --metadata and --root values
+
+
+def read_merged(cfg):
+    """Merged 29M (recipe §8.21): the readers of its parts, each read as its own row, concatenated."""
+    metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
+    if len(metadata) != len(MERGED) or len(roots) != len(MERGED):
+        raise ConfigError(f"--dataset={cfg.dataset} needs {len(MERGED)} --metadata and {len(MERGED)} --root values "
+                          f"joined by '---', in the order {'---'.join(MERGED)}")
+    return MergedReader([READERS[part].read(dataclasses.replace(cfg, dataset=part, metadata=m, root=r))
+                         for part, m, r in zip(MERGED, metadata, roots)])
+
+
+def read_shards(cfg, rank=0, world_size=1):
+    """Shard paths and sample counts of the brace pattern cfg.metadata (under --root), checked before any
+    worker starts."""
+    pattern, expects = str(Path(cfg.root) / cfg.metadata) if cfg.root else cfg.metadata, READERS[cfg.dataset].expects
+    if not cfg.metadata:
+        raise ConfigError(f"--metadata is empty; give {expects}")
+    shards = expand_braces(pattern)
+    stats, missing = [], []
+    for s in shards:
+        try:
+            stats.append(os.stat(s))
+        except OSError:
+            missing.append(s)
+    if missing:
+        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
+                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected {expects}")
+    check_format(shards[0], cfg, f'shard {shards[0]} of --metadata={cfg.metadata}')
+    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
+    if sum(counts) == 0:
+        raise bad_format(cfg, 'no readable tar members')
+    workers = max(1, cfg.workers)
+    if len(shards) < world_size * workers:
+        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
+                          f"lower --workers or write more shards")
+    return shards, counts
+
+
+# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions), name(i) -> where
+# sample i lives, for the list of skipped samples); a streamed format's read(cfg, rank, world_size) -> (shard paths,
+# sample counts) for TarShards. `expects` says what --metadata must be (in every format error), `kinds` what sniff
+# may find it to be, `vocabulary` the merges used when --bpe_path is empty. A new format: its read function and a
+# row here (a config.RECIPES row for settings).
+Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
+READERS = {
+    # the demo's reader is defined with the demo, below: the lambda looks it up when called
+    'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
+                   vocabulary=DEMO_BPE_PATH),
+    'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
+                   "{'image_id': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    'cc12m': Reader(functools.partial(read_npy, key='image_name'), "a .npy object array of dicts "
+                    "{'image_name': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    # pickles of protocol 0 are text, of protocol 1 binary
+    'yfcc15m': Reader(read_yfcc, "a pickled list of (image_id: int, title: str, description: str), images in "
+                      "--root/images/XX/YYY.zip", {'pickle', 'text', 'latin', 'binary'}),
+    'merged29m': Reader(read_merged, f"the {', '.join(MERGED)} metadata joined by '---'", ()),
+    'csv': Reader(read_csv, "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key "
+                  "columns", {'text'}),
+    'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
+                  "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
+}
+if set(RECIPES) - set(READERS):
+    raise TypeError(f"config.RECIPES has rows without a reader: {', '.join(sorted(set(RECIPES) - set(READERS)))}; "
+                    f"add their rows to data.READERS or remove the recipes")
+
+
+def build_reader(cfg):
+    """The map-style reader of cfg.dataset's row; bad paths or metadata raise one line before any worker starts."""
+    reader = READERS[cfg.dataset].read(cfg)
+    if len(reader) == 0:
+        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
+    errors = []
+    for i in range(min(len(reader), 16)):
+        try:
+            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
+            return reader
+        except BAD_SAMPLE as e:
+            errors.append(e)
+    raise ConfigError(f"none of the first {len(errors)} samples of --metadata={cfg.metadata} is readable "
+                      f"({errors[-1]!r}); check --root={cfg.root}")
 
 
 # --- Samples ---
