@@ -253,9 +253,10 @@ def patch_openclip_decay():
 
 
 def patch_pil_resize():
-    """open_clip's training crop: the weak view cut and resized by PIL from the image in its own mode, then made RGB
-    (torchvision's RandomResizedCrop on a PIL image: bicubic, but nearest for palette images, and RGBA / LA resized
-    with premultiplied alpha), instead of resized from the RGB tensor by torch's antialiased bicubic."""
+    """open_clip's training resize: the weak view cut and resized by PIL from the image in its own mode (torchvision's
+    RandomResizedCrop on a PIL image: bicubic, but nearest for palette images, and RGBA / LA resized with premultiplied
+    alpha), then made RGB as ours makes it (augment.to_rgb on the run's background), instead of resized from the RGB
+    tensor by torch's antialiased bicubic."""
     import augment
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor
@@ -265,18 +266,21 @@ def patch_pil_resize():
         top, left, h, w = boxes[0]
         weak = img.crop((left, top, left + w, top + h)).resize((self.sizes[0],) * 2, Image.Resampling.BICUBIC)
         strong = [augment.resized_crop(x, box, size) for box, size in zip(boxes[1:], self.sizes[1:])]
-        return pil_to_tensor(weak.convert('RGB')), strong, params
+        return pil_to_tensor(augment.to_rgb(weak, self.background)), strong, params
     augment.ImageViews.draw = draw
 
 
 def patch_openclip_data():
     """open_clip's training data path in ours, on our reader's rows: its train transform (torchvision's
-    RandomResizedCrop on the image as PIL opens it, then RGB, ToTensor, Normalize with --image_mean/--image_std),
-    each caption tokenised whole, and a loader reshuffled every epoch from torch's global generator (RandomSampler)."""
+    RandomResizedCrop on the image as PIL opens it, then convert('RGB'), which drops alpha as open_clip does), the
+    step's normalisation with --image_mean/--image_std (its ToTensor and Normalize), each caption tokenised whole, and
+    a loader reshuffled every epoch from torch's global generator (RandomSampler)."""
     import data
     import train
     from open_clip.transform import image_transform
     from PIL import Image
+    from torchvision.transforms import Compose
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
     class Pairs(torch.utils.data.Dataset):
         def __init__(self, reader, transform, tokenizer):
@@ -287,7 +291,7 @@ def patch_openclip_data():
 
         def __getitem__(self, i):
             image = Image.open(self.reader.root / self.reader.paths[i])
-            return {'weak': self.transform(image), 'strong': [], 'skipped': 0,
+            return {'weak': pil_to_tensor(self.transform(image)), 'strong': [], 'skipped': 0, 'skipped_files': '[]',
                     'tokens': self.tokenizer(self.reader.captions[i][0])}  # (1, L): the weak caption only
 
     class Sampler(torch.utils.data.RandomSampler):
@@ -295,9 +299,9 @@ def patch_openclip_data():
             pass
 
     def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
-        transform = image_transform(cfg.image_size, is_train=True, mean=cfg.image_mean, std=cfg.image_std,
-                                    aug_cfg={'scale': (cfg.weak_min_scale, 1.0)})
-        pairs = Pairs(data.build_reader(cfg), transform, tokenizer)
+        crop, rgb, _, _ = image_transform(cfg.image_size, is_train=True, mean=cfg.image_mean, std=cfg.image_std,
+                                          aug_cfg={'scale': (cfg.weak_min_scale, 1.0)}).transforms
+        pairs = Pairs(data.build_reader(cfg), Compose([crop, rgb]), tokenizer)  # uint8 views: the step normalises
         return torch.utils.data.DataLoader(pairs, cfg.batch_size, sampler=Sampler(pairs), num_workers=cfg.workers,
                                            drop_last=True, collate_fn=data.collate)
     train.build_train_loader = build_train_loader
