@@ -136,9 +136,35 @@ def gzipped(bpe, cache):
     return str(out)
 
 
-def openclip_rows(reader):
-    """(open_clip's TSV of our reader's rows: absolute image path, caption; the rows it could not read, which are
-    left out: no caption text or no image file, where its CsvDataset would fail and ours skips the sample)."""
+PLAIN_MODES = ('1', 'L', 'P', 'RGB', 'CMYK', 'YCbCr')  # modes whose PIL convert('RGB') is our decode's too
+
+
+def as_we_decode(path, cache, background):
+    """The file open_clip reads for an image: itself where its convert('RGB') gives our pixels, else a PNG of our
+    decode under cache/flat (data.load_image, augment.to_rgb: upright by EXIF, 16-bit rescaled, alpha composited onto
+    background) -- open_clip drops alpha, which shows the colour a transparent pixel stores (often black)."""
+    from augment import to_rgb
+    from data import BAD_SAMPLE, load_image
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            if (img.mode in PLAIN_MODES and 'transparency' not in img.info
+                    and img.getexif().get(0x0112, 1) == 1):  # no alpha, no EXIF turn
+                return path
+        raw = Path(path).read_bytes()
+        flat = Path(cache).resolve() / 'flat' / f"{hashlib.sha1(raw + bytes(background)).hexdigest()[:16]}.png"
+        if not flat.exists():
+            rgb = to_rgb(load_image(path), background)
+            flat.parent.mkdir(parents=True, exist_ok=True)
+            config.atomic_write(flat, lambda f: rgb.save(f, format='PNG', compress_level=1))
+        return flat
+    except BAD_SAMPLE:  # unreadable: as given (ours skips it; open_clip fails on it)
+        return path
+
+
+def openclip_rows(reader, cache, background):
+    """(open_clip's TSV of our reader's rows: absolute image path (as_we_decode), caption; the rows it could not read,
+    which are left out: no caption text or no image file, where its CsvDataset would fail and ours skips the sample)."""
     text, left_out = io.StringIO(), 0
     out = csv.writer(text, delimiter='\t', lineterminator='\n')  # quotes tabs, newlines and '"' as pandas reads them
     out.writerow(['filepath', 'title'])
@@ -149,7 +175,7 @@ def openclip_rows(reader):
         except ValueError:  # a cell that is not text
             caption = ''
         if caption.strip() and path.is_file():
-            out.writerow([os.path.abspath(path), caption])
+            out.writerow([os.path.abspath(as_we_decode(path, cache, background)), caption])
         else:
             left_out += 1
     return text.getvalue(), left_out
@@ -173,14 +199,15 @@ def prepare_data(a, spec, cache):
     source = export_demo(cache, spec['train_size']) if demo else Path(a.csv).expanduser().resolve()
     keys = ('filepath', 'title') if demo else (a.csv_image_key, a.csv_caption_key)
     root = '' if demo or not a.root else str(Path(a.root).expanduser().resolve())
-    reader = read_csv(config.Config(dataset='csv', metadata=str(source), csv_image_key=keys[0],
-                                    csv_caption_key=keys[1], root=root, output_dir=str(cache)))
+    cfg = config.Config(dataset='csv', metadata=str(source), csv_image_key=keys[0], csv_caption_key=keys[1], root=root,
+                        output_dir=str(cache))
+    reader = read_csv(cfg)
     bpe = str(Path(a.bpe_path or default_bpe()).expanduser().resolve())
     vocab_size = Tokenizer(bpe).vocab_size
     datasets = ['demo'] if demo else [d.strip() for d in a.eval_datasets.split(',') if d.strip()]
     retrieval = '' if demo or not a.retrieval else str(Path(a.retrieval).expanduser().resolve())
     check_eval_sets(datasets, retrieval)
-    text, left_out = openclip_rows(reader)
+    text, left_out = openclip_rows(reader, cache, cfg.alpha_background)
     if left_out:
         print(f"open_clip's TSV leaves out {left_out} of {len(reader)} rows without caption text or image file "
               f"(ours skips them as unreadable)")
@@ -271,27 +298,28 @@ def patch_pil_resize():
 
 
 def patch_openclip_data():
-    """open_clip's training data path in ours, on our reader's rows: its train transform (torchvision's
-    RandomResizedCrop on the image as PIL opens it, then convert('RGB'), which drops alpha as open_clip does), the
-    step's normalisation with --image_mean/--image_std (its ToTensor and Normalize), each caption tokenised whole, and
-    a loader reshuffled every epoch from torch's global generator (RandomSampler)."""
+    """open_clip's training data path in ours, on the images the open_clip row reads (as_we_decode): its train
+    transform (torchvision's RandomResizedCrop on the PIL image, then RGB), the step's normalisation with
+    --image_mean/--image_std (its ToTensor and Normalize), each caption tokenised whole, and a loader reshuffled every
+    epoch from torch's global generator (RandomSampler)."""
     import data
     import train
+    from augment import to_rgb
     from open_clip.transform import image_transform
-    from PIL import Image
     from torchvision.transforms import Compose
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     class Pairs(torch.utils.data.Dataset):
-        def __init__(self, reader, transform, tokenizer):
-            self.reader, self.transform, self.tokenizer = reader, transform, tokenizer
+        def __init__(self, reader, transform, tokenizer, background):
+            self.reader, self.transform, self.tokenizer, self.background = reader, transform, tokenizer, background
 
         def __len__(self):
             return len(self.reader)
 
         def __getitem__(self, i):
-            image = Image.open(self.reader.root / self.reader.paths[i])
-            return {'weak': pil_to_tensor(self.transform(image)), 'strong': [], 'skipped': 0, 'skipped_files': '[]',
+            image = to_rgb(data.load_image(self.reader.root / self.reader.paths[i]), self.background)
+            weak = pil_to_tensor(self.transform(image))  # (3, S, S) uint8: the step normalises it
+            return {'weak': weak, 'strong': [], 'skipped': 0, 'skipped_files': '[]',
                     'tokens': self.tokenizer(self.reader.captions[i][0])}  # (1, L): the weak caption only
 
     class Sampler(torch.utils.data.RandomSampler):
@@ -301,7 +329,7 @@ def patch_openclip_data():
     def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         crop, rgb, _, _ = image_transform(cfg.image_size, is_train=True, mean=cfg.image_mean, std=cfg.image_std,
                                           aug_cfg={'scale': (cfg.weak_min_scale, 1.0)}).transforms
-        pairs = Pairs(data.build_reader(cfg), Compose([crop, rgb]), tokenizer)  # uint8 views: the step normalises
+        pairs = Pairs(data.build_reader(cfg), Compose([crop, rgb]), tokenizer, cfg.alpha_background)
         return torch.utils.data.DataLoader(pairs, cfg.batch_size, sampler=Sampler(pairs), num_workers=cfg.workers,
                                            drop_last=True, collate_fn=data.collate)
     train.build_train_loader = build_train_loader

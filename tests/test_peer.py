@@ -106,17 +106,25 @@ def user_data(tmp_path, bad_rows=True):
 
 def test_a_users_csv_and_merges_reach_both_sides_alike(tmp_path):
     """open_clip's own CsvDataset reads the rows our reader took from the user's CSV (absolute paths, captions
-    verbatim; the rows it would fail on left out), its tokenizer reads the user's merges and tokenises as ours, and
-    our flags read the user's file itself."""
+    verbatim; the rows it would fail on left out) and, converted as it converts them, our decode of their images
+    (transparent ones flattened onto white, not black); its tokenizer reads the user's merges and tokenises as ours,
+    and our flags read the user's file itself."""
+    import numpy as np
     import config
     import open_clip
-    from data import Tokenizer
+    from augment import to_rgb
+    from data import Tokenizer, load_image
     from open_clip_train.data import CsvDataset
+    from PIL import Image
     captions, args = user_data(tmp_path)
     data = peer.prepare_data(args, peer.SPEC, tmp_path / 'cache')
     assert data['rows'] == 8 and not data['demo'] and data['datasets'] == [args.eval_datasets]
     theirs = CsvDataset(data['tsv'], None, 'filepath', 'title', sep='\t', tokenizer=None)
-    assert theirs.images == [str(tmp_path / 'imgs' / f'{i}.png') for i in range(6)] and theirs.captions == captions
+    assert theirs.captions == captions and len(theirs.images) == 6
+    for i, path in enumerate(theirs.images):  # open_clip's convert('RGB') of what it reads is our decode
+        ours = to_rgb(load_image(tmp_path / 'imgs' / f'{i}.png'))
+        assert np.array_equal(np.asarray(Image.open(path).convert('RGB')), np.asarray(ours))
+        assert (path == str(tmp_path / 'imgs' / f'{i}.png')) == (i not in (1, 3))  # RGBA and LA: a flattened copy
     assert gzip.decompress(Path(data['bpe_gz']).read_bytes()) == Path(args.bpe_path).read_bytes()
     (tmp_path / 'oc').mkdir()
     (tmp_path / 'oc' / 'peer.json').write_text(json.dumps(peer.openclip_model_config(peer.SPEC, data)))
