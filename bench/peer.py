@@ -11,7 +11,9 @@ for .tsv; --csv_image_key, --csv_caption_key, paths relative to --root or the fi
 (default: the copy inside the open_clip wheel), --eval_datasets any `evaluate.py --datasets` value (folder:PATH
 sets; catalogue sets with --data_root) and --retrieval a CSV of image,caption. Ours reads your file as train.py does;
 open_clip reads the rows our reader found, written as a TSV with absolute paths (its CsvDataset resolves paths from the
-working directory and reads one separator), and tokenises with the same merges. Steps per epoch: rows // batch.
+working directory and reads one separator) to the images or, where its convert('RGB') would see other pixels than
+ours (alpha, EXIF turns, 16-bit data), to PNGs of our decode under --cache/flat, and tokenises with the same merges.
+Steps per epoch: rows // batch.
 
 One description (SPEC) builds open_clip's model config and trainer flags (`open_clip_train.main`) and our train.py
 flags: an OpenAI-style ViT with QuickGELU on both sides, CLIP's BPE, AdamW, warmup + cosine, fp32 on the CPU,
