@@ -1,7 +1,8 @@
 """CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, every method's projectors
 and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict
-of embeddings; model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from
-one trunk pass)."""
+of embeddings, = model.project(*model.trunks(weak, tokens, strong)) (features, then heads: the split gradient caching
+needs); model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from one
+trunk pass)."""
 import math
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
@@ -16,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 # --- Gradient checkpointing ---
 @contextmanager
-def _restore_buffers(module):
-    """Put the module's buffers (BN running statistics) back as they were once the block exits: the recomputation
-    in the backward pass must not count the same batch twice."""
+def restore_buffers(module):
+    """Put the module's buffers (BN running statistics) back as they were once the block exits: a recomputation (in
+    the backward pass, or gradient caching's second forward) must not count the same batch twice."""
     saved = [(b, b.clone()) for b in module.buffers()]
     try:  # the recomputation may stop early with an exception, once it has what the backward needs
         yield
@@ -37,7 +38,7 @@ def maybe_checkpoint(module, enabled, *args):
         # nothing to restore; torch.compile takes no context_fn (its recomputation updates BN statistics again)
         return checkpoint(module, *args, use_reentrant=False)
     return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _restore_buffers(module)))
+                      context_fn=lambda: (nullcontext(), restore_buffers(module)))
 
 
 # --- ResNet-50 ---
@@ -399,16 +400,25 @@ class CLIPModel(nn.Module):
     def forward(self, weak, tokens, strong):
         """Training forward (recipe §1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
         dict of raw embeddings named as in the contract; A = 0 is the same path."""
+        return self.project(*self.trunks(weak, tokens, strong))
+
+    def trunks(self, weak, tokens, strong):
+        """The encoders' features of a batch, before any head: (images, texts), 1+A x (B, width) each (the weak view
+        and caption row 0, then the A strong views and rows); the weak pair alone for plain CLIP."""
         if tokens.dim() != 3 or tokens.shape[1] != 1 + len(strong):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
                              f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
         local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
-        # 1+A x (B, width) features: the weak view and caption row 0, then the A strong views and rows
         f_image = self._image_features([weak], 'weak') + (self._image_features(strong, 'strong') if local else [])
         f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
+        return f_image, f_text
+
+    def project(self, f_image, f_text):
+        """Every head on the trunks' features (trunks' output) -> the dict of raw embeddings. The heads' BN sees
+        what it is given as one batch: gradient caching hands it a rank's whole batch."""
         out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
                'logit_scale': self.logit_scale.exp()}
-        if local:  # one head call per view: each view is its own BN batch in the MLP heads
+        if 'h' in self.image_heads:  # one head call per view: each view is its own BN batch in the MLP heads
             out['h_image'] = [self.image_heads['h'](f) for f in f_image[1:]]
             out['h_text'] = [self.text_heads['h'](f) for f in f_text[1:]]
             out['l2l_logit_scale'] = self.l2l_logit_scale.exp()
