@@ -141,7 +141,11 @@ class Config:
     epochs: int = _f(32, 'training epochs')
     max_steps: int = _f(0, 'stop after this many optimizer steps (0 = run all epochs)')
     warmup_epochs: float = _f(1.0, 'linear warmup length in epochs')
-    batch_size: int = _f(128, 'per-process batch size')
+    global_batch: int = _f(128, 'image-text pairs of one contrastive batch over all processes (every pair is a '
+                                'negative of the others): --batch_size = this / processes (WORLD_SIZE)')
+    batch_size: int = _f(128, 'per-process batch size (set: it sets --global_batch = this x processes)')
+    chunk: int = _f(0, 'gradient caching: each process encodes its batch in chunks of this many samples (activation '
+                       'memory of a chunk), the heads and the loss see the whole batch; 0 or >= --batch_size: one pass')
     lr: float = _f(3e-3, 'peak learning rate')
     lr_start: float = _f(1e-6, 'learning rate at the start of warmup')
     lr_end: float = _f(1e-5, 'learning rate at the end of the cosine')
@@ -206,14 +210,17 @@ MODELS = {
     'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_TEXT_512),
 }
 
-# recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
-_PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
-              num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
+# recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather. The
+# global batch on any number of GPUs; chunks of the official 128 per GPU (which fit a V100-32GB) on fewer of them
+PAPER_BATCH = 4096
+_PAPER = dict(model='resnet50', epochs=32, global_batch=PAPER_BATCH, chunk=128, lr=3e-3, weight_decay=0.1,
+              label_smoothing=0.1, num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224,
+              text_dropout=0.0)
 RECIPES = {
     # sized so that `python train.py` (tiny model, 561 steps) ends within 10 minutes on a slow 2-core AVX2 CPU.
     # Demo captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster
     # (2.5e-4: 36% after 3 epochs, 2e-3: 23%), and strong crops of at least a quarter of the scene show an object
-    'demo': dict(epochs=3, batch_size=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
+    'demo': dict(epochs=3, global_batch=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
                  demo_train_size=12000, demo_val_size=1000, context_length=32, weak_min_scale=0.9,
                  strong_min_scale=0.25),
     'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
@@ -222,10 +229,12 @@ RECIPES = {
     'yfcc15m': dict(_PAPER, text_dropout=0.0, loss_reduction='sum', clean_before_augment=True),
     'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
                       loss_reduction='sum', clean_before_augment=True),
-    'csv': dict(image_size=224, local_crop_size=224),
-    'wds': dict(image_size=224, local_crop_size=224),
+    # your own data with the paper's optimisation settings (lr 3e-3 ...), so with the batch they were tuned for
+    'csv': dict(image_size=224, local_crop_size=224, global_batch=PAPER_BATCH, chunk=128),
+    'wds': dict(image_size=224, local_crop_size=224, global_batch=PAPER_BATCH, chunk=128),
 }
 DATASETS = tuple(RECIPES)
+PAPER_RECIPES = ('cc3m', 'cc12m', 'yfcc15m', 'merged29m')  # the start line warns when one runs at another batch
 
 
 def dataset_recipe(dataset, model, method):
@@ -385,15 +394,21 @@ def validate(cfg):
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
                  'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
-    for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
+    for name in ('global_batch', 'batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
                  'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
-    for name in ('num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
+    for name in ('chunk', 'num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
                  'demo_train_size', 'demo_val_size', 'bad_sample_min'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+    if 0 < cfg.chunk < cfg.batch_size:
+        _check(cfg.batch_size % cfg.chunk == 0,
+               f"--chunk={cfg.chunk} does not divide the per-process batch of {cfg.batch_size}: pass --chunk="
+               f"{max(d for d in range(1, cfg.chunk + 1) if cfg.batch_size % d == 0)}, or another divisor of it")
+        _check(not cfg.compile, f"--compile does not combine with gradient caching (--chunk={cfg.chunk} below the "
+                                f"per-process batch of {cfg.batch_size}): drop --compile, or pass --chunk=0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
     _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
     for name in ('patch_dropout_weak', 'patch_dropout_strong'):
@@ -443,7 +458,8 @@ def help_text(cfg=None):
     """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
     cfg = cfg or Config()
     lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
-             f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method} and the flags given:"]
+             f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method}, "
+             f"{cfg.global_batch // cfg.batch_size} process(es) (WORLD_SIZE) and the flags given:"]
     for f in fields(Config):
         lines.append(f"  --{f.name:<24} {f.metadata['help']} (here: {getattr(cfg, f.name)})")
     lines.append('')
@@ -470,7 +486,23 @@ def resolve(flags, verbose=True):
         if verbose and applied:
             print(f"config: {source} sets " + ' '.join(f'{k}={v}' for k, v in applied.items()))
     merged.update(values)
+    merged.update(split_batch(merged.get('global_batch', base.global_batch), values,
+                              int(os.environ.get('WORLD_SIZE', 1))))
     return validate(dataclasses.replace(base, **merged))
+
+
+def split_batch(global_batch, explicit, world):
+    """{'batch_size': global_batch / world}, or {'global_batch': batch_size x world} for an explicit --batch_size."""
+    if 'batch_size' in explicit:
+        b = explicit['batch_size']
+        _check(explicit.get('global_batch', b * world) == b * world,
+               f"--global_batch={global_batch} and --batch_size={b} disagree on {world} process(es) ({b} x {world} = "
+               f"{b * world}): give one of them")
+        return {'global_batch': b * world}
+    _check(global_batch % world == 0,
+           f"--global_batch={global_batch} does not split over {world} processes: run a number of processes that "
+           f"divides it, or pass --global_batch={world * max(1, round(global_batch / world))}")
+    return {'batch_size': global_batch // world}
 
 
 def parse_args(argv=None):

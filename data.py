@@ -1089,7 +1089,8 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         loader.sampler.set_epoch = dataset.set_epoch
     if len(loader) == 0:
         raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
-                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")
+                          f"--batch_size={cfg.batch_size} (--global_batch={cfg.global_batch}); lower --global_batch or "
+                          f"add data")
     return loader
 
 
