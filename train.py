@@ -35,7 +35,7 @@ import config
 from augment import finish_views
 from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
 from evaluate import evaluate, print_table
-from model import autocast_dtype, build_model, compute_loss
+from model import autocast_dtype, build_model, compute_loss, restore_buffers
 
 
 # --- Distributed set-up ---
@@ -395,6 +395,65 @@ def trim_log(cfg, step):
     config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 
+# --- Gradient caching ---
+def caches_gradients(cfg):
+    """Whether a step encodes each process's batch in chunks (--chunk below --batch_size)."""
+    return 0 < cfg.chunk < cfg.batch_size
+
+
+def cached_forward_backward(cfg, model, momentum_model, scaler, autocast, inputs):
+    """Gradient caching (Gao et al. 2021) of one micro-batch; returns its loss dict. 1: each chunk's trunk features
+    without a graph, the RNG state saved before each chunk; 2: every head and the whole objective (gathers across ranks
+    included) on the batch's features as leaves, backward: the heads' gradients and the features'; 3: each chunk
+    encoded again with a graph under its saved RNG state (the same dropout masks), its rows of the feature gradients
+    back-propagated. The same loss and gradients as one pass, but for the trunks' BatchNorm: a batch per chunk."""
+    weak = inputs[0]
+    device, rows = weak.device, [slice(i, i + cfg.chunk) for i in range(0, len(weak), cfg.chunk)]
+    chunks = [(weak[r], inputs[1][r], [view[r] for view in inputs[2]]) for r in rows]
+    states, parts = [], []
+    with torch.no_grad(), autocast:
+        with restore_buffers(model):  # the BN running statistics count each chunk once: in phase 3
+            for chunk in chunks:
+                states.append(rng_state(device))
+                parts.append(model.trunks(*chunk))
+        target = None
+        if momentum_model is not None:  # BYOLIP's targets: its trunks per chunk, its heads on the whole batch
+            target = momentum_model.project(*join_chunks([momentum_model.trunks(*chunk) for chunk in chunks]))
+    after = rng_state(device)
+    f_image, f_text = join_chunks(parts)
+    features = [f.requires_grad_() for f in f_image + f_text]
+    with autocast:
+        losses = compute_loss(model.project(f_image, f_text), cfg, target)
+    scaler.scale(losses['loss'] / cfg.update_freq).backward()  # the feature gradients carry the scale
+    for chunk, state, r in zip(chunks, states, rows):
+        set_rng_state(state)
+        with autocast:
+            images, texts = model.trunks(*chunk)
+        pairs = [(f, cached.grad[r]) for f, cached in zip(images + texts, features) if cached.grad is not None]
+        torch.autograd.backward(*zip(*pairs))
+    set_rng_state(after)  # as after one pass: the next draws follow phase 1's (and the momentum model's)
+    return losses
+
+
+def join_chunks(parts):
+    """[(images, texts) of each chunk] -> (images, texts) of the batch: 1+A x (B, width), chunks concatenated."""
+    return tuple([torch.cat(view) for view in zip(*side)] for side in zip(*parts))
+
+
+def average_gradients(model, world_size):
+    """DDP's gradient all-reduce (the mean over ranks) for gradient caching, whose heads and trunks get their
+    gradients in separate backward passes, which DDP's reducer cannot follow: once per step, one flat buffer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank sends the same layout
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
 # --- Training ---
 @dataclass
 class Sums:
@@ -465,7 +524,7 @@ def build_training(cfg, vocab_size, device, rank, world_size):
 def wrap_model(model, cfg, device, world_size):
     """The module the step calls: compiled when asked, DDP across ranks; `model` keeps the plain parameters."""
     train_model = torch.compile(model) if cfg.compile else model
-    if world_size > 1:
+    if world_size > 1 and not caches_gradients(cfg):  # gradient caching averages the gradients itself
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
@@ -489,6 +548,25 @@ def to_device(batch, cfg, device):
     return weak, tokens, strong
 
 
+def forward_backward(cfg, train_model, model, momentum_model, scaler, autocast, inputs, last_micro):
+    """One micro-batch (weak, tokens, strong): its loss dict; its gradients, scaled and / update_freq, added to the
+    parameters'. In chunks when cfg.chunk asks (gradient caching), else in one pass through train_model."""
+    if caches_gradients(cfg):
+        return cached_forward_backward(cfg, model, momentum_model, scaler, autocast, inputs)
+    # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
+    sync = train_model.no_sync() if isinstance(train_model, DDP) and not last_micro else contextlib.nullcontext()
+    with sync:
+        with autocast:
+            out = train_model(*inputs)
+            target = None
+            if momentum_model is not None:
+                with torch.no_grad():
+                    target = momentum_model(*inputs)
+            losses = compute_loss(out, cfg, target)
+        scaler.scale(losses['loss'] / cfg.update_freq).backward()
+    return losses
+
+
 def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr, loop, world_size):
     """One optimizer step over cfg.update_freq micro-batches (recipe §5.4), skipped when the loss is non-finite on
     any rank; returns whether any rank asked to stop (a signal)."""
@@ -502,24 +580,16 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         loop.data_time += time.perf_counter() - loop.t_data
         weak, tokens, strong = to_device(batch, cfg, device)
         skipped = batch['skipped'].sum().to(device)
-        # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
-        last_micro = micro == cfg.update_freq - 1
-        sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
-        with sync:
-            with autocast:
-                out = train_model(weak, tokens, strong)
-                target = None
-                if momentum_model is not None:
-                    with torch.no_grad():
-                        target = momentum_model(weak, tokens, strong)
-                losses = compute_loss(out, cfg, target)
-            scaler.scale(losses['loss'] / cfg.update_freq).backward()
+        losses = forward_backward(cfg, train_model, model, momentum_model, scaler, autocast, (weak, tokens, strong),
+                                  last_micro=micro == cfg.update_freq - 1)
         step_loss += losses['loss'].detach()
         for sums in (loop.log, loop.epoch_sums):
             accumulate(sums.losses, losses)
             sums.micro += 1
             sums.skipped += skipped
         loop.t_data = time.perf_counter()
+    if caches_gradients(cfg) and world_size > 1:
+        average_gradients(model, world_size)
 
     # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
     flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
@@ -655,9 +725,17 @@ def set_up(cfg, rank, world_size, device):
 
 def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
     """Rank 0's start line, and a warning when the warmup covers the whole run."""
+    batch, paper = cfg.batch_size * world_size, config.RECIPES[cfg.dataset]['global_batch']
+    chunks = f"in chunks of {cfg.chunk} (gradient caching)" if caches_gradients(cfg) else "in one pass"
+    accumulated = f", {cfg.update_freq} accumulated per step" if cfg.update_freq > 1 else ''
     print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
           f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
-          f"{last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
+          f"{last_step}, global batch {batch} = {world_size} x {cfg.batch_size} per process, {chunks}{accumulated}",
+          flush=True)
+    if cfg.dataset in config.PAPER_RECIPES and batch != paper:
+        print(f"train: warning: --dataset={cfg.dataset} is the paper's recipe at a global batch of {paper} (the set "
+              f"of negatives; its lr was tuned for it), but this run's is {batch}; drop --batch_size/--global_batch to "
+              f"run {paper} on any number of GPUs (--chunk bounds the memory)", flush=True)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= last_step > loop.step:
         print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "
