@@ -394,7 +394,7 @@ def validate(cfg):
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
                  'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
-    for name in ('global_batch', 'batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
+    for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
                  'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
                  'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
                  'max_nonfinite', 'log_every'):
@@ -499,6 +499,7 @@ def split_batch(global_batch, explicit, world):
                f"--global_batch={global_batch} and --batch_size={b} disagree on {world} process(es) ({b} x {world} = "
                f"{b * world}): give one of them")
         return {'global_batch': b * world}
+    _check(global_batch >= 1, f"--global_batch={global_batch}: must be >= 1")
     _check(global_batch % world == 0,
            f"--global_batch={global_batch} does not split over {world} processes: run a number of processes that "
            f"divides it, or pass --global_batch={world * max(1, round(global_batch / world))}")

@@ -200,3 +200,97 @@ def test_one_rank_in_chunks_equals_ranks_with_a_chunk_each(tmp_path, monkeypatch
         torch.testing.assert_close((ranks[0][rank_chunk][0] + ranks[1][rank_chunk][0]) / 2, loss, rtol=1e-6, atol=0)
         for r in range(2):  # DDP's average, or ours, on every rank
             assert_same(ranks[r][rank_chunk][1], grads)
+
+
+# --- Training runs ---
+def test_resume_of_a_chunked_run_is_bit_identical(tmp_path):
+    """Chunks of 4 with two accumulated micro-batches, text and patch dropout: 6 steps straight == 3 steps, a new
+    process, 3 more (mid-epoch): the RNG state saved at the step boundary is the one the cached step left."""
+    flags = ['--demo_train_size=32', '--chunk=4', '--update_freq=2', '--text_dropout=0.1', '--patch_dropout_strong=0.5']
+    run_train(tmp_path / 'straight', *flags, '--max_steps=6')
+    run_train(tmp_path / 'resumed', *flags, '--max_steps=3')
+    assert load(tmp_path / 'resumed' / 'checkpoint.pt')['data']['batch'] == 2  # 6 micro-batches: epoch 1, batch 2
+    run_train(tmp_path / 'resumed', *flags, '--max_steps=6', '--resume=auto')
+    a, b = load(tmp_path / 'straight' / 'checkpoint.pt'), load(tmp_path / 'resumed' / 'checkpoint.pt')
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert [r['loss'] for r in log_records(tmp_path / 'straight')] == \
+        [r['loss'] for r in log_records(tmp_path / 'resumed')]
+
+
+def test_two_chunked_processes_match_one_on_the_same_global_batch(tmp_path):
+    """torchrun, 2 gloo ranks: --global_batch=8 splits into 4 per rank, in chunks of 2 with the gradients averaged
+    by train's own all-reduce (no DDP), and trains as one process with the 8 in chunks of 2 (ViT: no BN)."""
+    flags = [f for f in TRAIN_FLAGS if not f.startswith('--batch_size')] + [
+        '--global_batch=8', '--chunk=2', '--method=clip', '--gather_with_grad=true', '--max_steps=3', '--lr=1e-3',
+        '--warmup_epochs=0.25']
+    one = subprocess.run([sys.executable, 'train.py', *flags, f'--output_dir={tmp_path / "one"}'], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=HANG)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert 'global batch 8 = 1 x 8 per process, in chunks of 2 (gradient caching)' in one.stdout
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
+                          'train.py', *flags, f'--output_dir={tmp_path / "two"}'], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=HANG)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert 'global batch 8 = 2 x 4 per process, in chunks of 2 (gradient caching)' in two.stdout
+    one, two = load(tmp_path / 'one' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
+    assert (two['data']['world_size'], two['data']['batch_size']) == (2, 4)
+    for k in one['model']:
+        a, b = one['model'][k], two['model'][k]
+        if k.endswith('attn.in_proj.bias'):  # the key bias has a zero gradient in exact maths: Adam rescales noise
+            a, b = a.view(3, -1)[[0, 2]], b.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# --- The global batch on the command line ---
+NO_BATCH = [f for f in TRAIN_FLAGS if not f.startswith('--batch_size')]
+
+
+def test_a_global_batch_the_world_does_not_divide_is_one_line(tmp_path):
+    """As torchrun starts each rank (WORLD_SIZE set): one line before any work, exit 2."""
+    status, _, stderr = run(['train.py', *NO_BATCH, '--global_batch=64', f'--output_dir={tmp_path / "out"}'],
+                            env={'WORLD_SIZE': '3'})
+    assert status == 2
+    assert_one_error_line(stderr, '--global_batch=64 does not split over 3 processes', '--global_batch=63')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('flags, world, parts', [
+    (['--batch_size=8', '--chunk=3'], 1, ['--chunk=3 does not divide the per-process batch of 8: pass --chunk=2']),
+    (['--global_batch=64', '--batch_size=8'], 2, ['--global_batch=64 and --batch_size=8 disagree on 2 process(es)']),
+    (['--global_batch=16', '--chunk=2', '--compile'], 2,
+     ['--compile does not combine with gradient caching', 'per-process batch of 8', '--chunk=0']),
+], ids=['chunk', 'both', 'compile'])
+def test_batch_errors_are_one_line(tmp_path, monkeypatch, capsys, flags, world, parts):
+    monkeypatch.setenv('WORLD_SIZE', str(world))
+    with pytest.raises(SystemExit) as exit_info:
+        config.run_cli(train.main, [*NO_BATCH, *flags, f'--output_dir={tmp_path / "out"}'])
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, *parts)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_help_shows_the_per_process_batch_of_the_world_size(monkeypatch, capsys):
+    monkeypatch.setenv('WORLD_SIZE', '8')
+    with pytest.raises(SystemExit):
+        config.parse_args(['--dataset=cc3m', '--help'])
+    out = capsys.readouterr().out
+    assert '8 process(es) (WORLD_SIZE)' in out
+    flag = {line.split()[0]: line for line in out.splitlines() if line.startswith('  --')}
+    assert flag['--global_batch'].endswith('(here: 4096)') and flag['--batch_size'].endswith('(here: 512)')
+    assert flag['--chunk'].endswith('(here: 128)')
+
+
+@pytest.mark.parametrize('world, flags, line, warns', [
+    (1, {}, 'global batch 4096 = 1 x 4096 per process, in chunks of 128 (gradient caching)', False),
+    (32, {}, 'global batch 4096 = 32 x 128 per process, in one pass', False),
+    (8, {'batch_size': '128', 'update_freq': '4'}, 'global batch 1024 = 8 x 128 per process, in one pass, 4 '
+                                                    'accumulated per step', True),
+])
+def test_start_line_says_the_batch_and_warns_off_the_papers(monkeypatch, capsys, world, flags, line, warns):
+    monkeypatch.setenv('WORLD_SIZE', str(world))
+    cfg = config.resolve({'dataset': 'cc3m', **flags}, verbose=False)
+    train.announce(cfg, train.Loop(), 100, 3200, torch.bfloat16, torch.device('cuda', 0), world)
+    out = capsys.readouterr().out
+    assert line in out
+    assert ('global batch of 4096' in out) == warns
