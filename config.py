@@ -394,9 +394,9 @@ def validate(cfg):
                  'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
                  'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
-    for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
-                 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
-                 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
+    for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size',
+                 'local_crop_size', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width',
+                 'text_heads', 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")

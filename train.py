@@ -407,19 +407,19 @@ def cached_forward_backward(cfg, model, momentum_model, scaler, autocast, inputs
     included) on the batch's features as leaves, backward: the heads' gradients and the features'; 3: each chunk
     encoded again with a graph under its saved RNG state (the same dropout masks), its rows of the feature gradients
     back-propagated. The same loss and gradients as one pass, but for the trunks' BatchNorm: a batch per chunk."""
-    weak = inputs[0]
-    device, rows = weak.device, [slice(i, i + cfg.chunk) for i in range(0, len(weak), cfg.chunk)]
-    chunks = [(weak[r], inputs[1][r], [view[r] for view in inputs[2]]) for r in rows]
+    weak, tokens, strong = inputs
+    rows = [slice(i, i + cfg.chunk) for i in range(0, len(weak), cfg.chunk)]
+    chunks = [(weak[r], tokens[r], [view[r] for view in strong]) for r in rows]
     states, parts = [], []
     with torch.no_grad(), autocast:
         with restore_buffers(model):  # the BN running statistics count each chunk once: in phase 3
             for chunk in chunks:
-                states.append(rng_state(device))
+                states.append(rng_state(weak.device))
                 parts.append(model.trunks(*chunk))
         target = None
         if momentum_model is not None:  # BYOLIP's targets: its trunks per chunk, its heads on the whole batch
             target = momentum_model.project(*join_chunks([momentum_model.trunks(*chunk) for chunk in chunks]))
-    after = rng_state(device)
+    after = rng_state(weak.device)
     f_image, f_text = join_chunks(parts)
     features = [f.requires_grad_() for f in f_image + f_text]
     with autocast:
@@ -724,7 +724,8 @@ def set_up(cfg, rank, world_size, device):
 
 
 def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
-    """Rank 0's start line, and a warning when the warmup covers the whole run."""
+    """Rank 0's start line (the global batch, per process, in chunks), and warnings: a paper recipe at another global
+    batch than the paper's, a warmup that covers the whole run."""
     batch, paper = cfg.batch_size * world_size, config.RECIPES[cfg.dataset]['global_batch']
     chunks = f"in chunks of {cfg.chunk} (gradient caching)" if caches_gradients(cfg) else "in one pass"
     accumulated = f", {cfg.update_freq} accumulated per step" if cfg.update_freq > 1 else ''
