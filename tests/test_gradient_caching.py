@@ -1,6 +1,6 @@
 """Gradient caching (--chunk, train.cached_forward_backward) and the global batch (--global_batch): chunks equal one
 pass for every methods row (LayerNorm trunks), 1 rank in K chunks equals K gloo ranks (BatchNorm trunk), the second
-pass replays the first one's random draws, a resumed chunked run equals an uninterrupted one, one-line errors."""
+pass replays the first one's random draws, one-line errors (a resumed chunked run: tests/test_train.py)."""
 import copy
 import subprocess
 import sys
@@ -14,7 +14,7 @@ import config
 import model as model_lib
 import train
 from test_cli import assert_one_error_line, run
-from test_train import ENV, HANG, ROOT, TINY as TRAIN_FLAGS, load, log_records, run_train
+from test_train import ENV, HANG, ROOT, TINY as TRAIN_FLAGS, load
 
 VOCAB, L = 100, 16
 TINY = dict(vision_layers=1, text_layers=1, vision_width=32, text_width=32, image_size=32, local_crop_size=32,
@@ -203,36 +203,22 @@ def test_one_rank_in_chunks_equals_ranks_with_a_chunk_each(tmp_path, monkeypatch
 
 
 # --- Training runs ---
-def test_resume_of_a_chunked_run_is_bit_identical(tmp_path):
-    """Chunks of 4 with two accumulated micro-batches, text and patch dropout: 6 steps straight == 3 steps, a new
-    process, 3 more (mid-epoch): the RNG state saved at the step boundary is the one the cached step left."""
-    flags = ['--demo_train_size=32', '--chunk=4', '--update_freq=2', '--text_dropout=0.1', '--patch_dropout_strong=0.5']
-    run_train(tmp_path / 'straight', *flags, '--max_steps=6')
-    run_train(tmp_path / 'resumed', *flags, '--max_steps=3')
-    assert load(tmp_path / 'resumed' / 'checkpoint.pt')['data']['batch'] == 2  # 6 micro-batches: epoch 1, batch 2
-    run_train(tmp_path / 'resumed', *flags, '--max_steps=6', '--resume=auto')
-    a, b = load(tmp_path / 'straight' / 'checkpoint.pt'), load(tmp_path / 'resumed' / 'checkpoint.pt')
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    assert [r['loss'] for r in log_records(tmp_path / 'straight')] == \
-        [r['loss'] for r in log_records(tmp_path / 'resumed')]
-
-
 def test_two_chunked_processes_match_one_on_the_same_global_batch(tmp_path):
-    """torchrun, 2 gloo ranks: --global_batch=8 splits into 4 per rank, in chunks of 2 with the gradients averaged
-    by train's own all-reduce (no DDP), and trains as one process with the 8 in chunks of 2 (ViT: no BN)."""
+    """torchrun, 2 gloo ranks: --global_batch=8 splits into 4 per rank, in chunks of 2, two micro-batches accumulated
+    and the gradients averaged by train's own all-reduce (no DDP), and trains as one process with the 8 in chunks of 2
+    (ViT: no BN)."""
     flags = [f for f in TRAIN_FLAGS if not f.startswith('--batch_size')] + [
-        '--global_batch=8', '--chunk=2', '--method=clip', '--gather_with_grad=true', '--max_steps=3', '--lr=1e-3',
-        '--warmup_epochs=0.25']
+        '--global_batch=8', '--chunk=2', '--update_freq=2', '--method=clip', '--gather_with_grad=true',
+        '--max_steps=3', '--lr=1e-3', '--warmup_epochs=0.25']
     one = subprocess.run([sys.executable, 'train.py', *flags, f'--output_dir={tmp_path / "one"}'], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=HANG)
     assert one.returncode == 0, one.stdout + one.stderr
-    assert 'global batch 8 = 1 x 8 per process, in chunks of 2 (gradient caching)' in one.stdout
+    assert 'global batch 8 = 1 x 8 per process, in chunks of 2 (gradient caching), 2 accumulated' in one.stdout
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--standalone',
                           'train.py', *flags, f'--output_dir={tmp_path / "two"}'], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=HANG)
     assert two.returncode == 0, two.stdout + two.stderr
-    assert 'global batch 8 = 2 x 4 per process, in chunks of 2 (gradient caching)' in two.stdout
+    assert 'global batch 8 = 2 x 4 per process, in chunks of 2 (gradient caching), 2 accumulated' in two.stdout
     one, two = load(tmp_path / 'one' / 'checkpoint.pt'), load(tmp_path / 'two' / 'checkpoint.pt')
     assert (two['data']['world_size'], two['data']['batch_size']) == (2, 4)
     for k in one['model']:
