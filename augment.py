@@ -29,45 +29,68 @@ def check_image(img):
         raise ValueError(f"empty image of size {img.size}; drop it from the dataset")
 
 
-def to_rgb(img):
-    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, alpha dropped."""
+WHITE = (255, 255, 255)
+
+
+def to_rgb(img, background=WHITE):
+    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> 8-bit RGB; 16-bit data is rescaled, and an image with alpha (a
+    channel, or a palette or grey/RGB colour marked transparent) is composited onto the constant background."""
     check_image(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
         # PIL's own convert clips 16-bit values at 255 (an all-white image); rescale to 8 bits instead
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), 'L')
-    elif img.mode in ('P', 'PA'):
-        img = img.convert('RGBA')  # palette transparency must go through RGBA (else PIL warns per image)
+        gray = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), 'L')
+        if 'transparency' in img.info:  # a transparent grey level, in the stored units
+            gray.putalpha(Image.fromarray(np.where(a == img.info['transparency'], 0, 255).astype(np.uint8), 'L'))
+        img = gray
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+        # transparent pixels keep whatever colour the file stored (often black, which hides black line art)
+        rgba = img.convert('RGBA')  # palette and colour-key transparency become alpha here (else PIL warns)
+        img = Image.new('RGB', img.size, tuple(map(int, background)))
+        img.paste(rgba, mask=rgba.getchannel('A'))  # round((c a + bg (255 - a)) / 255), PIL's exact blend
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
-# --- Image: colour and blur kernels (float (B, 3, H, W) images in [0, 1]; factors are (B, 1, 1, 1) tensors) ---
-# Kernels ending in _ work in place. Each is torchvision's maths (or PIL's, for the blur) in fewer passes.
+# --- Image: colour and blur kernels (float (N, 3, H, W) images in [0, 1]; factors are (N, 1, 1, 1) tensors) ---
+# Kernels ending in _ work in place. Each is torchvision's maths (or PIL's, for the blur) in fewer passes, batched:
+# each image has its own factors. Off the CPU the step runs them over whole batches, so every op is one launch.
+def batched_kernels(device):
+    """Whether device takes the kernels made for whole batches (one launch an op): all but the CPU, whose per-crop
+    uint8 resize and shifted-add blur are faster there."""
+    return device.type != 'cpu'
+
+
+@functools.lru_cache(maxsize=None)
+def constant(values, device, shape=(-1,)):
+    """A constant tensor made once per device (made in each call, it would be a blocking host-to-device copy)."""
+    return torch.tensor(values, device=device).view(shape)
+
+
 def grayscale(img):
-    """(B, 1, H, W) luma with torchvision's weights, in its order of operations."""
+    """(N, 1, H, W) luma with torchvision's weights, in its order of operations."""
     r, g, b = img.split(1, dim=-3)
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114)
 
 
-def adjust_brightness_(img, factor):
-    return img.mul_(factor).clamp_(0, 1)
-
-
-def adjust_contrast_(img, factor):
-    mean = grayscale(img).mean((-3, -2, -1), keepdim=True)
-    return img.mul_(factor).add_(mean * (1 - factor)).clamp_(0, 1)
-
-
-def adjust_saturation_(img, factor):
-    gray = grayscale(img).mul_(1 - factor)
-    return img.mul_(factor).add_(gray).clamp_(0, 1)
+def blend_(img, ratio, mean=None, grey=None):
+    """torchvision's brightness, contrast and saturation in one pass, each a blend f * img + (1 - f) * other clamped to
+    [0, 1]: ratio * img + mean * (the image's mean luma) + grey * (its luma). Brightness (f, 0, 0), contrast (f, 1 - f,
+    0), saturation (f, 0, 1 - f); a weight of None is zero, skipped."""
+    luma = grayscale(img) if mean is not None or grey is not None else None
+    if ratio is not None:
+        img.mul_(ratio)
+    if grey is not None:
+        img.addcmul_(luma, grey)
+    if mean is not None:
+        img.add_(luma.mean((-3, -2, -1), keepdim=True) * mean)  # (N, 1, 1, 1) products first: far faster on CPU
+    return img.clamp_(0, 1)
 
 
 def adjust_hue(img, hue_factor):
     """Rotate the hue by hue_factor turns: torchvision's HSV maths in closed form (V = max and V*S = max - min
     are kept), with one division and no float mod (the costliest op: a round instead)."""
-    maxc, minc = img.amax(-3, keepdim=True), img.amin(-3, keepdim=True)  # (B, 1, H, W)
+    maxc, minc = img.amax(-3, keepdim=True), img.amin(-3, keepdim=True)  # (N, 1, H, W); aminmax is 20x slower on CPU
     delta = maxc - minc
     r, g, b = img.split(1, dim=-3)
     h = torch.where(maxc == r, g - b,
@@ -75,28 +98,31 @@ def adjust_hue(img, hue_factor):
     h.div_(delta.clamp_min(1e-8)).add_(6 * hue_factor)  # hue in sextants; grey pixels (delta 0) keep maxc anyway
     # HSV -> RGB: channel = max - delta * clamp(2 - d, 0, 1) = max - 2 delta + delta * clamp(d, 1, 2), where d is
     # the distance of (hue + phase) from 2 on the 6-circle; the phases of R, G, B in sextants, minus 2: 3, 1, -1
-    u = h + torch.tensor([3.0, 1.0, -1.0], device=img.device).view(3, 1, 1)  # (B, 3, H, W)
+    u = h + constant((3.0, 1.0, -1.0), img.device, (3, 1, 1))  # (N, 3, H, W)
     u.sub_(torch.round(u / 6).mul_(6)).abs_().clamp_(1, 2)
     return torch.addcmul(maxc.sub_(delta, alpha=2), delta, u)
 
 
-def blur_taps(sigma):
+def blur_taps(sigma, width=None):
     """The taps of Pillow's extended box filter whose 3 passes make a Gaussian of std sigma (Gwosdek et al. 2011):
-    2n + 1 full taps plus a fractional tap a at each end, normalised, each pass of variance sigma^2 / 3."""
+    2n + 1 full taps plus a fractional tap a at each end, normalised, each pass of variance sigma^2 / 3; zeros at
+    both ends up to width taps (the same sums, exactly)."""
     var = sigma * sigma / 3
     n = math.floor((math.sqrt(12 * var + 1) - 1) / 2)
     a = (2 * n + 1) * (n * (n + 1) - 3 * var) / (6 * (var - (n + 1) ** 2))
-    return [w / (2 * n + 1 + 2 * a) for w in [a] + [1.0] * (2 * n + 1) + [a]]
+    pad = [0.0] * ((width or 2 * n + 3) // 2 - n - 1)
+    return pad + [w / (2 * n + 1 + 2 * a) for w in [a] + [1.0] * (2 * n + 1) + [a]] + pad
 
 
-def gaussian_blur(img, sigma):
-    """PIL's GaussianBlur(radius=sigma) per image, sigma (B,): 3 extended box passes per axis, edges replicated; PIL's
+def gaussian_blur(img, taps):
+    """PIL's GaussianBlur per image, taps (N, T) from blur_taps: 3 extended box passes per axis, edges replicated; PIL's
     up to its uint8 rounding between passes (<= 3/255). torchvision's sampled Gaussian blurs far less below 0.7."""
-    taps = [blur_taps(s) for s in sigma.tolist()]
-    r = max(len(t) for t in taps) // 2  # shorter filters get zero taps at both ends: the same sums, exactly
-    taps = torch.tensor([[0.0] * (r - len(t) // 2) + t + [0.0] * (r - len(t) // 2) for t in taps])
-    taps = taps.to(img.device).T.reshape(2 * r + 1, -1, 1, 1, 1)  # (taps, B, 1, 1, 1)
-    for dim, pad in ((3, (r, r, 0, 0)), (2, (0, 0, r, r))):  # (B, C, H, W): along W, then along H
+    if batched_kernels(img.device):
+        return box_passes(img, taps)
+    lead = int(taps.ne(0).any(0).int().argmax())  # taps zero in every row add nothing: a narrower filter on the CPU
+    r = taps.shape[1] // 2 - lead
+    taps = taps[:, lead:taps.shape[1] - lead].T.reshape(-1, len(img), 1, 1, 1)  # (T, N, 1, 1, 1)
+    for dim, pad in ((3, (r, r, 0, 0)), (2, (0, 0, r, r))):  # (N, C, H, W): along W, then along H
         size = img.shape[dim]
         for _ in range(3):
             x = tnf.pad(img, pad, mode='replicate')
@@ -107,19 +133,21 @@ def gaussian_blur(img, sigma):
     return img
 
 
-def solarize(img):
-    return torch.where(img >= 128 / 255, 1 - img, img)  # PIL's solarize(threshold=128) on uint8
+def box_passes(img, taps):
+    """gaussian_blur's passes as depthwise convolutions over the whole batch: 12 launches whatever the batch."""
+    n, c, h, w = img.shape
+    r = taps.shape[1] // 2
+    weight = taps.repeat_interleave(c, 0)  # (N C, T): each image's taps for each of its channels
+    x = img.reshape(1, n * c, h, w)
+    for kernel, pad in ((weight.view(n * c, 1, 1, -1), (r, r, 0, 0)), (weight.view(n * c, 1, -1, 1), (0, 0, r, r))):
+        for _ in range(3):
+            x = tnf.conv2d(tnf.pad(x, pad, mode='replicate'), kernel, groups=n * c)
+    return x.view(n, c, h, w)
 
 
-def grayscale_(img):
-    return img.copy_(grayscale(img).expand_as(img))
-
-
-def flip(img):
-    return img.flip(-1)
-
-
-JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue)  # torchvision's fn_idx order
+def solarize(img, threshold):
+    """PIL's solarize(threshold=128) on uint8 where threshold is 128 / 255; inf leaves an image alone."""
+    return torch.where(img >= threshold, 1 - img, img)
 
 
 # --- Image: random parameters of the views (torchvision's draws, in its order, from one generator) ---
@@ -157,12 +185,15 @@ def crop_box(gen, height, width, scale, ratio=(3 / 4, 4 / 3)):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+BLUR_SIGMA = (0.1, 2.0)  # the strong views' blur radius range (recipe §3.1)
+
+
 def strong_spec(cfg, saturation, blur_prob, solarize_prob):
     """Local view (recipe §3.1): crop R, colour jitter in random order, grayscale, blur, solarize, flip, normalise."""
-    jitter = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-0.1, 0.1))  # JITTER_OPS' factor ranges
+    jitter = ((0.6, 1.4), (0.6, 1.4), (1 - saturation, 1 + saturation), (-0.1, 0.1))  # brightness, contrast, ..., hue
     return dict(size=cfg.local_crop_size, scale=(cfg.strong_min_scale, cfg.strong_max_scale), jitter=jitter,
                 jitter_prob=cfg.color_jitter_prob, gray_prob=cfg.grayscale_prob, blur_prob=blur_prob,
-                sigma=(0.1, 2.0), solarize_prob=solarize_prob, flip_prob=0.5)
+                sigma=BLUR_SIGMA, solarize_prob=solarize_prob, flip_prob=0.5)
 
 
 def strong_specs(cfg):
@@ -187,7 +218,68 @@ def draw_photometric(gen, spec):
                 **{k: torch.tensor(v) for k, v in flags.items()})
 
 
-# --- Image: crops, photometric ops, normalisation ---
+# --- Image: a strong view's draws as columns of numbers, read by the batched photometric ops ---
+# Per view: 6 blend slots of (ratio, mean, grey) weights (blend_), the hue factor, grayscale, flip, solarize's
+# threshold and the blur's taps; a skipped op holds identity values. The jitter's brightness, contrast and saturation,
+# at ranks j = 0, 1, 2 of the drawn order with the hue at place p, take blend slots j + 3 - p: slots 0-2 run before
+# the hue and 3-5 after it, so one hue pass serves all 24 orders, and each view's ops run in its drawn order.
+BLEND_SLOTS = 6
+HUE, GRAY, FLIP, SOLARIZE, TAPS = range(3 * BLEND_SLOTS, 3 * BLEND_SLOTS + 5)
+BLUR_WIDTH = len(blur_taps(BLUR_SIGMA[1]))  # the widest filter of the range: every view's taps padded to it
+IDENTITY = ((1.0, 0.0, 0.0) * BLEND_SLOTS + (0.0, 0.0, 0.0, math.inf)
+            + (0.0,) * (BLUR_WIDTH // 2) + (1.0,) + (0.0,) * (BLUR_WIDTH // 2))
+
+
+def photometric_columns(p):
+    """A strong view's draws (draw_photometric) as the batched ops' columns: a list of len(IDENTITY) floats."""
+    blend, hue = [[1.0, 0.0, 0.0] for _ in range(BLEND_SLOTS)], 0.0
+    if p['jitter']:
+        order, factors = p['order'].tolist(), p['factors'].tolist()
+        at = order.index(3)  # the hue's place
+        for j, op in enumerate(o for o in order if o != 3):
+            blend[j + 3 - at][0] = factors[op]
+            if op:  # contrast (1) blends with the mean luma, saturation (2) with the luma
+                blend[j + 3 - at][op] = 1 - factors[op]
+        hue = factors[3]
+    taps = blur_taps(float(p['sigma']), BLUR_WIDTH) if p['blur'] else IDENTITY[TAPS:]
+    return [w for slot in blend for w in slot] + [hue, float(p['gray']), float(p['flip']),
+                                                 128 / 255 if p['solarize'] else math.inf, *taps]
+
+
+def active_columns(columns):
+    """For each column of (K, N) CPU columns, how many of the N views set it off identity: ops that no view needs are
+    skipped, and ops that every view needs run unmasked."""
+    return columns.ne(constant(IDENTITY, columns.device, (-1, 1))).sum(1).tolist()
+
+
+def finish_strong(img, columns, active):
+    """The strong views' photometric ops, batched: img (N, 3, R, R) float in [0, 1] -> colour jitter in each view's
+    drawn order, grayscale, blur, solarize, flip; columns (K, N) on img's device (photometric_columns), active: their
+    counts of views off identity (active_columns, from a CPU copy: no sync)."""
+    col, n = columns.view(len(columns), -1, 1, 1, 1).unbind(), columns.shape[1]  # K x (N, 1, 1, 1)
+    if any(0 < active[k] < n for k in (HUE, GRAY, FLIP)):  # masks for the ops some views skip
+        on = dict(zip((HUE, GRAY, FLIP), columns[HUE:FLIP + 1].ne(0).view(3, -1, 1, 1, 1).unbind()))
+
+    def masked(k, out, before):  # out where a view asked for the op k, before elsewhere
+        return out if active[k] == n else torch.where(on[k], out, before)
+
+    for slot in range(BLEND_SLOTS):
+        if slot == BLEND_SLOTS // 2 and active[HUE]:
+            img = masked(HUE, adjust_hue(img, col[HUE]), img)
+        weights = [col[i] if active[i] else None for i in range(3 * slot, 3 * slot + 3)]
+        if any(w is not None for w in weights):
+            img = blend_(img, *weights)
+    if active[GRAY]:
+        luma = grayscale(img)
+        img = img.copy_(luma) if active[GRAY] == n else torch.where(on[GRAY], luma, img)
+    if any(active[TAPS:]):
+        img = gaussian_blur(img, columns[TAPS:].T)
+    if active[SOLARIZE]:
+        img = solarize(img, col[SOLARIZE])
+    return masked(FLIP, img.flip(-1), img) if active[FLIP] else img
+
+
+# --- Image: decoding, crops, packing for the step, normalisation ---
 REGION_LIMIT = 2  # --augment_device=cuda ships a sample's region up to 2x its views' pixels (bounds loader memory)
 
 
@@ -220,25 +312,12 @@ def scale_box(box, k):
 
 
 def resized_crop(x, box, size):
-    """(3, H, W) uint8 -> (3, size, size) uint8: the box (top, left, h, w) resized bicubic with antialias; off the CPU
-    by resize_in_float (CUDA has no uint8 antialias kernel)."""
+    """(3, H, W) uint8 -> (3, size, size) uint8 on the CPU: the box (top, left, h, w) resized bicubic with antialias."""
     top, left, h, w = box
     crop = x[None, :, top:top + h, left:left + w]
     if (h, w) == (size, size):
         return crop[0].clone()
-    if x.device.type != 'cpu':
-        return resize_in_float(crop, size)[0]
     return tnf.interpolate(crop, size=(size, size), mode='bicubic', antialias=True, align_corners=False)[0]
-
-
-def resize_in_float(crop, size):
-    """(N, 3, h, w) uint8 -> (N, 3, size, size) uint8 within 2 levels of the CPU's uint8 kernel: width, then height,
-    each pass rounded and clamped (bicubic overshoots at edges: clamping once at the end is up to 30 levels off)."""
-    out = crop.float()
-    for shape in ((crop.shape[-2], size), (size, size)):
-        out = tnf.interpolate(out, size=shape, mode='bicubic', antialias=True, align_corners=False)
-        out = out.round_().clamp_(0, 255)
-    return out.to(torch.uint8)
 
 
 def covering_region(x, boxes):
@@ -248,69 +327,105 @@ def covering_region(x, boxes):
     return x[:, top:bottom, left:right], [(t - top, l - left, h, w) for t, l, h, w in boxes]
 
 
-def pack_images(images):
-    """[(3, H_i, W_i) uint8] -> (pixels (sum of 3 H_i W_i,) uint8, sizes (B, 2)): one tensor for the loader
-    whatever the sizes; each image's bytes in its decoded (H, W, 3) order."""
-    sizes = torch.tensor([img.shape[1:] for img in images])
-    return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in images]), sizes
+def pack_views(images, boxes, columns):
+    """The workers' share of a batch (draw_for_step) in three tensors whatever the image sizes: images [[(3, H, W)
+    uint8] per sample], boxes (B, 1 + A, 5) of (image in its sample, top, left, h, w), columns (B, A, K) -> 'pixels':
+    every image's bytes in (H, W, 3) order, then zeros enough to read any crop's row as a window of the widest crop;
+    'crops' (4, (1 + A) B, 1): each crop's first pixel, row stride (its image's width), h and w; 'photometric' (K, A B).
+    Crops and columns are view-major: view v of sample b at v B + b."""
+    flat = [x for sample in images for x in sample]
+    sizes = torch.tensor([x.shape[1:] for x in flat])  # (M, 2)
+    area = sizes.prod(1)
+    image = boxes[..., 0] + torch.tensor([0] + [len(i) for i in images[:-1]]).cumsum(0)[:, None]  # (B, 1 + A)
+    top, left, h, w = boxes[..., 1:].unbind(-1)
+    width = sizes[image, 1]
+    crops = torch.stack([(area.cumsum(0) - area)[image] + top * width + left, width, h, w])  # (4, B, 1 + A)
+    tail = torch.zeros(3 * int(boxes[..., 3:].max()), dtype=torch.uint8)
+    return {'pixels': torch.cat([x.permute(1, 2, 0).reshape(-1) for x in flat] + [tail]),
+            'crops': crops.transpose(1, 2).reshape(4, -1, 1),
+            'photometric': columns.permute(2, 1, 0).reshape(columns.shape[2], -1)}
 
 
-def unpack_images(pixels, sizes):
-    """pack_images's inverse: views (3, H_i, W_i) of pixels, with a decoded PIL image's strides."""
-    counts = (3 * sizes.prod(1)).tolist()
-    return [p.view(h, w, 3).permute(2, 0, 1) for p, (h, w) in zip(pixels.split(counts), sizes.tolist())]
+def resize_weights(lengths, extent, size):
+    """(..., size, extent) weights of torch's antialiased bicubic resize from each of `lengths` (..., 1) input pixels
+    to size: Keys' cubic (a = -0.5) widened by the scale when shrinking, normalised; zero past each length."""
+    n = lengths[..., None].float()  # (..., 1, 1)
+    scale = n / size
+    support = scale.clamp_min(1)
+    x = torch.arange(0.5, extent, device=n.device)  # input pixel centres
+    t = (x - constant(tuple(i + 0.5 for i in range(size)), n.device, (-1, 1)) * scale).div_(support).abs_()
+    near, far = t * t * (1.5 * t - 2.5) + 1, t.clamp_(max=2)  # Keys' two pieces, |t| < 1 and 1 <= |t| < 2
+    w = torch.where(far < 1, near, -0.5 * (((far - 5) * far + 8) * far - 4))
+    w = torch.where(x < n, w, 0)
+    return w.div_(w.sum(-1, keepdim=True))
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """float32 matmuls in full precision, whatever training set (TF32 on Ampere and later)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision('highest')
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+def resize_crops(pixels, crops, host, size):
+    """(N, 3, size, size) float in [0, 1]: the crops (4, N, 1) of pack_views's pixels, on their device (host: the
+    same on the CPU), resized as resized_crop does; batched off the CPU: each pass (width, then height) one bmm with
+    every crop's weights, rounded and clamped to uint8 levels as the CPU's uint8 kernel rounds (within 2 levels of it:
+    CUDA has no uint8 antialias kernel, and clamping once at the end would be up to 30 levels off at sharp edges)."""
+    if not batched_kernels(pixels.device):  # the CPU's uint8 kernel crop by crop: the workers' own, and faster here
+        return torch.stack([resized_crop(pixels.as_strided((3, h, w), (1, 3 * s, 3), 3 * f), (0, 0, h, w), size)
+                            for f, s, h, w in host[..., 0].T.tolist()]).float().mul_(1 / 255)
+    n, extent = crops.shape[1], int(host[2:].max())
+    first, stride, h, _ = crops.unbind()  # (N, 1) each
+    # (N, P) first pixel of each crop row, rows past h repeating the last (their weights are zero)
+    rows = first + torch.minimum(torch.arange(extent, device=pixels.device), h - 1) * stride
+    x = pixels.unfold(0, 3 * extent, 3)[rows]  # (N, P, 3 P) uint8: every crop row as a window of P pixels
+    x = x.view(n, extent, extent, 3).permute(0, 1, 3, 2).to(torch.float, memory_format=torch.contiguous_format)
+    w_h, w_w = resize_weights(crops[2:], extent, size).unbind()  # (N, size, P): zero past the crop's own h, w
+    with full_fp32_matmul():  # TF32's 10-bit weights would move a pixel by up to 0.1 level, across roundings
+        x = torch.bmm(x.view(n, 3 * extent, extent), w_w.transpose(1, 2)).round_().clamp_(0, 255)  # (N, P * 3, size)
+        x = torch.bmm(w_h, x.view(n, extent, 3 * size)).round_().clamp_(0, 255)  # (N, size, 3 size)
+    return x.view(n, size, 3, size).transpose(1, 2).contiguous().mul_(1 / 255)
+
+
+def to_unit(x):
+    """uint8 -> float in [0, 1]."""
+    return x.float().mul_(1 / 255)
+
+
+def to_uint8(img):
+    """float in [0, 1] -> uint8, rounded."""
+    return img.mul(255).round_().to(torch.uint8)
 
 
 def normalize(x, mean, std):
     """(..., 3, H, W) uint8 -> float scaled to [0, 1], minus mean, over std (torchvision's ToDtype + Normalize)."""
-    return standardize_(x.float().mul_(1 / 255), mean, std)
+    return standardize_(to_unit(x), mean, std)
 
 
 def standardize_(img, mean, std):
-    mean, std = (torch.tensor(v, device=img.device).view(3, 1, 1) for v in (mean, std))
-    return img.sub_(mean).div_(std)
+    return img.sub_(constant(tuple(mean), img.device, (3, 1, 1))).div_(constant(tuple(std), img.device, (3, 1, 1)))
 
 
-def _on_rows(img, rows, fn, *args):
-    """fn on the listed batch rows of img (in place where fn is); args are (B, ...) tensors indexed alike."""
-    if len(rows) == len(img):
-        return fn(img, *args)
-    if rows:
-        i = torch.tensor(rows)
-        img[i.to(img.device)] = fn(img[i.to(img.device)], *(a[i.to(a.device)] for a in args))  # blur's sigma: CPU
-    return img
-
-
-def finish_strong(x, params, mean, std):
-    """(B, 3, R, R) uint8 strong views + their parameters (dict of (B, ...) CPU tensors) -> normalised float views:
-    colour jitter in each view's drawn order, grayscale, blur, solarize, flip; batched, on x's device."""
-    img, dev = x.float().mul_(1 / 255), x.device
-    flags = {k: [i for i, on in enumerate(params[k].tolist()) if on] for k in ('gray', 'blur', 'solarize', 'flip')}
-    factors = params['factors'].to(dev).T.reshape(4, -1, 1, 1, 1)  # (op, B, 1, 1, 1)
-    order = [o if on else None for o, on in zip(params['order'].tolist(), params['jitter'].tolist())]
-    for slot in range(4):  # each view applies the 4 jitter ops in its own random order
-        for op, fn in enumerate(JITTER_OPS):
-            img = _on_rows(img, [i for i, o in enumerate(order) if o and o[slot] == op], fn, factors[op])
-    img = _on_rows(img, flags['gray'], grayscale_)
-    img = _on_rows(img, flags['blur'], gaussian_blur, params['sigma'])
-    img = _on_rows(img, flags['solarize'], solarize)
-    return standardize_(_on_rows(img, flags['flip'], flip), mean, std)
-
-
+# --- Image: the views ---
 def view_sizes(cfg):
     """Output sizes of the views, weak first then the A strong ones: [S, R, ..., R]."""
     return [cfg.image_size] + [spec['size'] for spec in strong_specs(cfg)]
 
 
 class ImageViews:
-    """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A), all cut from one decoded image, every random
-    draw from torch generator gen (torch's default one if None)."""
+    """views(pil_img, gen) -> (weak (3, S, S), [strong (3, R, R)] * A) uint8, all cut from one decoded image, every
+    random draw from torch generator gen (torch's default one if None)."""
 
     def __init__(self, cfg):
         self.weak = dict(size=cfg.image_size, scale=(cfg.weak_min_scale, 1.0))  # recipe §3.1: crop, normalise
         self.strong = strong_specs(cfg)
         self.sizes = view_sizes(cfg)
-        self.mean, self.std = cfg.image_mean, cfg.image_std
+        self.background = cfg.alpha_background
 
     def draw_boxes(self, img, gen=None):
         """(x (3, H, W) uint8, boxes [(top, left, h, w)] * (1 + A), [strong params] * A), every draw made: boxes drawn
@@ -323,7 +438,7 @@ class ImageViews:
             boxes.append(crop_box(gen, height, width, spec['scale']))
             params.append(draw_photometric(gen, spec))
         k = draft(img, boxes, self.sizes)
-        x = v2.functional.pil_to_tensor(to_rgb(img))  # (3, H / k, W / k) uint8, shared by every view
+        x = v2.functional.pil_to_tensor(to_rgb(img, self.background))  # (3, H / k, W / k) uint8, for every view
         return x, [scale_box(box, k) for box in boxes], params
 
     def draw(self, img, gen=None):
@@ -334,38 +449,68 @@ class ImageViews:
 
     def draw_for_step(self, img, gen=None):
         """--augment_device=cuda's worker share, cropped by the step: (images, boxes (1 + A, 5) of (image, top, left, h,
-        w), [strong params] * A); images: the region of all boxes or, past REGION_LIMIT x the views' size, the views."""
+        w), photometric columns (A, K)); images: the region of all boxes or, past REGION_LIMIT x the views' size, the
+        views."""
         x, boxes, params = self.draw_boxes(img, gen)
+        columns = torch.tensor([photometric_columns(p) for p in params]).reshape(-1, len(IDENTITY))
         region, inside = covering_region(x, boxes)
         if region[0].numel() <= REGION_LIMIT * sum(size * size for size in self.sizes):
-            return [region], torch.tensor([(0, *box) for box in inside]), params
+            return [region], torch.tensor([(0, *box) for box in inside]), columns
         views = [resized_crop(x, box, size) for box, size in zip(boxes, self.sizes)]
-        return views, torch.tensor([(i, 0, 0, size, size) for i, size in enumerate(self.sizes)]), params
+        return views, torch.tensor([(i, 0, 0, size, size) for i, size in enumerate(self.sizes)]), columns
 
     def __call__(self, img, gen=None):
+        """(weak, [strong] * A) uint8, the step normalises them (finish_views): each strong view's photometric ops run
+        in float, then round to uint8 (<= 0.5 / 255 off; torchvision on PIL images rounds after every op)."""
         weak, strong, params = self.draw(img, gen)
-        one = [{k: v[None] for k, v in p.items()} for p in params]  # batches of one view
-        return (normalize(weak[None], self.mean, self.std)[0],
-                [finish_strong(s[None], p, self.mean, self.std)[0] for s, p in zip(strong, one)])
+        finished = []
+        for x, p in zip(strong, params):
+            columns = torch.tensor(photometric_columns(p))[:, None]  # (K, 1): a batch of one view
+            finished.append(to_uint8(finish_strong(to_unit(x[None]), columns, active_columns(columns))[0]))
+        return weak, finished
 
 
 def finish_views(batch, cfg, device):
-    """The step's (weak, [strong] * A) on device; with --augment_device=cuda from draw_for_step's pixels (pack_images),
-    boxes and parameters: crops per view, then the photometric ops and normalisation batched, as ImageViews does."""
+    """The step's normalised (weak, [strong] * A) on device: from the workers' uint8 views or, with
+    --augment_device=cuda, from pack_views's pixels, crops and photometric columns, as ImageViews makes them. Batched:
+    the same ops whatever the batch size, and only the batch's own tensors (pinned by the loader) cross to the device,
+    without blocking."""
+    stats = cfg.image_mean, cfg.image_std
     if cfg.augment_device != 'cuda':
-        return batch['weak'].to(device, non_blocking=True), [s.to(device, non_blocking=True) for s in batch['strong']]
-    images = unpack_images(batch['pixels'].to(device, non_blocking=True), batch['image_sizes'])
-    boxes = batch['boxes'].tolist()  # (B, 1 + A, 5): (image in the batch, top, left, h, w)
-    weak, *strong = (torch.stack([resized_crop(images[b[v][0]], b[v][1:], size) for b in boxes])
-                     for v, size in enumerate(view_sizes(cfg)))  # (B, 3, S, S) uint8 per view
-    return (normalize(weak, cfg.image_mean, cfg.image_std),
-            [finish_strong(s, p, cfg.image_mean, cfg.image_std) for s, p in zip(strong, batch['strong_params'])])
+        weak, *strong = (normalize(x.to(device, non_blocking=True), *stats) for x in (batch['weak'], *batch['strong']))
+        return weak, strong
+    pixels, crops, columns = (batch[k].to(device, non_blocking=True) for k in ('pixels', 'crops', 'photometric'))
+    host, n = batch['crops'], len(batch['tokens'])
+    if cfg.num_augs == 0 or cfg.image_size == cfg.local_crop_size:  # one resize for all the views
+        views = resize_crops(pixels, crops, host, cfg.image_size)
+        weak, strong = views[:n], views[n:]
+    else:
+        weak = resize_crops(pixels, crops[:, :n], host[:, :n], cfg.image_size)
+        strong = resize_crops(pixels, crops[:, n:], host[:, n:], cfg.local_crop_size)
+    if cfg.num_augs == 0:
+        return standardize_(weak, *stats), []
+    strong = finish_strong(strong, columns, active_columns(batch['photometric']))
+    return standardize_(weak, *stats), list(standardize_(strong, *stats).split(n))
+
+
+class ToRGB:
+    """to_rgb onto a given background, as a transform whose repr names it (the probe's feature cache keys on the
+    transform's repr)."""
+
+    def __init__(self, background):
+        self.background = tuple(map(int, background))
+
+    def __call__(self, img):
+        return to_rgb(img, self.background)
+
+    def __repr__(self):
+        return f'ToRGB(background={self.background})'
 
 
 def eval_transform(cfg):
     """Validation transform (recipe §3.1): resize the short side to S (bilinear), centre crop S, normalise."""
     return v2.Compose([
-        v2.Lambda(to_rgb),
+        ToRGB(cfg.alpha_background),
         v2.PILToTensor(),
         v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
         v2.CenterCrop(cfg.image_size),

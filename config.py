@@ -1,18 +1,20 @@
-"""One source of truth for every setting: a flat dataclass, presets, and the --key=value parser; and the
-mechanisms every command shares: the atomic file writer, the process-group set-up and the checkpoint home.
+"""One source of truth for every setting: a flat dataclass (its method fields declared by model.METHODS' rows),
+presets, and the --key=value parser; and the plumbing every command shares: one-line errors (UserError, run_cli),
+the atomic file writer and the process-group set-up. Checkpoints live with training (train.py) and with reading
+them (evaluate.py); the model's weights in and out, with the model (model.py).
 
 Precedence: dataclass default < model preset < dataset recipe < method preset < explicit flag.
 Paper recipes follow recipe §5.1 (Fini et al., TMLR 2023, "CLIP 🚀").
 """
-import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
+import glob
+import importlib.metadata
 import json
 import math
 import os
-import pathlib
-import pickle
 import re
 import shutil
 import sys
@@ -33,9 +35,10 @@ def _f(default, help):
 
 
 @dataclass
-class Config:
+class SharedConfig:
+    """The settings every method shares; Config (below) adds each method's own hyperparameters (its row's params)."""
     # --- presets ---
-    dataset: str = _f('demo', 'dataset recipe: demo, cc3m, cc12m, yfcc15m, merged29m, csv, wds')
+    dataset: str = _f('demo', 'data format (a row of data.READERS) and its recipe (RECIPES), if it has one')
     model: str = _f('tiny', 'model preset: ' + ', '.join(['tiny', 'resnet50', 'vit_s16', 'vit_s16_12h',
                                                          'vit_s32', 'vit_b32', 'vit_b16', 'vit_l16', 'vit_l14']))
     method: str = _f('rocket', 'objective: ' + ', '.join(METHODS))
@@ -63,38 +66,24 @@ class Config:
     # --- model: heads ---
     embed_dim: int = _f(64, 'joint embedding dimension (256 in the paper)')
     mlp_hidden_dim: int = _f(512, 'hidden width of the local MLP projectors (4096 in the paper)')
-    barlip_hidden_dim: int = _f(3000, 'BarLIP projector hidden width')
-    barlip_proj_dim: int = _f(8192, 'BarLIP projector output width')
-    siamlip_hidden_dim: int = _f(2048, 'SiamLIP/BYOLIP projector and predictor hidden width')
-    siamlip_proj_dim: int = _f(128, 'SiamLIP/BYOLIP projector output width')
     logit_scale_init: float = _f(math.log(1 / 0.07), 'initial log logit scale of the global CLIP loss')
     l2l_logit_scale_init: float = _f(math.log(1 / 0.1), 'initial log logit scale of the local loss')
-    logit_bias_init: float = _f(-10.0, 'initial logit bias of the SigLIP terms (siglip, rocket_siglip)')
     logit_scale_max: float = _f(100.0, 'logit scales are clamped to [1, this] after every step')
 
     # --- objective ---
     num_augs: int = _f(2, 'A: strong image/caption views per sample (0 = plain CLIP)')
-    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) contrastive pairs; the global '
-                                     'pair never has it, except with --method=clip, where it applies to '
-                                     'the only (global) term')
-    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image terms: "
-                                    "sum doubles every contrastive term, plain CLIP's too (not the SigLIP, SLIP, "
-                                    "BarLIP, SiamLIP or SwALIP terms)")
+    label_smoothing: float = _f(0.1, 'label smoothing of the local (strong-view) InfoNCE pairs; the global pair '
+                                     'never has it, except where it is the only InfoNCE term (plain CLIP)')
+    loss_reduction: str = _f('avg', "'avg' (half the sum) or 'sum' of the image->text and text->image InfoNCE "
+                                    "terms: sum doubles every InfoNCE term, plain CLIP's too (no other loss)")
     gather_with_grad: bool = _f(True, 'with several ranks, the full gradient through gathered embeddings (false = '
-                                      'the paper: constants); also scales BarLIP\'s gradient: W ranks x the paper\'s '
-                                      'when true; SLIP\'s SimCLR and the SigLIP terms always gather with gradient')
-    slip_scale: float = _f(1.0, 'weight of the SLIP SimCLR loss')
-    slip_temperature: float = _f(0.1, 'temperature of the SLIP SimCLR loss')
-    barlip_lambda: float = _f(5e-3, 'BarLIP off-diagonal weight')
-    barlip_scale: float = _f(0.025, 'BarLIP loss scale')
-    momentum_tau: float = _f(0.99, 'EMA rate of the BYOLIP momentum model')
-    swalip_weight: float = _f(0.2, 'weight of the SwALIP swapped-prediction loss')
-    sk_epsilon: float = _f(0.05, 'Sinkhorn-Knopp entropy epsilon (SwALIP)')
-    sk_iters: int = _f(3, 'Sinkhorn-Knopp iterations (SwALIP)')
+                                      'the paper: constants; recipe §2.1)')
 
     # --- image augmentation ---
-    image_size: int = _f(64, 'global (weak) crop and evaluation size (224 in the paper)')
-    local_crop_size: int = _f(64, 'strong (local) crop size (224; 192 for the 29M recipe)')
+    image_size: int = _f(64, 'global (weak) crop and evaluation size (the model preset\'s: 64 for tiny, 224 for the '
+                             'others; the paper recipes: 224)')
+    local_crop_size: int = _f(64, 'strong (local) crop size (the model preset\'s: 64 for tiny, 224 for the others; the '
+                                  'paper recipes: 224, 192 for merged29m)')
     weak_min_scale: float = _f(0.5, 'RandomResizedCrop min scale of the weak view')
     strong_min_scale: float = _f(0.08, 'RandomResizedCrop min scale of the strong views')
     strong_max_scale: float = _f(1.0, 'RandomResizedCrop max scale of the strong views')
@@ -103,11 +92,14 @@ class Config:
     blur_prob: float = _f(0.5, 'probability of Gaussian blur (sigma in [0.1, 2]) on strong views')
     solarize_prob: float = _f(0.0, 'probability of solarize on strong views')
     byol_augment: bool = _f(False, 'asymmetric BYOL strong pipelines (needs num_augs=2)')
-    augment_device: str = _f('cpu', "where the views' crops, the strong views' colour, blur, flip and all "
-                             "normalisation run: cpu (data workers, per sample) or cuda (the training device, "
-                             "batched; workers decode, draw and send the uint8 pixels the crops cover)")
+    augment_device: str = _f('cpu', "where the views' crops and the strong views' colour, blur and flip run: cpu "
+                             "(data workers, per sample; they send uint8 views) or cuda (the training device, "
+                             "batched; workers decode, draw and send the uint8 pixels the crops cover); the "
+                             "training device normalises either way")
     image_mean: list = _f([0.485, 0.456, 0.406], 'normalisation mean (ImageNet statistics)')
     image_std: list = _f([0.229, 0.224, 0.225], 'normalisation std (ImageNet statistics)')
+    alpha_background: list = _f([255, 255, 255], 'R,G,B (0-255) that transparent pixels are composited onto, in '
+                                                  'training and evaluation (default white)')
     # --- text augmentation ---
     remove_stopwords_prob: float = _f(0.8, 'probability of stopword removal (weak and strong captions)')
     text_augment: bool = _f(True, 'apply one EDA operation to each strong caption')
@@ -120,7 +112,7 @@ class Config:
 
     # --- data ---
     root: str = _f('', 'image root directory (or three joined by --- for merged29m)')
-    metadata: str = _f('', 'metadata file: .npy (cc3m/cc12m), .pkl (yfcc15m), .csv/.tsv (csv), shard pattern (wds)')
+    metadata: str = _f('', "metadata file or shard pattern, as --dataset's row of data.READERS expects")
     bpe_path: str = _f('', 'BPE merges file (CLIP format, .txt or .txt.gz); required but for the demo dataset')
     caption_sampling: str = _f('single', "'single' (one caption for all views) or 'multi' (each view draws)")
     csv_image_key: str = _f('filepath', 'CSV column of image paths')
@@ -154,13 +146,15 @@ class Config:
     beta2: float = _f(0.98, 'AdamW beta2')
     eps: float = _f(1e-8, 'AdamW epsilon')
     update_freq: int = _f(1, 'gradient accumulation micro-steps per optimizer step')
-    precision: str = _f('auto', 'auto (bf16 on supported GPUs, fp32 on CPU), fp32, bf16 or fp16')
+    precision: str = _f('auto', 'auto (bf16 on GPUs with native bf16, fp16 + GradScaler on older ones, fp32 on CPU), '
+                                'fp32, bf16 or fp16')
     grad_checkpointing: bool = _f(False, 'recompute activations in the backward pass to save memory')
     channels_last: bool = _f(False, 'channels_last memory format for the ResNet')
     compile: bool = _f(False, 'torch.compile the model')
 
     # --- evaluation ---
-    eval_datasets: str = _f('', 'comma-separated zero-shot sets (empty = demo tasks for demo, else imagenet)')
+    eval_datasets: str = _f('', 'comma-separated zero-shot sets, folder:PATH for an ImageFolder of your own (empty: '
+                                'the demo tasks for demo data, else imagenet under --data_root)')
     data_root: str = _f('', 'root of the evaluation datasets')
     eval_batch_size: int = _f(256, 'evaluation batch size')
     eval_every: int = _f(1, 'zero-shot evaluation every N epochs (0 = never during training)')
@@ -193,21 +187,51 @@ class Config:
         return validate(cls(**{k: v for k, v in d.items() if k in known}))
 
 
+def method_params():
+    """{name: Param} of every row's own hyperparameters, once each; a param that a shared field or another row
+    declares otherwise, or whose default lies outside its bound, stops the import."""
+    params, shared = {}, {f.name for f in fields(SharedConfig)}
+    for method, row in METHODS.items():
+        for p in row.params:
+            first = params.setdefault(p.name, p)
+            if p.name in shared or first != p or not in_bound(p.default, p.bound):
+                raise TypeError(f"model.METHODS[{method!r}]: {p} names a shared field, or differs from {first} of "
+                                f"another row, or its default is outside its bound")
+    return params
+
+
+def in_bound(value, bound):
+    """Whether value lies in the interval `bound`, written '[0, 1]', '(0, inf)', ..."""
+    low, high = map(float, bound[1:-1].split(','))
+    return (low <= value if bound[0] == '[' else low < value) and (value <= high if bound[-1] == ']' else value < high)
+
+
+# the settings: the shared fields, then every method's own (a row of model.METHODS adds its flags without edits here)
+PARAMS = method_params()
+Config = dataclasses.make_dataclass('Config', [(p.name, type(p.default), _f(p.default, p.help))
+                                               for p in PARAMS.values()],
+                                    bases=(SharedConfig,), namespace={'__module__': __name__})  # so pickle finds it
+
+
 # --- presets ---
-_TEXT_512 = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096)
-MODELS = {
+# the paper's text tower, heads and image size (recipe §5.1)
+_SIZES = dict(text_width=512, text_heads=8, text_layers=12, embed_dim=256, mlp_hidden_dim=4096, image_size=224,
+              local_crop_size=224)
+MODELS = {  # image sizes live here: a model keeps its own unless a flag or a paper recipe sets one
     # tiny trains on a laptop CPU in minutes on the demo data; 16-pixel patches (a 4x4 grid at 64 px) learn its
-    # shapes far faster than 8-pixel ones (a supervised probe: 93% against 24% after 200 steps)
+    # shapes far faster than 8-pixel ones (a supervised probe: 93% against 24% after 200 steps); GELU in both towers,
+    # so that open_clip, whose one quick_gelu switch sets both of its towers, loads its export
     'tiny': dict(vision='vit', vision_width=128, vision_layers=4, vision_heads=4, patch_size=16,
-                 text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512),
-    'resnet50': dict(vision='resnet50', **_TEXT_512),
-    'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_TEXT_512),
-    'vit_s16_12h': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
-    'vit_s32': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=32, **_TEXT_512),
-    'vit_b32': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=32, **_TEXT_512),
-    'vit_b16': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, **_TEXT_512),
-    'vit_l16': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=16, **_TEXT_512),
-    'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_TEXT_512),
+                 text_width=128, text_heads=4, text_layers=3, embed_dim=64, mlp_hidden_dim=512, text_act='gelu',
+                 image_size=64, local_crop_size=64),
+    'resnet50': dict(vision='resnet50', **_SIZES),
+    'vit_s16': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=16, **_SIZES),
+    'vit_s16_12h': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=12, patch_size=16, **_SIZES),
+    'vit_s32': dict(vision='vit', vision_width=384, vision_layers=12, vision_heads=6, patch_size=32, **_SIZES),
+    'vit_b32': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=32, **_SIZES),
+    'vit_b16': dict(vision='vit', vision_width=768, vision_layers=12, vision_heads=12, patch_size=16, **_SIZES),
+    'vit_l16': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=16, **_SIZES),
+    'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_SIZES),
 }
 
 # recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather. The
@@ -229,23 +253,24 @@ RECIPES = {
     'yfcc15m': dict(_PAPER, text_dropout=0.0, loss_reduction='sum', clean_before_augment=True),
     'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
                       loss_reduction='sum', clean_before_augment=True),
-    # your own data with the paper's optimisation settings (lr 3e-3 ...), so with the batch they were tuned for
-    'csv': dict(image_size=224, local_crop_size=224, global_batch=PAPER_BATCH, chunk=128),
-    'wds': dict(image_size=224, local_crop_size=224, global_batch=PAPER_BATCH, chunk=128),
-}
-DATASETS = tuple(RECIPES)
+}  # formats without a row here (csv, wds) take the defaults and the model preset's image size
 PAPER_RECIPES = ('cc3m', 'cc12m', 'yfcc15m', 'merged29m')  # the start line warns when one runs at another batch
 
 
 def dataset_recipe(dataset, model, method):
-    """The paper's settings for a dataset; a method's row may add to them, for any model or for one (recipe §5.1)."""
+    """A dataset's recipe, if it has one; a method's row may add to it, for any model or for one (recipe §5.1)."""
     extra = METHODS[method].recipes
-    return {**RECIPES[dataset], **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
+    return {**RECIPES.get(dataset, {}), **extra.get((dataset, None), {}), **extra.get((dataset, model), {})}
+
+
+# recipe §8.1: a method that never looks at strong views trains without them, stopword removal, EDA and smoothing
+PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False, label_smoothing=0.0)
 
 
 def method_preset(method):
-    """Settings a method implies (its row's preset and fixed settings)."""
-    return {**METHODS[method].preset, **METHODS[method].fixed}
+    """Settings a method implies: PLAIN for a row that never looks at strong views, then its preset and fixed ones."""
+    row = METHODS[method]
+    return {**(PLAIN if row.views is None else {}), **row.preset, **row.fixed}
 
 
 # --- parsing ---
@@ -304,7 +329,7 @@ def run_cli(main_fn, argv=None):
     try:
         return main_fn(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        rank = int(os.environ.get('RANK', '0'))
+        rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))  # torchrun's, else srun's task
         if rank == 0 or not getattr(e, 'every_rank', False):
             message = ' '.join(str(e).split())  # always one line
             print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
@@ -313,6 +338,12 @@ def run_cli(main_fn, argv=None):
             sys.stdout.flush()
             os._exit(e.exit_code)  # tearing a gloo process group down at interpreter exit can abort (SIGABRT)
         sys.exit(e.exit_code)
+
+
+def first_line(e, limit=160):
+    """An exception's first line, cut at a word boundary."""
+    line = (str(e).strip().splitlines() or [''])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
 
 
 def _convert(name, raw):
@@ -381,7 +412,6 @@ def _check(cond, msg):
 
 def validate(cfg):
     """Range and choice checks; raises ConfigError with one line naming the field."""
-    _check(cfg.dataset in DATASETS, f"--dataset={cfg.dataset}: choose one of {', '.join(DATASETS)}")
     _check(cfg.model in MODELS, f"--model={cfg.model}: choose one of {', '.join(MODELS)}")
     _check(cfg.method in METHODS, f"--method={cfg.method}: choose one of {', '.join(METHODS)}")
     for name, choices in CHOICES.items():
@@ -390,13 +420,12 @@ def validate(cfg):
                f"--{name}={value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
-    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout',
-                 'slip_scale', 'barlip_lambda', 'barlip_scale', 'swalip_weight', 'bad_sample_threshold',
-                 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'max_image_pixels'):
+    for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout', 'max_image_pixels',
+                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size',
                  'local_crop_size', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width',
-                 'text_heads', 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'sk_iters', 'keep_last',
+                 'text_heads', 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'keep_last',
                  'max_nonfinite', 'log_every'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
@@ -416,20 +445,25 @@ def validate(cfg):
         _check(cfg.vision == 'vit' or getattr(cfg, name) == 0,
                f"--{name}={getattr(cfg, name)} applies to the ViT only: set it to 0 for --vision={cfg.vision}")
     for name in ('remove_stopwords_prob', 'color_jitter_prob', 'grayscale_prob', 'blur_prob', 'solarize_prob',
-                 'momentum_tau', 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
+                 'weak_min_scale', 'strong_min_scale', 'strong_max_scale'):
         _check(0 <= getattr(cfg, name) <= 1, f"--{name}={getattr(cfg, name)}: must be in [0, 1]")
     _check(cfg.strong_min_scale <= cfg.strong_max_scale,
            f"--strong_min_scale={cfg.strong_min_scale} is above --strong_max_scale={cfg.strong_max_scale}")
     _check(cfg.synonym_prob + cfg.swap_prob + cfg.deletion_prob + cfg.identity_prob > 0 or not cfg.text_augment,
            "--text_augment needs one of synonym/swap/deletion/identity_prob > 0")
-    _check(cfg.sk_epsilon > 0, f"--sk_epsilon={cfg.sk_epsilon}: must be > 0")
-    _check(cfg.slip_temperature > 0, f"--slip_temperature={cfg.slip_temperature}: must be > 0")
+    for name, param in PARAMS.items():  # every method's own, whichever method runs
+        _check(in_bound(getattr(cfg, name), param.bound), f"--{name}={getattr(cfg, name)}: must be in {param.bound}")
     _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
+    _check(len(cfg.alpha_background) == 3 and all(v == int(v) and 0 <= v <= 255 for v in cfg.alpha_background),
+           f"--alpha_background={','.join(f'{v:g}' for v in cfg.alpha_background)}: give three integers 0-255 "
+           f"(R,G,B), e.g. 255,255,255 (white) or 0,0,0 (black)")
     method = METHODS[cfg.method]
     for name, value in method.fixed.items():
         _check(getattr(cfg, name) == value, f"--method={cfg.method} needs --{name}={value:g} (it trains only with it)")
+    _check(method.views is not None or cfg.num_augs == 0,
+           f"--method={cfg.method} never encodes strong views: set --num_augs=0")
     _check(method.views is None or cfg.num_augs >= method.views,
            f"--method={cfg.method} needs --num_augs >= {method.views} (it uses the strong views)")
     _check(not cfg.byol_augment or cfg.num_augs == 2, "--byol_augment needs --num_augs=2")
@@ -443,38 +477,46 @@ def validate(cfg):
     return cfg
 
 
+# automatic loader workers per GPU at most: the official code's 10 (recipe §4.4). At ~200 samples/s a worker (CPU
+# views, 224 px; bench/README.md) they feed ~2,000 samples/s, above a GPU's rocket step; more only fill /dev/shm
+MAX_AUTO_WORKERS = 10
+
+
 def cpu_split(workers, threads, device_type, local_world_size=1):
     """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the cores it may use, never
-    more in all: on a GPU the workers take all but one core, on a CPU one worker per 4 cores feeds the threads."""
+    more in all: on a GPU the workers take all but one core (at most MAX_AUTO_WORKERS), on a CPU one worker per 4
+    cores feeds the threads."""
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     if workers < 0:
-        workers = 0 if cores == 1 else cores - 1 if device_type == 'cuda' else max(1, cores // 4)
+        workers = 0 if cores == 1 else min(cores - 1, MAX_AUTO_WORKERS) if device_type == 'cuda' else max(1, cores // 4)
     if threads <= 0:
         threads = max(1, cores - workers)
     return workers, threads
 
 
-def help_text(cfg=None):
+def help_text(cfg=None, datasets=()):
     """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
     cfg = cfg or Config()
     lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
              f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method}, "
              f"{cfg.global_batch // cfg.batch_size} process(es) (WORLD_SIZE) and the flags given:"]
     for f in fields(Config):
-        lines.append(f"  --{f.name:<24} {f.metadata['help']} (here: {getattr(cfg, f.name)})")
+        choices = f": {', '.join(datasets)}" if f.name == 'dataset' and datasets else ''
+        lines.append(f"  --{f.name:<24} {f.metadata['help']}{choices} (here: {getattr(cfg, f.name)})")
     lines.append('')
-    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(DATASETS)}) < method < flag")
+    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag")
     return '\n'.join(lines)
 
 
-def resolve(flags, verbose=True):
-    """Build a Config from explicit flags ({key: raw string}) with presets filled in underneath them."""
+def resolve(flags, verbose=True, datasets=None):
+    """Build a Config from explicit flags ({key: raw string}) with presets filled in underneath them. datasets: the
+    names --dataset accepts, data.READERS (the command passes them: config cannot import data); None: any."""
     values = {k: _convert(k, v) for k, v in flags.items()}
     base = Config()
     dataset, method = values.get('dataset', base.dataset), values.get('method', base.method)
-    _check(dataset in DATASETS, f"--dataset={dataset}: choose one of {', '.join(DATASETS)}")
+    _check(datasets is None or dataset in datasets, f"--dataset={dataset}: choose one of {', '.join(datasets or ())}")
     _check(method in METHODS, f"--method={method}: choose one of {', '.join(METHODS)}")
-    recipe = dataset_recipe(dataset, values.get('model', RECIPES[dataset].get('model', base.model)), method)
+    recipe = dataset_recipe(dataset, values.get('model', RECIPES.get(dataset, {}).get('model', base.model)), method)
     model = values.get('model', recipe.get('model', base.model))
     _check(model in MODELS, f"--model={model}: choose one of {', '.join(MODELS)}")
     layers = [(f'model preset {model}', MODELS[model]), (f'dataset recipe {dataset}', recipe),
@@ -506,16 +548,17 @@ def split_batch(global_batch, explicit, world):
     return {'batch_size': global_batch // world}
 
 
-def parse_args(argv=None):
-    """Parse --key=value flags into a Config; bad input exits with status 2 and one line."""
+def parse_args(argv=None, datasets=None):
+    """Parse --key=value flags into a Config (datasets: see resolve); bad input exits with status 2 and one line."""
     argv = sys.argv[1:] if argv is None else argv
     rank0 = int(os.environ.get('RANK', '0')) == 0  # under torchrun every rank parses the same flags: rank 0 speaks
     try:
         if '-h' in argv or '--help' in argv:  # the values the other flags resolve to: presets included
             if rank0:
-                print(help_text(resolve(_split_flags([a for a in argv if a not in ('-h', '--help')]), False)))
+                flags = _split_flags([a for a in argv if a not in ('-h', '--help')])
+                print(help_text(resolve(flags, False, datasets), datasets or ()))
             sys.exit(0)
-        return resolve(_split_flags(argv), verbose=rank0)
+        return resolve(_split_flags(argv), rank0, datasets)
     except ConfigError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
@@ -562,40 +605,6 @@ def atomic_write(path, write, size=None):
         os.close(fd)
 
 
-# --- Processes ---
-def setup_distributed(cfg):
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU) and split the cores between loader workers and
-    torch threads (cfg.workers, cfg.threads); returns (rank, world_size, device). Used by training and evaluation."""
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    if cfg.device == 'cpu' or (cfg.device == 'auto' and not torch.cuda.is_available()):
-        device = torch.device('cpu')
-    elif not torch.cuda.is_available():
-        raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
-    elif cfg.device.startswith('cuda:') and world_size == 1:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
-    # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
-    cfg.workers, cfg.threads = cpu_split(cfg.workers, cfg.threads, device.type,
-                                         int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-    torch.set_num_threads(cfg.threads)
-    if world_size > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                device_id=device if device.type == 'cuda' else None)
-    return rank, world_size, device
-
-
-# --- Checkpoints ---
-# One file format for training, resume, evaluation and import: a dict with 'format': FORMAT, the run's 'config',
-# the 'model' weights and the tokenizer's 'bpe_merges'; train.py adds the optimizer, scaler, RNG and data position.
-FORMAT = 'rocket-clip/1'
-STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # TMP_NAME of a checkpoint whose save was killed
-
-
 def atomic_save(obj, path):
     """torch.save through atomic_write: a crash at any moment leaves the old file or the new one."""
     atomic_write(path, lambda f: torch.save(obj, f), tensor_bytes(obj))
@@ -611,408 +620,115 @@ def tensor_bytes(obj):
     return sum(map(tensor_bytes, items))
 
 
-def save_checkpoint(ckpt, output_dir, keep_last):
-    """checkpoint.pt and a step-numbered copy in output_dir, keeping the last keep_last copies; a full disk raises
-    one line saying what still loads."""
-    out, step, saved = Path(output_dir), ckpt['step'], False
-    try:
-        atomic_save(ckpt, out / 'checkpoint.pt')
-        saved = True
-
-        def copy_into(f):
-            with open(out / 'checkpoint.pt', 'rb') as src:
-                shutil.copyfileobj(src, f, 1 << 24)
-        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
-        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
-        atomic_write(out / f'checkpoint_{step:08d}.pt', copy_into, os.path.getsize(out / 'checkpoint.pt'))
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
-                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
-        raise UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
-                        f"--resume=auto") from None
-    for old in sorted(out.glob('checkpoint_*.pt'))[:-keep_last]:
-        old.unlink()
-
-
-def find_resume(out, resume):
-    """The checkpoint that --resume names (auto: out/checkpoint.pt if there is one), or None to start fresh."""
-    if resume == 'auto':
-        numbered = sorted(out.glob('checkpoint_*.pt'))
-        if not (out / 'checkpoint.pt').exists() and numbered:  # starting over would delete them
-            raise UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
-                            f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
-        return out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
-    if resume and not Path(resume).is_file():
-        raise UserError(f"--resume={resume}: no such checkpoint; give a checkpoint.pt path or auto")
-    return Path(resume) if resume else None
+# --- Processes ---
+def setup_distributed(cfg):
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU) and split the cores between loader workers and
+    torch threads (cfg.workers, cfg.threads); returns (rank, world_size, device). Used by training and evaluation."""
+    check_launcher()
+    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = pick_device(cfg, world_size)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision('high')  # TF32 for fp32 matmuls on Ampere and later
+    elif world_size > 1 and cfg.device == 'auto' and rank == 0:
+        print(f"warning: {world_size} processes on the CPU (gloo): no CUDA device here; pass --device=cpu if that is "
+              f"meant", file=sys.stderr, flush=True)
+    # never oversubscribe the cores: loader workers + torch threads fit this rank's share of them
+    cfg.workers, cfg.threads = cpu_split(cfg.workers, cfg.threads, device.type,
+                                         int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    torch.set_num_threads(cfg.threads)
+    if world_size > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                device_id=device if device.type == 'cuda' else None)
+    return rank, world_size, device
 
 
-def _describe(obj):
-    """A few words on what a non-rocket-clip checkpoint file holds."""
-    if not isinstance(obj, dict):
-        return f"a {type(obj).__name__}"
-    if 'format' in obj:
-        return f"format={obj['format']!r}"
-    if obj and all(torch.is_tensor(v) for v in obj.values()):
-        return f"a raw state_dict of {len(obj)} tensors (e.g. {next(iter(obj))!r})"
-    return f"a dict with keys {sorted(map(str, obj))[:6]}"
+def check_launcher():
+    """Refuse SLURM tasks started without torchrun (`srun python train.py`): each would be a lone rank 0 on GPU 0,
+    all writing one output dir. Said once, by task 0."""
+    tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', 1)))
+    if 'RANK' not in os.environ and 'SLURM_PROCID' in os.environ and tasks > 1:
+        raise UserError(f"{tasks} SLURM tasks started this command without torchrun (srun python ...): each would "
+                        f"run alone on GPU 0 into the same output dir; start one torchrun per node instead: srun "
+                        f"--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... (README, Training)", every_rank=True)
 
 
-def read_checkpoint(path, overrides=None, defaults=None):
-    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
-    (import_checkpoint); missing, corrupt or foreign files raise one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
-    try:
-        ckpt = load_weights_file(path)
-    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
-        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
-            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
-                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
-                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
-                from None
-        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first_line(e)}); "
-                        f"re-copy it or pick another epoch") from None
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
-        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
-    return ckpt
-
-
-def read_resume(path):
-    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
-    try:
-        return read_checkpoint(path)
-    except (ValueError, UserError) as e:  # read_checkpoint's one-line refusals
-        error = e
-    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
-        try:
-            step = read_checkpoint(numbered)['step']
-        except (ValueError, UserError):
-            continue
-        if numbered.resolve() != Path(path).resolve():
-            raise UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
-                            f"from it with --resume={numbered}") from None
-    raise UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
-                    f"or another --output_dir") from None
-
-
-def first_line(e, limit=160):
-    """An exception's first line, cut at a word boundary."""
-    line = (str(e).strip().splitlines() or [''])[0]
-    return line if len(line) <= limit else line[:limit].rsplit(' ', 1)[0] + ' ...'
-
-
-IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
-                'guess_heads')
-CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
-
-
-def import_overrides(flags):
-    """The IMPORT_FLAGS among flags, typed as the Config fields they set; a bad value raises ConfigError."""
-    out = {k: _convert(k, flags[k]) for k in IMPORT_FLAGS if k in flags and k != 'guess_heads'}
-    for k in ('image_mean', 'image_std'):
-        _check(len(out.get(k, 'abc')) == 3, f"--{k}={flags.get(k)}: expected three comma-separated numbers, "
-                                              f"e.g. 0.485,0.456,0.406")
-    if 'guess_heads' in flags:
-        out['guess_heads'] = flags['guess_heads'].lower() in ('', 'true', '1')
-    return out
-
-
-def open_clip_config(path):
-    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
-    head counts, activations and image statistics; {} when there is none."""
-    config = Path(path).parent / 'open_clip_config.json'
-    if not config.is_file():
-        return {}
-    try:
-        found = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"open_clip config {config} is unreadable ({type(e).__name__}); give a JSON file") from None
-    model_cfg, preprocess = (found.get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
-    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
-    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
-    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
-                  vision_act=act, text_act=act)
-    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
-    return fields
-
-
-def import_checkpoint(obj, path, overrides=None, defaults=None):
-    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory, and one line saying what was found;
-    overrides (IMPORT_FLAGS) beat what is found, defaults give the head counts of a file without a model name."""
-    try:
-        imported = convert_weights(obj)
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
-    if imported is None:
-        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
-                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
-    overrides, arch = dict(overrides or {}), imported['arch']
-    guess = overrides.pop('guess_heads', False)
-    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
-    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
-    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
-    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
-    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
-    missing = [k for k in heads if k not in fields]
-    if missing:
-        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
-                         f"its head counts are unknown (no shape shows them): pass "
-                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
-    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
-    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
-                         Path(CLIP_BPE)) if p.is_file()]
-    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
-    dataset = getattr(args, 'dataset', None)
-    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in DATASETS else 'csv'})
-    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
-              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
-              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
-    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
-             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
-             if cfg.vision == 'vit' else 'ResNet-50')
-    local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
-    projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
-    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
-    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
-            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
-            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
-            f"{source}")
-    if any(k not in {**overrides, **beside} for k in imported['assumed']):
-        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
-                "--text_act=gelu)"
-    if imported['ignored']:
-        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
-    if int(os.environ.get('RANK', 0)) == 0:
-        print(line)
-    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
-            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
-
-
-# Released weights.
-# The checkpoints of SLIP and CLIP 🚀 (their main.py's dict: an `args` Namespace and a DDP state_dict) and open_clip
-# state dicts of OpenAI-architecture ViTs, renamed onto this model. Widths and depths come from the tensors; head
-# counts, which no shape shows, from the official builder named in args.model (for open_clip files: the caller's).
-OFFICIAL_HEADS = {  # (format, backbone in args.model) -> (vision heads, text heads) of the official builders
-    ('slip', 'VITS16'): (12, 8), ('slip', 'VITB16'): (12, 8), ('slip', 'VITL16'): (16, 8),  # SLIP's ViT-S: 12 heads
-    ('rocket', 'R50'): (None, 8), ('rocket', 'VITS16MOCO'): (12, 8), ('rocket', 'VITS16'): (6, 8),
-    ('rocket', 'VITS32'): (6, 8), ('rocket', 'VITB32'): (12, 8), ('rocket', 'VITB16'): (12, 8),
-    ('rocket', 'VITL16'): (16, 8),
-}
-OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-_MLP_INDEX = {'layer1': 0, 'bn1': 1, 'layer2': 3, 'bn2': 4, 'layer3': 6}  # official 3-layer MLP names -> mlp()
-_RENAMES = [  # (pattern, replacement), applied in turn to every key: the official name -> ours
-    (r'^visual\.cls_token$', 'visual.class_embedding'), (r'^visual\.pos_embed$', 'visual.positional_embedding'),
-    (r'^visual\.patch_embed\.proj\.', 'visual.conv1.'), (r'^visual\.blocks\.', 'visual.transformer.resblocks.'),
-    (r'^visual\.norm\.', 'visual.ln_post.'), (r'\.norm1\.', '.ln_1.'), (r'\.norm2\.', '.ln_2.'),
-    (r'\.attn\.qkv\.', '.attn.in_proj.'), (r'\.attn\.proj\.', '.attn.out_proj.'),
-    (r'\.attn\.in_proj_(weight|bias)$', r'.attn.in_proj.\1'),
-    (r'\.mlp\.fc1\.', '.mlp.c_fc.'), (r'\.mlp\.fc2\.', '.mlp.c_proj.'),
-    (r'^(text\.)?(token_embedding|positional_embedding|transformer|ln_final)\b', r'text.\2'),
-    (r'^image_projector\.', 'image_heads.z.'), (r'^text_projector\.', 'text_heads.z.'),
-    (r'^l2l_image_projector\.', 'image_heads.h.'), (r'^l2l_text_projector\.', 'text_heads.h.'),
-    (r'^image_mlp\.', 'slip_image.'),
-    (r'^(image_heads\.h|text_heads\.h|slip_image)\.(layer[123]|bn[12])\.', lambda m: f'{m[1]}.{_MLP_INDEX[m[2]]}.'),
-    # CLIP 🚀's non-contrastive heads: the '_global' modules (the '_local' ones are the same modules unless
-    # --separate-proj-child, which this model does not have)
-    (r'^barlip_(image|text)_projector_global\.', r'barlip_\1.'),
-    (r'^siamlip_(image|text)_projector_global\.0\.', r'siam_proj_\1.'),
-    (r'^siamlip_(image|text)_projector_global\.1\.', r'siam_proj_\1.4.'),  # the affine-free last BN
-    (r'^image_text_predictor_global\.', 'siam_pred_image.'), (r'^text_image_predictor_global\.', 'siam_pred_text.'),
-]
-_CORE = ('visual.', 'text.', 'image_heads.', 'text_heads.', 'logit_scale', 'l2l_logit_scale')
-_EXTRA = ('slip_image.', 'barlip_image.', 'barlip_text.', 'siam_proj_', 'siam_pred_')
-
-
-def load_weights_file(path):
-    """torch.load(weights_only=True) admitting only the argparse.Namespace (and the pathlib paths inside it) that
-    SLIP and CLIP 🚀 save as `args`: an explicit allow-list, never a full unpickle."""
-    allowed = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
-    if pathlib.PosixPath.__module__ != 'pathlib':  # Python 3.13 moved it; older files name it pathlib.PosixPath
-        allowed += [(pathlib.PosixPath, 'pathlib.PosixPath'), (pathlib.WindowsPath, 'pathlib.WindowsPath')]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _rename(key):
-    for pattern, replacement in _RENAMES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def _count(state, prefix):
-    """Number of blocks under prefix (keys prefix + '<i>.')."""
-    return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
-
-
-def _source_format(sd):
-    """'slip', 'rocket' or 'open_clip' from the keys; None for an unknown dict; raises for unsupported models."""
-    if 'visual.attnpool.positional_embedding' in sd:
-        raise ValueError("OpenAI's modified ResNet-50 (attention pooling) is out of scope: only OpenAI's ViTs and "
-                         "CLIP 🚀's standard ResNet-50 are supported")
-    if 'token_embedding.weight' not in sd and 'text.token_embedding.weight' not in sd:
-        if 'image_mlp.layer1.weight' in sd:
-            raise ValueError("a SLIP SimCLR checkpoint: an image tower without text tower or projection, so no "
-                             "zero-shot classifier; use one of SLIP's CLIP or SLIP files")
-        return None
-    if 'image_projection' in sd:
-        return 'slip'
-    if 'image_projector.weight' in sd or 'image_projector.layer1.weight' in sd:
-        return 'rocket'
-    if 'visual.proj' in sd and 'visual.class_embedding' in sd:
-        return 'open_clip'
-    return None
-
-
-def _arch(fmt, name, state, extra):
-    """(Config fields of the weights, the fields among them that are assumed, where the head counts come from)."""
-    text_width = state['text.ln_final.weight'].shape[0]
-    arch = dict(text_width=text_width, text_layers=_count(state, 'text.transformer.resblocks.'),
-                context_length=state['text.positional_embedding'].shape[0],
-                embed_dim=state['image_heads.z.weight'].shape[0], method='clip', num_augs=0)
-    if 'visual.class_embedding' in state:
-        width, _, patch, _ = state['visual.conv1.weight'].shape
-        size = math.isqrt(state['visual.positional_embedding'].shape[1] - 1) * patch
-        arch.update(vision='vit', vision_width=width, vision_layers=_count(state, 'visual.transformer.resblocks.'),
-                    patch_size=patch, image_size=size, local_crop_size=size,
-                    vit_style='openai' if fmt == 'open_clip' else 'timm')
+def pick_device(cfg, world_size):
+    """This process's device: the CPU, or its rank's GPU (--device=cuda:N for one process). One line, instead of a
+    silent CPU run or a crash at the first kernel, where NVIDIA GPUs are here but this PyTorch cannot use them."""
+    if cfg.device == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        if nvidia_devices():
+            raise UserError(no_cuda_message(cfg.device), every_rank=True)
+        if cfg.device != 'auto':
+            raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
+        return torch.device('cpu')
+    if cfg.device.startswith('cuda:') and world_size == 1:
+        device = torch.device(cfg.device)
     else:
-        arch.update(vision='resnet50', image_size=224, local_crop_size=224)
-    if 'image_heads.h.0.weight' in state:
-        arch.update(method='rocket', num_augs=2, mlp_hidden_dim=state['image_heads.h.0.weight'].shape[0])
-    elif 'slip_image.0.weight' in extra:
-        arch['mlp_hidden_dim'] = extra['slip_image.0.weight'].shape[0]
-    if fmt == 'open_clip':  # OpenAI's weights were trained with QuickGELU, some LAION ones with GELU: not in the file
-        arch.update(image_mean=OPENAI_MEAN, image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
-        return arch, ['vision_act', 'text_act'], None  # nor are the head counts: no name, no shape shows them
-    arch.update(vision_act='gelu', text_act='quickgelu')
-    backbone = name.split('_')[1] if name and '_' in name else None
-    heads = OFFICIAL_HEADS.get((fmt, backbone))
-    if heads is None:
-        return arch, [], None
-    if heads[0] is not None and arch['vision'] == 'vit':
-        arch['vision_heads'] = heads[0]
-    arch['text_heads'] = heads[1]
-    return arch, [], f"the official builder {name}"
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    major, minor = torch.cuda.get_device_capability(device)
+    if not has_kernels((major, minor), torch.cuda.get_arch_list()):
+        raise UserError(f"GPU {device.index} ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) has no "
+                        f"kernels in torch {torch.__version__} (CUDA {torch.version.cuda}: "
+                        f"{' '.join(torch.cuda.get_arch_list())}); install PyTorch's CUDA 12 build, which has them: "
+                        f"{cuda12_install()}; or pass --device=cpu", every_rank=True)
+    return device
 
 
-def convert_weights(obj):
-    """A released checkpoint in our names: {format, name, epoch, arch (its Config fields), assumed, heads_from, state,
-    extra (method heads), ignored (keys left out)}; None for a foreign dict, ValueError for an unsupported model."""
-    if not isinstance(obj, dict):
+def nvidia_devices():
+    """The NVIDIA GPU device files here (/dev/nvidia0, ...): there whenever a driver runs the GPUs, usable or not."""
+    return sorted(glob.glob('/dev/nvidia[0-9]*'))
+
+
+def nvidia_driver(path='/proc/driver/nvidia/version'):
+    """The version of the NVIDIA kernel driver loaded here ('535.104.05'), or None."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
         return None
-    wrapped = isinstance(obj.get('state_dict'), dict)  # main.py's dict (or open_clip's) around the state_dict
-    sd = obj['state_dict'] if wrapped else obj
-    if not sd:
-        return None
-    if all(k.startswith('module.') for k in sd):  # saved from a DistributedDataParallel model
-        sd = {k[len('module.'):]: v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}  # OpenAI's
-    if not all(torch.is_tensor(v) for v in sd.values()):
-        return None
-    fmt = _source_format(sd)
-    if fmt is None:
-        return None
-    if 'image_projector.layer1.weight' in sd:
-        raise ValueError("a CLIP 🚀 checkpoint with MLP global projectors (--clip-proj-type mlp), which this model "
-                         "does not have; only the paper's linear ones are supported")
-    state, ignored = {}, []
-    for key, value in sd.items():
-        if key in ('image_projection', 'visual.proj', 'text_projection', 'text.text_projection'):
-            # used as x @ P: our Linear weight is P^T
-            state['text_heads.z.weight' if 'text' in key else 'image_heads.z.weight'] = value.t()
-            continue
-        new = _rename(key)
-        if new.startswith(_CORE + _EXTRA):
-            state[new] = value
-        else:
-            ignored.append(key)
-    if fmt == 'open_clip':  # class token (D,) and position embedding (L, D) -> ours, with batch axes
-        state['visual.class_embedding'] = state['visual.class_embedding'].reshape(1, 1, -1)
-        state['visual.positional_embedding'] = state['visual.positional_embedding'].unsqueeze(0)
-    if state.get('image_heads.h.weight') is not None:  # a linear local head
-        if 'l2l_logit_scale' in state:
-            raise ValueError("a CLIP 🚀 checkpoint with linear local projectors (--cl2l-img-proj-type linear), "
-                             "which this model does not have; only the paper's MLP ones are supported")
-        # without --separate-proj the local head is the global one, saved a second time: keep it once
-        ignored += [k for k in sd if k.startswith('l2l_')]
-        state = {k: v for k, v in state.items() if not k.startswith(('image_heads.h.', 'text_heads.h.'))}
-    extra = {k: state.pop(k) for k in list(state) if k.startswith(_EXTRA)}
-    name = getattr(obj.get('args'), 'model', None)
-    arch, assumed, heads_from = _arch(fmt, name, state, extra)
-    return {'format': fmt, 'name': name, 'epoch': obj.get('epoch') if wrapped else None, 'arch': arch,
-            'assumed': assumed, 'heads_from': heads_from, 'state': state, 'extra': extra, 'ignored': ignored}
+    found = re.search(r'Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)', text)
+    return found[1] if found else None
 
 
-# Export to open_clip.
-# The inverse of the import renames: every plain rename of _RENAMES (a literal name, no group) turned around gives
-# timm's ViT names from ours, so one table serves both ways. open_clip's own towers keep OpenAI's names.
-_INVERSE = [(re.escape(new).join(['^' * p.startswith('^'), '$' * p.endswith('$')]), p.strip('^$').replace('\\.', '.'))
-            for p, new in reversed(_RENAMES) if isinstance(new, str) and '\\' not in new
-            and re.escape(p.strip('^$').replace('\\.', '.')) == p.strip('^$')]  # literal renames only
-_PACKED_QKV = (r'\.attn\.in_proj\.(weight|bias)$', r'.attn.in_proj_\1')  # open_clip's nn.MultiheadAttention
-# (width, layers, heads, patch, image size) of our timm-style ViT -> timm's registered ViT of that shape
-TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224): 'vit_small_patch16_224',
-             (384, 12, 6, 32, 224): 'vit_small_patch32_224', (768, 12, 12, 16, 224): 'vit_base_patch16_224',
-             (768, 12, 12, 32, 224): 'vit_base_patch32_224', (1024, 24, 16, 16, 224): 'vit_large_patch16_224'}
+def has_kernels(capability, arch_list):
+    """Whether a build for arch_list ('sm_75', 'compute_90', ...) runs on a GPU of capability (major, minor): a
+    binary of the same major and a minor at most the GPU's, or PTX of a capability at most the GPU's."""
+    for arch in arch_list:
+        kind, _, number = arch.partition('_')
+        digits = re.match(r'\d+', number)
+        if digits:
+            built = divmod(int(digits[0]), 10)  # sm_86 -> (8, 6), sm_120 -> (12, 0)
+            if kind == 'sm' and built[0] == capability[0] and built[1] <= capability[1] or \
+                    kind == 'compute' and built <= tuple(capability):
+                return True
+    return False
 
 
-def _timm_name(key):
-    """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
-    for pattern, replacement in _INVERSE:
-        key = re.sub(pattern, replacement, key)
-    return key
+# PyTorch's CUDA 12.6 wheels: they run on NVIDIA drivers from R525 on and hold V100 (sm_70) kernels
+CUDA12_INDEX = 'https://download.pytorch.org/whl/cu126'
 
 
-def _vision_tower(cfg, state):
-    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
-    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
-    visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
-    head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
-    if cfg.vision == 'resnet50':  # our names are timm's
-        vision_cfg = dict(timm_model_name='resnet50', timm_pool='avg', timm_proj='linear', image_size=cfg.image_size)
-        return vision_cfg, {**{f'trunk.{k}': v for k, v in visual.items()}, **head}
-    shape = (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.patch_size, cfg.image_size)
-    if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' and shape in TIMM_VITS:
-        vision_cfg = dict(timm_model_name=TIMM_VITS[shape], timm_pool='token', timm_proj='linear',
-                          image_size=cfg.image_size)
-        return vision_cfg, {**{'trunk.' + _timm_name(f'visual.{k}')[len('visual.'):]: v for k, v in visual.items()},
-                            **head}
-    if cfg.vision_act != cfg.text_act:  # open_clip's quick_gelu sets both of its own towers
-        timm = f"; timm's shapes {sorted(TIMM_VITS.values())} export through its timm tower" \
-            if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' else ''
-        raise ValueError(f"--vision_act={cfg.vision_act} with --text_act={cfg.text_act}: open_clip's own ViT takes "
-                         f"the text tower's activation{timm}")
-    out = {re.sub(*_PACKED_QKV, k): v for k, v in visual.items() if k != 'conv1.bias'}
-    out['class_embedding'] = visual['class_embedding'].reshape(-1)  # (1, 1, D) -> (D,)
-    out['positional_embedding'] = visual['positional_embedding'][0].clone()  # (1, 1+N, D) -> (1+N, D)
-    if 'conv1.bias' in visual:  # open_clip's patch conv has no bias: it is a constant on every patch position
-        out['positional_embedding'][1:] += visual['conv1.bias']
-    out['proj'] = state['image_heads.z.weight'].t()  # used as x @ proj
-    vision_cfg = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                      layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads)
-    if cfg.vit_style == 'timm':
-        vision_cfg.update(no_ln_pre=True, norm_kwargs={'eps': 1e-6})
-    return vision_cfg, out
+def cuda12_install():
+    """The pip command that installs this torch and torchvision release as PyTorch's CUDA 12.6 build."""
+    pins = []
+    for package in ('torch', 'torchvision'):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            pins.append(f"{package}=={importlib.metadata.version(package).split('+')[0]}")
+    return f"pip install {' '.join(pins)} --index-url {CUDA12_INDEX}"
 
 
-def export_open_clip(cfg, state, vocab_size):
-    """Our weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, modules left out: every head but z
-    has no place in open_clip's CLIP); ValueError for a model open_clip cannot represent exactly."""
-    vision_cfg, visual = _vision_tower(cfg, state)
-    text = {re.sub(*_PACKED_QKV, k[len('text.'):]): v for k, v in state.items() if k.startswith('text.')}
-    out = {**{f'visual.{k}': v for k, v in visual.items()}, **text,
-           'text_projection': state['text_heads.z.weight'].t(), 'logit_scale': state['logit_scale']}
-    model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.text_act == 'quickgelu', vision_cfg=vision_cfg,
-                     text_cfg=dict(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
-                                   heads=cfg.text_heads, layers=cfg.text_layers))
-    preprocess_cfg = dict(size=cfg.image_size, mode='RGB', mean=list(cfg.image_mean), std=list(cfg.image_std),
-                          interpolation='bilinear', resize_mode='shortest', fill_color=0)
-    left_out = sorted({'.'.join(k.split('.')[:2 if k.startswith(('image_heads.', 'text_heads.')) else 1])
-                       for k in state if k != 'logit_scale'
-                       and not k.startswith(('visual.', 'text.', 'image_heads.z.', 'text_heads.z.'))})
-    return model_cfg, preprocess_cfg, {k: v.contiguous() for k, v in out.items()}, left_out
+def no_cuda_message(flag):
+    """Why CUDA is not usable although NVIDIA devices are here, and the fix."""
+    devices, driver = nvidia_devices(), nvidia_driver()
+    found = f"{len(devices)} NVIDIA GPU(s) are here ({devices[0]}" + (', ...)' if len(devices) > 1 else ')')
+    if torch.version.cuda is None:
+        cause = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA "
+                 f"driver than {f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or "
+                 f"later, CUDA 12 R525)")
+    return (f"--device={flag}: {found} but this PyTorch cannot use them: {cause}; install PyTorch's CUDA 12 build: "
+            f"{cuda12_install()}; or pass --device=cpu to run on the CPU")

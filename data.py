@@ -9,7 +9,9 @@ import dataclasses
 import functools
 import gc
 import gzip
+import hashlib
 import heapq
+import inspect
 import io
 import itertools
 import json
@@ -23,6 +25,7 @@ import signal
 import struct
 import sys
 import tarfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,8 +35,8 @@ import regex
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from augment import ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_images
-from config import ConfigError, UserError, atomic_write, parse_flags, run_cli
+from augment import REGION_LIMIT, ImageViews, TextViews, UnreadableImage, clean_text, eval_transform, pack_views
+from config import RECIPES, ConfigError, UserError, atomic_write, first_line, parse_flags, run_cli
 
 
 # --- BPE tokenizer ---
@@ -284,7 +287,7 @@ def checkpoint_merges(bpe_path):
     return gzip.compress(merges_text(load_merges(Path(bpe_path or DEMO_BPE_PATH).expanduser())), mtime=0)
 
 
-# --- Readers ---
+# --- Images ---
 # everything a corrupt or missing image, archive or caption raises while being read
 BAD_SAMPLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZipFile, tarfile.TarError,
               Image.DecompressionBombError)
@@ -297,7 +300,10 @@ def open_image(data, max_pixels=0):
     # decoded here, so that a bad file fails now, except an upright JPEG: the views decode it at the DCT scale their
     # crops allow (augment.draft) and raise UnreadableImage there. Deviation from recipe §4.1 (truncated JPEGs
     # allowed): a truncated image is a bad sample, skipped and counted.
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        if max_pixels:  # the budget decides (fit_pixels): PIL's DecompressionBombWarning at 89M pixels would repeat it
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         fit_pixels(img, max_pixels)
     if img.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag
@@ -320,194 +326,6 @@ def fit_pixels(img, max_pixels):
 def load_image(path, max_pixels=0):
     """open_image of a file: the one decode of training and evaluation."""
     return open_image(Path(path).read_bytes(), max_pixels)
-
-
-class FileReader:
-    """Images stored as files: load(i) -> (image, captions) of root / paths[i], from compact metadata arrays."""
-
-    def __init__(self, root, arrays, max_pixels=0):
-        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
-        self.paths = Strings(arrays, 'paths')
-
-    def __len__(self):
-        return len(self.captions)
-
-    def load(self, i):
-        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
-
-
-class YfccReader(FileReader):
-    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
-    non-empty ones of (title, description)."""
-
-    def __init__(self, root, arrays, max_pixels=0):
-        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
-        self.ids = arrays['ids']
-
-    def load(self, i):
-        name = f'{int(self.ids[i]):08d}'
-        data = read_zip_member(self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg')
-        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
-
-
-class MergedReader:
-    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
-
-    def __init__(self, readers):
-        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
-
-    def __len__(self):
-        return self.starts[-1]
-
-    def load(self, i):
-        k = bisect.bisect_right(self.starts, i) - 1
-        return self.readers[k].load(i - self.starts[k])
-
-
-def metadata_arrays(cfg, parse, *how):
-    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached
-    by how it is read (cached_arrays); an error while parsing is one line naming the file and the format."""
-    path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
-    check_format(path, cfg)
-
-    def build():
-        try:
-            return parse(path)
-        except UserError:
-            raise
-        except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
-            raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
-    return cached_arrays(path, cfg.output_dir, [cfg.dataset, *how], build)
-
-
-def read_npy(cfg, key):
-    """CC3M ('image_id') or CC12M ('image_name'): a .npy object array of dicts {key: image path, 'captions': [...]}."""
-    def parse(path):
-        meta = np.load(path, allow_pickle=True)
-        return {**Strings.arrays('paths', [str(d[key]) for d in meta]),
-                **CaptionLists.arrays('captions', [d['captions'] for d in meta])}
-    arrays = metadata_arrays(cfg, parse)
-    return FileReader(existing(cfg.root, 'root', 'the folder holding the images'), arrays, cfg.max_image_pixels)
-
-
-def read_yfcc(cfg):
-    """YFCC15M: a pickled list of (image_id, title, description)."""
-    def parse(path):
-        with open(path, 'rb') as f:
-            items = pickle.load(f)
-        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
-                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
-            raise bad_format(cfg, 'entries are not (int, str, str) triples')
-        ids = np.asarray([t[0] for t in items], np.int64)
-        ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
-        return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
-    arrays = metadata_arrays(cfg, parse)
-    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
-                      cfg.max_image_pixels)
-
-
-def read_csv(cfg):
-    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
-    keys, suffix = (cfg.csv_image_key, cfg.csv_caption_key), Path(cfg.metadata).suffix.lower()
-
-    def parse(path):
-        try:
-            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
-                rows = csv.reader(f, delimiter='\t' if suffix == '.tsv' else ',')
-                header = next(rows, [])
-                missing = [k for k in keys if k not in header]
-                if missing:
-                    raise bad_format(cfg, f"no column {missing[0]!r} among {header}")
-                a, b = map(header.index, keys)
-                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
-        except UnicodeDecodeError as e:
-            raise bad_format(cfg, f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") from None
-        return {**Strings.arrays('paths', [r[0] for r in rows]),
-                **CaptionLists.arrays('captions', [r[1] for r in rows])}
-    arrays = metadata_arrays(cfg, parse, *keys, suffix)
-    root = existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else \
-        Path(cfg.metadata).expanduser().parent
-    return FileReader(root, arrays, cfg.max_image_pixels)
-
-
-MERGED = ('cc3m', 'cc12m', 'yfcc15m')  # the parts of merged29m, in the order of its --metadata and --root values
-
-
-def read_merged(cfg):
-    """Merged 29M (recipe §8.21): the readers of its parts, each read as its own row, concatenated."""
-    metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
-    if len(metadata) != len(MERGED) or len(roots) != len(MERGED):
-        raise ConfigError(f"--dataset={cfg.dataset} needs {len(MERGED)} --metadata and {len(MERGED)} --root values "
-                          f"joined by '---', in the order {'---'.join(MERGED)}")
-    return MergedReader([READERS[part].read(dataclasses.replace(cfg, dataset=part, metadata=m, root=r))
-                         for part, m, r in zip(MERGED, metadata, roots)])
-
-
-def read_shards(cfg, rank=0, world_size=1):
-    """Shard paths and sample counts of the brace pattern cfg.metadata (under --root), checked before any
-    worker starts."""
-    pattern, expects = str(Path(cfg.root) / cfg.metadata) if cfg.root else cfg.metadata, READERS[cfg.dataset].expects
-    if not cfg.metadata:
-        raise ConfigError(f"--metadata is empty; give {expects}")
-    shards = expand_braces(pattern)
-    stats, missing = [], []
-    for s in shards:
-        try:
-            stats.append(os.stat(s))
-        except OSError:
-            missing.append(s)
-    if missing:
-        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
-                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected {expects}")
-    check_format(shards[0], cfg, f'shard {shards[0]} of --metadata={cfg.metadata}')
-    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
-    if sum(counts) == 0:
-        raise bad_format(cfg, 'no readable tar members')
-    workers = max(1, cfg.workers)
-    if len(shards) < world_size * workers:
-        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
-                          f"lower --workers or write more shards")
-    return shards, counts
-
-
-# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions)); a streamed
-# format's read(cfg, rank, world_size) -> (shard paths, sample counts) for TarShards. `expects` says what
-# --metadata must be (in every format error), `kinds` what sniff may find it to be, `vocabulary` the merges
-# used when --bpe_path is empty. A new format: its read function and a row here (and a recipe in config.RECIPES).
-Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
-READERS = {
-    # the demo's reader is defined with the demo, below: the lambda looks it up when called
-    'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
-                   vocabulary=DEMO_BPE_PATH),
-    'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
-                   "{'image_id': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
-    'cc12m': Reader(functools.partial(read_npy, key='image_name'), "a .npy object array of dicts "
-                    "{'image_name': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
-    # pickles of protocol 0 are text, of protocol 1 binary
-    'yfcc15m': Reader(read_yfcc, "a pickled list of (image_id: int, title: str, description: str), images in "
-                      "--root/images/XX/YYY.zip", {'pickle', 'text', 'latin', 'binary'}),
-    'merged29m': Reader(read_merged, f"the {', '.join(MERGED)} metadata joined by '---'", ()),
-    'csv': Reader(read_csv, "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key "
-                  "columns", {'text'}),
-    'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
-                  "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
-}
-
-
-def build_reader(cfg):
-    """The map-style reader of cfg.dataset's row; bad paths or metadata raise one line before any worker starts."""
-    reader = READERS[cfg.dataset].read(cfg)
-    if len(reader) == 0:
-        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
-    errors = []
-    for i in range(min(len(reader), 16)):
-        try:
-            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
-            return reader
-        except BAD_SAMPLE as e:
-            errors.append(e)
-    raise ConfigError(f"none of the first {len(errors)} samples of --metadata={cfg.metadata} is readable "
-                      f"({errors[-1]!r}); check --root={cfg.root}")
 
 
 # --- Format checks ---
@@ -840,6 +658,213 @@ def write_index(index, files):
     return file
 
 
+# --- Readers ---
+class FileReader:
+    """Images stored as files: load(i) -> (image, captions) of root / paths[i], from compact metadata arrays."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.paths = Strings(arrays, 'paths')
+
+    def __len__(self):
+        return len(self.captions)
+
+    def load(self, i):
+        return load_image(self.root / self.paths[i], self.max_pixels), self.captions[i]
+
+    def name(self, i):
+        return str(self.root / self.paths[i])
+
+
+class YfccReader(FileReader):
+    """YFCC15M (recipe §4.1): id XXYYYZZZ is member ZZZ.jpg of root/images/XX/YYY.zip; the captions are the
+    non-empty ones of (title, description)."""
+
+    def __init__(self, root, arrays, max_pixels=0):
+        self.root, self.max_pixels, self.captions = Path(root), max_pixels, CaptionLists(arrays, 'captions')
+        self.ids = arrays['ids']
+
+    def load(self, i):
+        data = read_zip_member(*self.member(i))
+        return open_image(data, self.max_pixels), tuple(c for c in self.captions[i] if c) or ('',)
+
+    def member(self, i):
+        name = f'{int(self.ids[i]):08d}'
+        return self.root / 'images' / name[:2] / f'{name[2:5]}.zip', f'{name[5:]}.jpg'
+
+    def name(self, i):
+        return '{}:{}'.format(*self.member(i))
+
+
+class MergedReader:
+    """Concatenation of readers through a precomputed offset table (recipe §8.21)."""
+
+    def __init__(self, readers):
+        self.readers, self.starts = readers, [0, *np.cumsum([len(r) for r in readers]).tolist()]
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def load(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].load(i - self.starts[k])
+
+    def name(self, i):
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.readers[k].name(i - self.starts[k])
+
+
+def metadata_arrays(cfg, parse, *how):
+    """The arrays {name: array} parse(path) makes of --metadata, once it exists and looks like its format, cached by
+    how it is read and the code reading it (cached_arrays); a parse error is one line naming the file and format."""
+    path = existing(cfg.metadata, 'metadata', READERS[cfg.dataset].expects)
+    check_format(path, cfg)
+
+    def build():
+        try:
+            return parse(path)
+        except UserError:
+            raise
+        except Exception as e:  # unpickling or parsing foreign data can raise almost any exception type
+            raise bad_format(cfg, f'{type(e).__name__}: {e}') from None
+    code = ''.join(inspect.getsource(getattr(f, 'func', f)) for f in (READERS[cfg.dataset].read, parse))
+    return cached_arrays(path, cfg.output_dir, [cfg.dataset, hashlib.sha256(code.encode()).hexdigest(), *how], build)
+
+
+def read_npy(cfg, key):
+    """CC3M ('image_id') or CC12M ('image_name'): a .npy object array of dicts {key: image path, 'captions': [...]}."""
+    def parse(path):
+        meta = np.load(path, allow_pickle=True)
+        return {**Strings.arrays('paths', [str(d[key]) for d in meta]),
+                **CaptionLists.arrays('captions', [d['captions'] for d in meta])}
+    arrays = metadata_arrays(cfg, parse)
+    return FileReader(existing(cfg.root, 'root', 'the folder holding the images'), arrays, cfg.max_image_pixels)
+
+
+def read_yfcc(cfg):
+    """YFCC15M: a pickled list of (image_id, title, description)."""
+    def parse(path):
+        with open(path, 'rb') as f:
+            items = pickle.load(f)
+        if not isinstance(items, (list, tuple, np.ndarray)) or not all(
+                isinstance(t, (list, tuple)) and len(t) == 3 and isinstance(t[0], (int, np.integer)) for t in items):
+            raise bad_format(cfg, 'entries are not (int, str, str) triples')
+        ids = np.asarray([t[0] for t in items], np.int64)
+        ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
+        return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
+    arrays = metadata_arrays(cfg, parse)
+    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
+                      cfg.max_image_pixels)
+
+
+def read_csv(cfg):
+    """(image path, caption) rows; ',' or tab separated by extension; paths relative to --root or the file."""
+    keys, suffix = (cfg.csv_image_key, cfg.csv_caption_key), Path(cfg.metadata).suffix.lower()
+
+    def parse(path):
+        try:
+            with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a BOM (Excel) is not a column name
+                rows = csv.reader(f, delimiter='\t' if suffix == '.tsv' else ',')
+                header = next(rows, [])
+                missing = [k for k in keys if k not in header]
+                if missing:
+                    raise bad_format(cfg, f"no column {missing[0]!r} among {header}")
+                a, b = map(header.index, keys)
+                rows = [(r[a] if a < len(r) else '', r[b] if b < len(r) else None) for r in rows if r]
+        except UnicodeDecodeError as e:
+            raise bad_format(cfg, f"not UTF-8 text: {e.reason} in {e.object[e.start:e.start + 8]!r}") from None
+        return {**Strings.arrays('paths', [r[0] for r in rows]),
+                **CaptionLists.arrays('captions', [r[1] for r in rows])}
+    arrays = metadata_arrays(cfg, parse, *keys, suffix)
+    root = existing(cfg.root, 'root', 'the folder holding the images') if cfg.root else \
+        Path(cfg.metadata).expanduser().parent
+    return FileReader(root, arrays, cfg.max_image_pixels)
+
+
+MERGED = ('cc3m', 'cc12m', 'yfcc15m')  # the parts of merged29m, in the order of its --metadata and --root values
+
+
+def read_merged(cfg):
+    """Merged 29M (recipe §8.21): the readers of its parts, each read as its own row, concatenated."""
+    metadata, roots = cfg.metadata.split('---'), cfg.root.split('---')
+    if len(metadata) != len(MERGED) or len(roots) != len(MERGED):
+        raise ConfigError(f"--dataset={cfg.dataset} needs {len(MERGED)} --metadata and {len(MERGED)} --root values "
+                          f"joined by '---', in the order {'---'.join(MERGED)}")
+    return MergedReader([READERS[part].read(dataclasses.replace(cfg, dataset=part, metadata=m, root=r))
+                         for part, m, r in zip(MERGED, metadata, roots)])
+
+
+def read_shards(cfg, rank=0, world_size=1):
+    """Shard paths and sample counts of the brace pattern cfg.metadata (under --root), checked before any
+    worker starts."""
+    pattern, expects = str(Path(cfg.root) / cfg.metadata) if cfg.root else cfg.metadata, READERS[cfg.dataset].expects
+    if not cfg.metadata:
+        raise ConfigError(f"--metadata is empty; give {expects}")
+    shards = expand_braces(pattern)
+    stats, missing = [], []
+    for s in shards:
+        try:
+            stats.append(os.stat(s))
+        except OSError:
+            missing.append(s)
+    if missing:
+        raise UserError(f"--metadata={cfg.metadata}: the pattern {pattern} matches {len(stats)} files, "
+                        f"{len(missing)} of {len(shards)} shards not found (e.g. {missing[0]}); expected {expects}")
+    check_format(shards[0], cfg, f'shard {shards[0]} of --metadata={cfg.metadata}')
+    counts = shard_counts(shards, stats, cfg.output_dir, rank, world_size)
+    if sum(counts) == 0:
+        raise bad_format(cfg, 'no readable tar members')
+    workers = max(1, cfg.workers)
+    if len(shards) < world_size * workers:
+        raise ConfigError(f"{len(shards)} shards cannot feed {world_size} ranks x {workers} workers; "
+                          f"lower --workers or write more shards")
+    return shards, counts
+
+
+# A data format is one row: read(cfg) -> its reader (len, load(i) -> (image, candidate captions), name(i) -> where
+# sample i lives, for the list of skipped samples); a streamed format's read(cfg, rank, world_size) -> (shard paths,
+# sample counts) for TarShards. `expects` says what --metadata must be (in every format error), `kinds` what sniff
+# may find it to be, `vocabulary` the merges used when --bpe_path is empty. A new format: its read function and a
+# row here (a config.RECIPES row for settings).
+Reader = collections.namedtuple('Reader', 'read expects kinds streamed vocabulary', defaults=(False, None))
+READERS = {
+    # the demo's reader is defined with the demo, below: the lambda looks it up when called
+    'demo': Reader(lambda cfg: DemoReader(cfg), 'no metadata: the scenes are drawn on the fly', (),
+                   vocabulary=DEMO_BPE_PATH),
+    'cc3m': Reader(functools.partial(read_npy, key='image_id'), "a .npy object array of dicts "
+                   "{'image_id': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    'cc12m': Reader(functools.partial(read_npy, key='image_name'), "a .npy object array of dicts "
+                    "{'image_name': image path under --root, 'captions': [str, ...]}", {'npy', 'pickle'}),
+    # pickles of protocol 0 are text, of protocol 1 binary
+    'yfcc15m': Reader(read_yfcc, "a pickled list of (image_id: int, title: str, description: str), images in "
+                      "--root/images/XX/YYY.zip", {'pickle', 'text', 'latin', 'binary'}),
+    'merged29m': Reader(read_merged, f"the {', '.join(MERGED)} metadata joined by '---'", ()),
+    'csv': Reader(read_csv, "a UTF-8 .csv or .tsv with a header naming the --csv_image_key and --csv_caption_key "
+                  "columns", {'text'}),
+    'wds': Reader(read_shards, "tar shards given by a pattern such as dir/{00000..00099}.tar, each holding "
+                  "key.jpg + key.txt", {'tar', 'gzip', 'bzip2', 'xz'}, streamed=True),
+}
+if set(RECIPES) - set(READERS):
+    raise TypeError(f"config.RECIPES has rows without a reader: {', '.join(sorted(set(RECIPES) - set(READERS)))}; "
+                    f"add their rows to data.READERS or remove the recipes")
+
+
+def build_reader(cfg):
+    """The map-style reader of cfg.dataset's row; bad paths or metadata raise one line before any worker starts."""
+    reader = READERS[cfg.dataset].read(cfg)
+    if len(reader) == 0:
+        raise ConfigError(f"--metadata={cfg.metadata} lists no samples")
+    errors = []
+    for i in range(min(len(reader), 16)):
+        try:
+            reader.load(i)[0].load()  # a JPEG too: the loaders decode it later
+            return reader
+        except BAD_SAMPLE as e:
+            errors.append(e)
+    raise ConfigError(f"none of the first {len(errors)} samples of --metadata={cfg.metadata} is readable "
+                      f"({errors[-1]!r}); check --root={cfg.root}")
+
+
 # --- Samples ---
 def sample_seed(*keys):
     """A 64-bit seed mixed from integers (NumPy SeedSequence): per-sample randomness independent of workers."""
@@ -862,8 +887,8 @@ class SampleMaker:
             captions = (rng.choice(captions),)
         gen = torch.Generator().manual_seed(seed)  # the caller's generators are left alone (workers=0)
         if self.defer:  # the step crops and finishes the views (augment.finish_views)
-            images, boxes, params = self.image_views.draw_for_step(image, gen)
-            views = {'images': images, 'boxes': boxes, 'strong_params': params}
+            images, boxes, columns = self.image_views.draw_for_step(image, gen)
+            views = {'images': images, 'boxes': boxes, 'photometric': columns}
         else:
             weak, strong = self.image_views(image, gen)
             views = {'weak': weak, 'strong': strong}
@@ -871,8 +896,9 @@ class SampleMaker:
         return {**views, 'tokens': tokens, 'skipped': skipped}
 
 
-def read_sample(load, make_sample, epoch, index, skipped):
-    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded."""
+def read_sample(load, make_sample, epoch, index, bad):
+    """(sample, None) from load()'s (image, captions), or (None, error) when the sample cannot be read or decoded. The
+    sample counts and names (as JSON) the unreadable samples `bad` ([where, why] pairs) that it replaces or follows."""
     try:
         image, captions = load()
         captions = tuple(c for c in captions if _clean(c))
@@ -881,28 +907,39 @@ def read_sample(load, make_sample, epoch, index, skipped):
     except BAD_SAMPLE as e:
         return None, e
     try:
-        return make_sample(image, captions, epoch, index, skipped), None
+        sample = make_sample(image, captions, epoch, index, len(bad))
     except UnreadableImage as e:  # a JPEG, decoded by the views at the scale their crops allow
         return None, e
+    sample['skipped_files'] = json.dumps(bad)
+    return sample, None
+
+
+def bad_sample(where, error):
+    """[where, why] of an unreadable sample, for the log and output_dir/skipped.jsonl."""
+    return [where, f'{type(error).__name__}: {first_line(error)}']
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style samples keyed by (epoch, index); an unreadable item is replaced by the next index and counted."""
+    """Map-style samples keyed by (epoch, index). An unreadable sample is counted and named, and replaced by rows drawn
+    from (seed, epoch, index, attempt): the same whichever worker draws them and on resume, and a run of k unreadable
+    rows costs O(k) reads. A drawn row that fails is not counted here: it is counted at its own turn in the epoch."""
 
-    def __init__(self, reader, make_sample):
-        self.reader, self.make_sample = reader, make_sample
+    def __init__(self, reader, make_sample, seed):
+        self.reader, self.make_sample, self.seed = reader, make_sample, seed
 
     def __len__(self):
         return len(self.reader)
 
     def __getitem__(self, key):
         epoch, index = key
-        for skipped in range(MAX_BAD_IN_A_ROW):
-            load = functools.partial(self.reader.load, (index + skipped) % len(self.reader))
-            sample, error = read_sample(load, self.make_sample, epoch, index, skipped)
+        row, bad = index, []
+        for attempt in range(1, MAX_BAD_IN_A_ROW + 1):
+            sample, error = read_sample(functools.partial(self.reader.load, row), self.make_sample, epoch, index, bad)
             if sample is not None:
                 return sample
-        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {index} ({error!r}); "
+            bad = bad or [bad_sample(self.reader.name(row), error)]
+            row = sample_seed(self.seed, epoch, index, attempt) % len(self.reader)
+        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row for index {index} ({error!r}); "
                            f"check --root and --metadata")
 
 
@@ -958,7 +995,7 @@ class TarShards(torch.utils.data.IterableDataset):
         return self.batches * self.batch_size  # samples this rank yields per epoch
 
     def groups(self, shards, skip):
-        """(index, group) forever, cycling over shards; the first pass starts after `skip` samples' worth of
+        """(index, where, group) forever, cycling over shards; the first pass starts after `skip` samples' worth of
         whole shards."""
         skip %= max(1, sum(self.counts[s] for s in shards))
         while True:
@@ -968,9 +1005,9 @@ class TarShards(torch.utils.data.IterableDataset):
                     skip -= self.counts[s]
                     continue
                 skip = 0
-                for position, (_, group) in enumerate(read_shard(self.shards[s])):
+                for position, (key, group) in enumerate(read_shard(self.shards[s])):
                     read += 1
-                    yield self.starts[s] + position, group
+                    yield self.starts[s] + position, f'{self.shards[s]}:{key or "(unreadable from here)"}', group
             if read == 0:
                 raise RuntimeError(f"shards {[self.shards[s] for s in shards][:3]} hold no readable samples")
 
@@ -983,22 +1020,28 @@ class TarShards(torch.utils.data.IterableDataset):
         quota, done = len(range(worker, self.batches, workers)), len(range(worker, self.start_batch, workers))
         rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, worker))
         stream, buffer = self.groups(mine, done * self.batch_size), []
-        left, pending = (quota - done) * self.batch_size, 0
+        left, bad = (quota - done) * self.batch_size, []
         while left > 0:
             while len(buffer) < min(SHUFFLE_BUFFER, left):  # never read more than this epoch still needs
                 buffer.append(next(stream))
             j = rng.randrange(len(buffer))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            index, group = buffer.pop()
+            index, where, group = buffer.pop()
             sample, error = read_sample(functools.partial(decode_group, group, self.max_pixels), self.make_sample,
-                                        self.epoch, index, pending)
-            if sample is None:
-                pending += 1
-                if pending == MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"{pending} unreadable tar samples in a row ({error!r}); check the shards")
+                                        self.epoch, index, bad)
+            if sample is None:  # read past: each unreadable member is read and counted once
+                bad.append(bad_sample(where, error))
+                if len(bad) == MAX_BAD_IN_A_ROW:
+                    raise RuntimeError(f"{len(bad)} unreadable tar samples in a row ({error!r}); check the shards")
                 continue
             yield sample
-            pending, left = 0, left - 1
+            bad, left = [], left - 1
+
+
+def samples_read(delivered, skipped, cfg):
+    """The distinct samples read this epoch, `skipped` of them unreadable: a map-style epoch replaces an unreadable
+    sample by a drawn one that has its own turn (so `delivered`), a stream reads on past it (delivered + skipped)."""
+    return delivered + skipped if READERS[cfg.dataset].streamed else delivered
 
 
 def check_bad_fraction(skipped, seen, cfg):
@@ -1007,6 +1050,49 @@ def check_bad_fraction(skipped, seen, cfg):
         raise UserError(f"{skipped} of {seen} samples read this epoch ({100 * skipped / seen:.2f}%) were unreadable "
                         f"(missing, corrupt or non-text), above --bad_sample_threshold={cfg.bad_sample_threshold}; "
                         f"fix the data or raise --bad_sample_threshold")
+
+
+# --- Shared memory ---
+# Loader workers hand their batches to the training process through /dev/shm, PREFETCH batches each ahead of use;
+# one that cannot hold them (Docker's default is 64 MB) ends the run with "Bus error" at the first batch
+PREFETCH = 2  # batches each worker keeps ready: the DataLoader's prefetch_factor
+VIEW_BYTES = 1  # bytes per pixel channel of the image views the workers ship (uint8)
+TOKEN_BYTES = 8  # int64 token ids
+SHM = '/dev/shm'
+
+
+def batch_bytes(cfg, view_bytes=VIEW_BYTES):
+    """Bytes of one training batch in shared memory: per sample the weak view (3 S^2), the A strong views (A 3 R^2;
+    with --augment_device=cuda the region their crops cover, up to REGION_LIMIT x those pixels) and the tokens."""
+    pixels = 3 * cfg.image_size ** 2 + cfg.num_augs * 3 * cfg.local_crop_size ** 2
+    if cfg.augment_device == 'cuda':
+        pixels *= REGION_LIMIT
+    return cfg.batch_size * (pixels * view_bytes + (1 + cfg.num_augs) * cfg.context_length * TOKEN_BYTES)
+
+
+def shm_free():
+    """Free bytes in /dev/shm; None where there is none."""
+    try:
+        st = os.statvfs(SHM)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shared_memory(cfg, local_world_size=1):
+    """One line when /dev/shm cannot hold the batches that the loader workers of this node's ranks keep ready,
+    naming the --workers that fits and how a container gets more."""
+    free, batch = shm_free(), batch_bytes(cfg)
+    per_worker = PREFETCH * batch * local_world_size  # one worker on every rank of the node
+    if cfg.workers == 0 or free is None or per_worker * cfg.workers <= free:
+        return
+    need, fits = per_worker * cfg.workers, free // per_worker
+    raise UserError(f"{SHM} has {free / 2**20:,.0f} MiB free, but {local_world_size} rank(s) x {cfg.workers} loader "
+                    f"workers x {PREFETCH} batches of {batch / 2**20:,.1f} MiB need {need / 2**20:,.0f} MiB there "
+                    f"('Bus error' at the first batch); pass --workers={fits}"
+                    + (" (loading in the training process: slow)" if fits == 0 else '')
+                    + f", or give the container more: docker run --shm-size={math.ceil(need / 2**30) + 1}g (or "
+                      f"--ipc=host)", every_rank=True)
 
 
 # --- Loaders ---
@@ -1063,23 +1149,23 @@ def trim_tokens(tokens):
 
 def collate(samples):
     """default_collate with the tokens trimmed to the batch's longest caption; --augment_device=cuda's images of
-    different sizes are packed into one tensor (pixels, image_sizes), the boxes then index the batch's images."""
+    different sizes, their crop boxes and photometric columns are packed into three tensors (augment.pack_views)."""
     images = [s.pop('images') for s in samples if 'images' in s]
     batch = torch.utils.data.default_collate(samples)
     batch['tokens'] = trim_tokens(batch['tokens'])
     if images:
-        batch['boxes'][:, :, 0] += torch.tensor([0] + [len(i) for i in images[:-1]]).cumsum(0)[:, None]
-        batch['pixels'], batch['image_sizes'] = pack_images([x for i in images for x in i])
+        batch.update(pack_views(images, batch.pop('boxes'), batch.pop('photometric')))
     return batch
 
 
 def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
     """Training batches of this rank (recipe §4.4): shuffled per epoch, drop_last, loader.sampler.set_epoch."""
+    check_shared_memory(cfg, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     make_sample, row = SampleMaker(cfg, tokenizer), READERS[cfg.dataset]
     if row.streamed:  # workers restart each epoch (not persistent) so that they see the epoch set on the dataset
         dataset, options = TarShards(*row.read(cfg, rank, world_size), make_sample, cfg, rank, world_size), {}
     else:
-        dataset = TrainDataset(build_reader(cfg), make_sample)
+        dataset = TrainDataset(build_reader(cfg), make_sample, cfg.seed)
         options = dict(sampler=EpochSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world_size),
                        persistent_workers=cfg.workers > 0)
     loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, num_workers=cfg.workers, drop_last=True,
@@ -1248,6 +1334,9 @@ class DemoReader:
 
     def load(self, i):
         return draw_scene(demo_scene(self.seed, 'train', i), self.canvas), demo_captions(self.seed, 'train', i)
+
+    def name(self, i):
+        return f'demo scene {i}'
 
 
 class DemoImages(torch.utils.data.Dataset):

@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval (recipe §6), and the linear probe.
+"""Reading checkpoints (ours, or released SLIP / CLIP 🚀 / open_clip ones), zero-shot classification and image-text
+retrieval (recipe §6), and the linear probe.
 
     python evaluate.py ckpt.pt [more.pt ...] [--datasets=imagenet,cifar10] [--data_root=DIR] [--catalog=paths.json]
         [--labels=labels.json] [--templates=templates.json] [--retrieval=pairs.csv] [--out=results.json]
@@ -9,11 +10,11 @@
         [--vision_act=gelu|quickgelu] [--text_act=...] [--image_mean=a,b,c] [--image_std=a,b,c] [--bpe_path=FILE]
     python evaluate.py --export ckpt.pt --out DIR    # open_clip's local-dir layout, for open_clip and clip_benchmark
 
-Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every catalogue
-dataset found under --data_root (<data_root>/<name>, or the paths of a {name: path} JSON catalogue; layouts in
-docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per checkpoint.
-Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as each
-dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
+Rebuilds each model from its checkpoint alone (config, weights, the tokenizer's merges), runs every evaluation
+set (EVAL_SETS) found under --data_root (<data_root>/<name>, or the paths of a --catalog {name: path} JSON file;
+layouts in docs/datasets.md), the demo held-out tasks and retrieval for demo models, and prints a table row per
+checkpoint. Metrics go to <ckpt>_eval.json beside each checkpoint, or all of them as a list to --out, rewritten as
+each dataset finishes. Data-parallel under torchrun. --linear_probe fits a logistic-regression probe on frozen image
 features of each dataset's train split instead (features cached in <ckpt>_features/, results in <ckpt>_probe.json).
 """
 import collections
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -41,12 +43,11 @@ import torchvision
 from PIL import Image, ImageFile
 
 from augment import eval_transform
-from config import (_FALSE, _TRUE, CLIP_BPE, IMPORT_FLAGS, Config, ConfigError, UserError, atomic_save, atomic_write,
-                    export_open_clip, first_line, import_overrides, parse_flags, read_checkpoint, run_cli,
-                    setup_distributed)
-from model import CLIPModel, autocast_dtype, build_model
-from data import (Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks, demo_probe_train,
-                  demo_retrieval, load_image, merges_text)
+from config import (_FALSE, _TRUE, Config, ConfigError, UserError, _check, _convert, atomic_save,
+                    atomic_write, first_line, parse_flags, run_cli, setup_distributed)
+from model import FORMAT, CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
+from data import (READERS, Tokenizer, build_eval_loader, build_tokenizer, checkpoint_merges, demo_eval_tasks,
+                  demo_probe_train, demo_retrieval, load_image, merges_text)
 
 ASSETS = Path(__file__).resolve().parent / 'assets'
 ENSEMBLE_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # w * sim_z + (1 - w) * sim_h
@@ -54,6 +55,126 @@ RECALL_KS = (1, 5, 10)
 
 
 # --- Checkpoints ---
+def _describe(obj):
+    """A few words on what a non-rocket-clip checkpoint file holds."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if 'format' in obj:
+        return f"format={obj['format']!r}"
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return f"a raw state_dict of {len(obj)} tensors (e.g. {next(iter(obj))!r})"
+    return f"a dict with keys {sorted(map(str, obj))[:6]}"
+
+
+def read_checkpoint(path, overrides=None, defaults=None):
+    """Load a checkpoint written by train.py (weights_only), or import a released SLIP / CLIP 🚀 / open_clip one
+    (import_checkpoint); missing, corrupt or foreign files raise one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py")
+    try:
+        ckpt = load_weights_file(path)
+    except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
+        found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
+            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
+                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
+                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
+                from None
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first_line(e)}); "
+                        f"re-copy it or pick another epoch") from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+        ckpt = import_checkpoint(ckpt, path, overrides, defaults)
+    return ckpt
+
+
+IMPORT_FLAGS = ('vision_heads', 'text_heads', 'vision_act', 'text_act', 'bpe_path', 'image_mean', 'image_std',
+                'guess_heads')
+CLIP_BPE = 'bpe_simple_vocab_16e6.txt.gz'
+
+
+def import_overrides(flags):
+    """The IMPORT_FLAGS among flags, typed as the Config fields they set; a bad value raises ConfigError."""
+    out = {k: _convert(k, flags[k]) for k in IMPORT_FLAGS if k in flags and k != 'guess_heads'}
+    for k in ('image_mean', 'image_std'):
+        _check(len(out.get(k, 'abc')) == 3, f"--{k}={flags.get(k)}: expected three comma-separated numbers, "
+                                              f"e.g. 0.485,0.456,0.406")
+    if 'guess_heads' in flags:
+        out['guess_heads'] = flags['guess_heads'].lower() in ('', 'true', '1')
+    return out
+
+
+def open_clip_config(path):
+    """Config fields of the open_clip_config.json beside an open_clip weights file (open_clip's local-dir layout):
+    head counts, activations and image statistics; {} when there is none."""
+    config = Path(path).parent / 'open_clip_config.json'
+    if not config.is_file():
+        return {}
+    try:
+        found = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"open_clip config {config} is unreadable ({type(e).__name__}); give a JSON file") from None
+    model_cfg, preprocess = (found.get(k) or {} for k in ('model_cfg', 'preprocess_cfg'))
+    vision, text = model_cfg.get('vision_cfg', {}), model_cfg.get('text_cfg', {})
+    act = 'quickgelu' if model_cfg.get('quick_gelu') else 'gelu'
+    fields = dict(vision_heads=vision.get('width', 768) // vision.get('head_width', 64), text_heads=text.get('heads', 8),
+                  vision_act=act, text_act=act)
+    fields.update({f'image_{k}': preprocess[k] for k in ('mean', 'std') if k in preprocess})
+    return fields
+
+
+def import_checkpoint(obj, path, overrides=None, defaults=None):
+    """A released SLIP / CLIP 🚀 / open_clip checkpoint as one of ours, in memory, and one line saying what was found;
+    overrides (IMPORT_FLAGS) beat what is found, defaults give the head counts of a file without a model name."""
+    try:
+        imported = convert_weights(obj)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    if imported is None:
+        raise UserError(f"{path} is not a rocket-clip checkpoint: found {_describe(obj)}, expected a dict with "
+                         f"format={FORMAT!r} as written by train.py, or a released SLIP, CLIP 🚀 or open_clip one")
+    overrides, arch = dict(overrides or {}), imported['arch']
+    guess = overrides.pop('guess_heads', False)
+    what = {'slip': 'SLIP', 'rocket': 'CLIP 🚀', 'open_clip': 'open_clip'}[imported['format']]
+    beside = open_clip_config(path) if imported['format'] == 'open_clip' else {}
+    heads = ['text_heads'] + (['vision_heads'] if arch['vision'] == 'vit' else [])
+    guessed = {k: arch[k.replace('heads', 'width')] // 64 for k in heads} if guess else {}  # OpenAI's rule
+    fields = {**(defaults or {}), **guessed, **arch, **beside, **overrides}
+    missing = [k for k in heads if k not in fields]
+    if missing:
+        raise UserError(f"{path}: a {what} checkpoint without an official model name or open_clip_config.json, so "
+                         f"its head counts are unknown (no shape shows them): pass "
+                         f"{' '.join(f'--{k}=N' for k in missing)} (or --guess_heads for OpenAI's width / 64)")
+    args = obj.get('args')  # SLIP's and CLIP 🚀's argparse.Namespace; CLIP 🚀's names its merges file
+    found = [p for p in (Path(getattr(args, 'bpe_path', None) or CLIP_BPE), Path(path).parent / CLIP_BPE,
+                         Path(CLIP_BPE)) if p.is_file()]
+    fields.setdefault('bpe_path', str(found[0].resolve()) if found else CLIP_BPE)
+    dataset = getattr(args, 'dataset', None)
+    cfg = Config.from_dict({**fields, 'dataset': dataset if dataset in READERS else 'csv'})
+    source = ('the flags' if any(k in overrides for k in heads) else imported['heads_from']
+              if all(k in arch for k in heads) else f'{Path(path).parent.name}/open_clip_config.json' if beside
+              else "OpenAI's rule (width / 64, --guess_heads)" if guess else 'the run config')
+    tower = (f"ViT width {cfg.vision_width}, {cfg.vision_layers} layers, {cfg.vision_heads} heads, patch "
+             f"{cfg.patch_size}, {cfg.image_size} px, {cfg.vit_style} style, {cfg.vision_act}"
+             if cfg.vision == 'vit' else 'ResNet-50')
+    local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
+    projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
+    epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
+    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
+            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
+            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
+            f"{source}")
+    if any(k not in {**overrides, **beside} for k in imported['assumed']):
+        line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
+                "--text_act=gelu)"
+    if imported['ignored']:
+        line += f"; not imported: {', '.join(sorted({k.split('.')[0] for k in imported['ignored']}))}"
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(line)
+    return {'format': FORMAT, 'config': cfg.to_dict(), 'model': imported['state'],
+            'extra_heads': imported['extra'], 'epoch': imported['epoch'], 'source': line}
+
+
 def load_model(path, device='cpu', bpe_path=None):
     """Rebuild (cfg, model in eval mode, tokenizer) from a checkpoint alone."""
     return model_from_checkpoint(read_checkpoint(path), path, device, bpe_path)
@@ -181,18 +302,20 @@ def _autocast(cfg, device):
 
 
 @torch.no_grad()
-def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1):
+def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1, to_first=False):
     """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
-    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded."""
+    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded, on every
+    rank (to_first: on rank 0 alone, the others get None)."""
     device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
     with _autocast(cfg, device):
         for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
             for k, emb in encode(inputs.to(device)).items():
                 parts[k].append(emb.float().cpu())
             labels.append(y)
+    gather = _gather_to_first if to_first else _gather
     empty = torch.zeros(0)  # a rank with an empty slice still joins the gathers; cat skips 1-D empty tensors
-    return ({k: _gather(parts[k], world_size, empty) for k in keys}, _gather(labels, world_size),
-            _gather(undecoded, world_size))
+    return ({k: gather(parts[k], world_size, empty) for k in keys}, gather(labels, world_size),
+            gather(undecoded, world_size))
 
 
 # --- Metrics ---
@@ -239,6 +362,34 @@ def _gather(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
     gathered = [None] * world_size  # shards may differ in length
     dist.all_gather_object(gathered, x)
     return torch.cat(gathered)
+
+
+GATHER_CHUNK_BYTES = 64 << 20  # per rank and round of _gather_to_first: its bound on device memory
+
+
+def _gather_to_first(parts, world_size, empty=torch.zeros(0, dtype=torch.long)):
+    """_gather's concatenation on rank 0 alone (None on the others), as tensors sent in rounds of at most
+    GATHER_CHUNK_BYTES per rank (through the GPU under NCCL): neither every rank nor the device holds the whole set."""
+    x = torch.cat(parts or [empty]).cpu()
+    if world_size == 1:
+        return x
+    shapes = [None] * world_size  # (rows, row shape, dtype) of every rank; an empty rank's row shape is unknown
+    dist.all_gather_object(shapes, (len(x), x.shape[1:], x.dtype))
+    rows, (_, row, dtype) = [s[0] for s in shapes], max(shapes, key=lambda s: s[0])
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    step = max(1, GATHER_CHUNK_BYTES // max(1, row.numel() * dtype.itemsize))
+    first, offsets = dist.get_rank() == 0, [sum(rows[:r]) for r in range(world_size)]
+    out = torch.empty((sum(rows), *row), dtype=dtype) if first and sum(rows) else x[:0]
+    for start in range(0, max(rows), step):
+        piece = torch.zeros((step, *row), dtype=dtype, device=device)
+        mine = x[start:start + step]
+        piece[:len(mine)] = mine.reshape(-1, *row)
+        received = [torch.empty_like(piece) for _ in range(world_size)] if first else None
+        dist.gather(piece, received, dst=0)
+        for r, chunk in enumerate(received or []):
+            rows_here = max(0, min(step, rows[r] - start))
+            out[offsets[r] + start:offsets[r] + start + rows_here] = chunk[:rows_here]
+    return out if first else None
 
 
 # --- Retrieval ---
@@ -332,9 +483,9 @@ def read_json(path, what):
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
 
 
-def catalogue_file(kind, path=None):
-    """{dataset: class names} (kind 'labels') or {dataset: templates} ('templates') from path, else from assets/."""
-    return read_json(path or ASSETS / f'{kind}.json', f'{kind} file')
+def override_file(kind, path):
+    """{set: class names} (kind 'labels') or {set: templates} ('templates') of --labels / --templates, else {}."""
+    return read_json(path, f'{kind} file') if path else {}
 
 
 def _read_split_file(name, path):
@@ -393,9 +544,9 @@ def image_folder(name, folder, allow_empty=False):
         raise UserError(f"{name}: {folder}/ needs one sub-folder of images per class ({first_line(e)})") from None
 
 
-# The readers of the catalogue's layouts (docs/datasets.md): split `split` of set `name` stored at root as (images:
-# paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format ones read
-# that split's files alone: the test files, or the train files for the probe.
+# The readers of the evaluation sets' layouts (docs/datasets.md): split `split` of set `name` stored at root as
+# (images: paths or an (N, H, W[, 3]) uint8 array, labels, number of classes in the data). The torchvision-format
+# ones read that split's files alone: the test files, or the train files for the probe.
 def read_folder(name, root, split, classnames):
     found = image_folder(name, root / split)
     return [p for p, _ in found.samples], found.targets, len(found.classes)
@@ -445,8 +596,30 @@ def read_filelist(name, root, split, classnames):
     return paths, [index[str(y)] for y in labels], len(classnames)
 
 
-# name: (reader, eval split, metric), in catalogue order (recipe §6.2)
-CATALOGUE = {
+EvalSet = collections.namedtuple('EvalSet', 'read split metric classnames templates',
+                                 defaults=('labels.json', 'templates.json'))
+
+
+def with_lists(sets):
+    """{name: EvalSet} of the rows, class names and templates as lists (an asset file's entry where a row names the
+    file); a row without them, or with a template without one {} for the class name, raises."""
+    files = {}
+    for name, row in sets.items():
+        row = EvalSet(*row)
+        for file in {f for f in row[3:] if isinstance(f, str)} - files.keys():
+            files[file] = read_json(ASSETS / file, 'asset file')
+        classnames, templates = (files[f].get(name) if isinstance(f, str) else f for f in row[3:])
+        if not classnames or not templates or any(t.count('{}') != 1 for t in templates):
+            raise TypeError(f"evaluation set {name!r} needs class names and templates (one {{}} each): lists, or "
+                            f"assets/ files with an entry {name!r}, not {row.classnames!r:.40}, {row.templates!r:.40}")
+        sets[name] = row._replace(classnames=classnames, templates=templates)
+    return sets
+
+
+# name: (reader, eval split, metric[, class names, templates]), in the paper's order (recipe §6.2). Class names and
+# templates are lists, or the name of an assets/ JSON file whose entry for the set holds them (by default the paper's
+# labels.json and templates.json); at import every row becomes an EvalSet of lists, and one without them raises.
+EVAL_SETS = with_lists({
     'imagenet': (read_folder, 'val', 'acc'), 'mnist': (read_mnist, 'test', 'acc'),
     'food101': (read_folder, 'test', 'acc'), 'cifar10': (read_cifar10, 'test', 'acc'),
     'cifar100': (read_cifar100, 'test', 'acc'), 'cub200': (read_folder, 'val', 'acc'),
@@ -458,16 +631,16 @@ CATALOGUE = {
     'kitti_distance': (read_folder, 'val', 'acc'), 'country211': (read_folder, 'test', 'acc'),
     'patch_camelyon': (read_folder, 'val', 'acc'), 'ucf101_frames': (read_folder, 'val', 'acc'),
     'clevr_counts': (read_filelist, 'val', 'acc'), 'hateful_memes': (read_folder, 'dev', 'roc_auc'),
-    'rendered_sst2': (read_folder, 'test', 'acc')}
+    'rendered_sst2': (read_folder, 'test', 'acc')})
 
 
 def build_dataset(name, root, transform, classnames, split=None):
-    """The eval split (or `split`: 'train' for the probe) of catalogue set `name` at root, as an ImageList."""
-    split = split or CATALOGUE[name][1]
-    images, labels, n = CATALOGUE[name][0](name, Path(root), split, classnames)
+    """The eval split (or `split`: 'train' for the probe) of evaluation set `name` at root, as an ImageList."""
+    split = split or EVAL_SETS[name].split
+    images, labels, n = EVAL_SETS[name].read(name, Path(root), split, classnames)
     if n != len(classnames):
-        raise UserError(f"{name}: the data has {n} classes but the labels file lists {len(classnames)}; "
-                        f"fix the labels file or the dataset folder")
+        raise UserError(f"{name}: the data has {n} classes but {len(classnames)} class names are given; fix the "
+                        f"class names (its row of EVAL_SETS, or --labels) or the dataset folder")
     if not len(labels):
         raise UserError(f"{name}: the {split} split under {root} holds no images")
     if min(labels) < 0 or max(labels) >= n:
@@ -626,13 +799,13 @@ def data_identity(dataset):
 
 def image_features(model, cfg, dataset, heads=False, rank=0, world_size=1):
     """({'trunk': (N, width)} plus {head: (N, embed_dim)} when heads, labels (N,)): the image encoder's output before
-    the heads (and after them), on the CPU in float32, undecodable images left out."""
+    the heads (and after them), on the CPU in float32, undecodable images left out; on rank 0 (None on the others)."""
     def encode(images):
         trunk = model.visual(images)
         return {'trunk': trunk, **({h: project(trunk) for h, project in model.image_heads.items()} if heads else {})}
 
     keys = ['trunk'] + (list(model.heads) if heads else [])
-    return embeddings(model, cfg, dataset, keys, encode, rank, world_size)[:2]
+    return embeddings(model, cfg, dataset, keys, encode, rank, world_size, to_first=True)[:2]
 
 
 def cached_count(path, key):
@@ -657,12 +830,12 @@ def probe_features(model, cfg, name, train, test, classnames, metric, probe, ran
         if world_size > 1:
             dist.broadcast_object_list(count, src=0)
         if count[0] is None:
-            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)
+            features, labels = image_features(model, cfg, dataset, probe['heads'], rank, world_size)  # on rank 0
             if rank == 0:
                 probe['cache'].mkdir(parents=True, exist_ok=True)
                 atomic_write(paths[split], lambda f: torch.save(dict(key=key, features=features, labels=labels), f))
-            count[0] = len(labels)
-        images += count[0]
+                count[0] = len(labels)
+        images += count[0] or 0  # rank 0's count (the others' results are dropped)
     return {'paths': paths, 'num_classes': len(classnames), 'metric': metric, 'images': images,
             'skipped': len(train) + len(test) - images}
 
@@ -680,6 +853,22 @@ def probe_settings(path, flags, device, rank=0):
             'seed': int(flags.get('probe_seed', 0)), 'device': device}
 
 
+PROBE_COPIES = 3.6  # the fit's peak memory: ~3.5 float64 copies of the (n, D) train features (bench/README.md)
+
+
+def probe_device(device, n, n_test, dim, say=print):
+    """Where a probe of n train and n_test test features of dim fits: device, or the CPU where that GPU has less free
+    memory than the fit's peak, 8 x dim x (PROBE_COPIES x n + n_test) bytes (one line says so)."""
+    device = torch.device(device)
+    if device.type != 'cuda':
+        return device
+    need, free = 8 * dim * (PROBE_COPIES * n + n_test), torch.cuda.mem_get_info(device)[0]
+    if need <= free:
+        return device
+    say(f"probe: its fit needs ~{need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free: fitting on the CPU")
+    return torch.device('cpu')
+
+
 def fit_probes(jobs, probe, say=print):
     """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
     results, precision = {}, torch.get_float32_matmul_precision()
@@ -694,9 +883,11 @@ def fit_probes(jobs, probe, say=print):
                            for s in ('train', 'test'))
             results[name] = metrics = {}
             for key in train['features']:
+                device = probe_device(probe['device'], len(train['labels']), len(test['labels']),
+                                      train['features'][key].shape[-1], say)
                 metrics.update(linear_probe(train['features'][key], train['labels'], test['features'][key],
                                             test['labels'], job['num_classes'], job['metric'], key, probe['seed'],
-                                            probe['device']))
+                                            device))
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
                 f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")
@@ -747,12 +938,12 @@ def _dataset_path(name, data_root, catalog):
 
 
 def check_datasets(names, catalog=None):
-    """Raise ConfigError naming the first that is neither 'demo', in CATALOGUE, folder:PATH nor in the --catalog."""
+    """Raise ConfigError naming the first that is neither 'demo', in EVAL_SETS, folder:PATH nor in the --catalog."""
     for name in names:
-        if name != 'demo' and name not in CATALOGUE and not name.startswith(FOLDER) and name not in (catalog or {}):
-            close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
+        if name != 'demo' and name not in EVAL_SETS and not name.startswith(FOLDER) and name not in (catalog or {}):
+            close = difflib.get_close_matches(name, list(EVAL_SETS), n=1)
             raise ConfigError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else
-                                                            f"; choose from demo, {', '.join(CATALOGUE)}") +
+                                                            f"; choose from demo, {', '.join(EVAL_SETS)}") +
                               "; a set of your own: folder:PATH (an ImageFolder) or an entry of --catalog")
     return names
 
@@ -769,13 +960,13 @@ def demo_dataset(cfg, task, split):
 
 
 def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
-    """The tasks of one --datasets entry: the demo tasks, a folder set or a catalogue set; none for a catalogue set
-    without a root (evaluate names those in one line), or (with a line) without data or class names."""
+    """The tasks of one --datasets entry: the demo tasks, a folder set or an evaluation set (with labels' / templates'
+    lists, else its row's); none for a set without a root (evaluate names those in one line) or (with a line) data."""
     if name == 'demo':
         return [*(Task(f'demo_{t.name}', 'classification', functools.partial(demo_dataset, cfg, t), t.classnames,
                        t.templates, t.metric) for t in demo_eval_tasks(cfg)),
                 Task('demo_retrieval', 'retrieval', functools.partial(demo_retrieval, cfg))]
-    if name not in CATALOGUE:  # a user's own set: folder:PATH or a --catalog entry
+    if name not in EVAL_SETS:  # a user's own set: folder:PATH or a --catalog entry
         entry = {'path': name[len(FOLDER):]} if name.startswith(FOLDER) else catalog[name]
         entry = {'path': '', **entry} if isinstance(entry, dict) else {'path': entry}
         shown = Path(entry['path']).name if name.startswith(FOLDER) else name
@@ -786,11 +977,30 @@ def dataset_tasks(name, cfg, catalog, labels, templates, transform, say):
     if not root.exists():
         say(f"skip {name}: no data at {root}")
         return []
-    if name not in labels or name not in templates:
-        say(f"skip {name}: no entry for it in the labels or templates file")
-        return []
-    return [Task(name, 'classification', functools.partial(build_dataset, name, root, transform, labels[name]),
-                 labels[name], templates[name], CATALOGUE[name][2])]
+    row = EVAL_SETS[name]
+    classnames = labels.get(name, row.classnames)
+    return [Task(name, 'classification', functools.partial(build_dataset, name, root, transform, classnames),
+                 classnames, templates.get(name, row.templates), row.metric)]
+
+
+def tasks_of(names, cfg, catalog, labels, templates, transform, say):
+    """The tasks of the --datasets names (dataset_tasks); those without data are skipped with a line, the catalogue
+    sets without a root in one."""
+    rootless = [n for n in names if n in EVAL_SETS and _dataset_path(n, cfg.data_root, catalog) is None]
+    if rootless:
+        say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
+    return [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
+
+
+def epoch_datasets(cfg, say=print):
+    """The per-epoch evaluation's datasets (default_datasets) that have data, for train.py: a set without data is said
+    once here, not every epoch, and so is an evaluation left with nothing."""
+    names = [n for n in check_datasets(default_datasets(cfg)) if tasks_of([n], cfg, {}, {}, {}, None, say)]
+    if not names:
+        say("train: no zero-shot evaluation during training: give --eval_datasets=folder:PATH (an ImageFolder, one "
+            "sub-folder of images per class) or --data_root=DIR (the sets of docs/datasets.md under it), or "
+            "--eval_every=0")
+    return names
 
 
 def run_task(ev, score, task):
@@ -822,13 +1032,10 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
     # fp32 like the official evaluation, whatever the training run's, so that train.py's table and evaluate.py agree
     cfg = dataclasses.replace(cfg, precision=precision)
     say = print if rank == 0 else (lambda *a, **k: None)
-    labels, templates = labels or catalogue_file('labels'), templates or catalogue_file('templates')
+    labels, templates = labels or {}, templates or {}
     transform = eval_transform(cfg)  # any PIL mode -> RGB, resize, centre crop, normalise
     names = check_datasets(datasets or default_datasets(cfg), catalog)
-    rootless = [n for n in names if n in CATALOGUE and _dataset_path(n, cfg.data_root, catalog) is None]
-    if rootless:
-        say(f"skip {', '.join(rootless)}: no --data_root (cfg.data_root) or catalogue entry")
-    tasks = [t for name in names for t in dataset_tasks(name, cfg, catalog, labels, templates, transform, say)]
+    tasks = tasks_of(names, cfg, catalog, labels, templates, transform, say)
     if retrieval_csv:
         tasks.append(Task('retrieval', 'retrieval', functools.partial(read_retrieval_csv, retrieval_csv, transform)))
     ev, results = Evaluation(model, tokenizer, cfg, rank, world_size, probe, say), {}
@@ -847,20 +1054,20 @@ def evaluate(model, tokenizer, cfg, rank=0, world_size=1, datasets=None, catalog
 
 
 def check_data(data_root, catalog, labels):
-    """{name: status}, printed a line per catalogue set: found, missing or malformed (why); no decoding: seconds."""
+    """{name: status}, printed a line per evaluation set: found, missing or malformed (why); no decoding: seconds."""
     print(f"{'dataset':<16}{'split':<6}{'status':<11}{'images':>8}{'classes':>8}  path or problem")
     statuses = {}
-    for name, (_, split, _) in CATALOGUE.items():
+    for name, row in EVAL_SETS.items():
         root = _dataset_path(name, data_root, catalog)
-        statuses[name], count, classes, detail = data_status(name, root, labels.get(name, []))
-        print(f"{name:<16}{split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
+        statuses[name], count, classes, detail = data_status(name, root, labels.get(name, row.classnames))
+        print(f"{name:<16}{row.split:<6}{statuses[name]:<11}{count:>8}{classes:>8}  {detail}")
     print(', '.join(f"{list(statuses.values()).count(s)} {s}" for s in ('found', 'missing', 'malformed')) +
           " (layouts: docs/datasets.md)")
     return statuses
 
 
 def data_status(name, root, classnames):
-    """(status, images, classes, path or problem) of one catalogue dataset stored at root (None: no root)."""
+    """(status, images, classes, path or problem) of one evaluation set stored at root (None: no root)."""
     if root is None or not root.exists():
         return 'missing', '-', '-', str(root) if root else 'no --data_root or catalogue entry'
     try:
@@ -959,7 +1166,7 @@ def evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, d
             _write_json(records if 'out' in flags else record, out)
 
     datasets = (flags['datasets'].split(',') if 'datasets' in flags else
-                list(CATALOGUE) + (['demo'] if cfg.dataset == 'demo' else []))
+                list(EVAL_SETS) + (['demo'] if cfg.dataset == 'demo' else []))
     save(evaluate(model, tokenizer, cfg, rank, world_size, datasets, **inputs, on_result=None if probe else save,
                   precision=flags.get('precision', 'fp32'), probe=probe))
     return out
@@ -989,10 +1196,10 @@ def _run(argv):
     if command:
         return command(argv)
     paths, flags, catalog = parse_argv(argv)
-    labels = catalogue_file('labels', flags.get('labels'))
+    labels = override_file('labels', flags.get('labels'))
     if 'check_data' in flags:
         return check_data(flags.get('data_root', ''), catalog, labels)
-    inputs = {'catalog': catalog, 'labels': labels, 'templates': catalogue_file('templates', flags.get('templates')),
+    inputs = {'catalog': catalog, 'labels': labels, 'templates': override_file('templates', flags.get('templates')),
               'retrieval_csv': flags.get('retrieval')}
     # the cores are split as in training: same thread count, same float results
     cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)

@@ -1,10 +1,15 @@
 """CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, every method's projectors
-and losses, and the METHODS table. build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict
-of embeddings, = model.project(*model.trunks(weak, tokens, strong)) (features, then heads: the split gradient caching
-needs); model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from one
-trunk pass)."""
+and losses, the METHODS table, and the model's weights in and out (released formats, their renames, export to
+open_clip). build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict of embeddings,
+= model.project(*model.trunks(weak, tokens, strong)) (features, then heads: the split gradient caching needs);
+model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from one trunk
+pass)."""
+import argparse
 import math
-from collections import OrderedDict
+import pathlib
+import re
+from collections import OrderedDict, namedtuple
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -457,9 +462,12 @@ def build_model(cfg, vocab_size, verbose=True):
 
 # --- Mixed precision ---
 def autocast_dtype(cfg, device):
-    """'auto' = bf16 autocast on GPUs that support it (no GradScaler needed), fp32 on CPU."""
+    """'auto' = bf16 autocast on GPUs with native bf16 (Ampere on; no GradScaler needed), fp16 on older ones (V100,
+    T4: bf16 there is emulated, several times slower; train.py adds a GradScaler), fp32 on CPU."""
     if cfg.precision == 'auto':
-        return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type != 'cuda':
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
 
 
@@ -680,7 +688,7 @@ def cl2l_siglip_loss(z_image, z_text, h_image, h_text, logit_scale, l2l_logit_sc
 
 
 # --- Objectives ---
-# A method's row in METHODS (below) names its contrastive term and the term added to it: these functions, which
+# A method's row in METHODS (below) holds its contrastive term and the term added to it: these functions, which
 # hand each loss above its inputs from the model's output dict (out) and the config.
 def clip_term(out, cfg):
     """Plain CLIP (recipe §2.2): label smoothing, if any, on its only (global) pair."""
@@ -726,39 +734,56 @@ def swalip_term(out, cfg, target):
 
 
 # --- Methods ---
+# A method's own hyperparameter: config makes it a Config field and a --flag (rows that share one declare it alike)
+# and keeps it within `bound`, an interval such as '[0, 1]' or '(0, inf)'
+Param = namedtuple('Param', 'name default help bound', defaults=('(-inf, inf)',))
+
+
 @dataclass(frozen=True)
 class Method:
-    """One objective (recipe §2): the loss it trains, the model parts it needs, the strong views it reads, and the
+    """One objective (recipe §2): its loss, its own hyperparameters, the model parts and strong views it needs, the
     settings it implies. config, model and train read these columns; nothing else looks at a method's name."""
-    loss: str                 # the function (above) of its contrastive term: (out, cfg) -> {'loss', ...}
-    extra: str = ''           # the function (above) of the term added to it: (out, cfg, target) -> {'loss', ...}
+    loss: Callable            # its contrastive term (above): (out, cfg) -> {'loss', ...}
+    extra: Callable = None    # the term added to it (above): (out, cfg, target) -> {'loss', ...}
     weight: str = ''          # the config field that weights the extra term (none: 1)
+    params: tuple = ()        # its own hyperparameters (Param), read by its terms as cfg.<name>
     heads: tuple = ()         # parts beyond the global z heads: 'h' (local MLPs, when num_augs > 0), 'bias' (SigLIP
     #                           logit biases), 'slip', 'barlip', 'siam' (projectors and predictors)
-    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: it never looks at them
+    views: int | None = 0     # the fewest strong views (--num_augs) it trains with; None: never looks (config.PLAIN)
     momentum: bool = False    # its extra term's targets come from a momentum copy of the model (BYOLIP)
     preset: dict = field(default_factory=dict)   # settings it implies, below the explicit flags
     fixed: dict = field(default_factory=dict)    # settings it trains only with: preset, and validate refuses others
     recipes: dict = field(default_factory=dict)  # {(dataset, model or None): settings} on top of that dataset's recipe
 
 
-# recipe §8.1: a plain baseline has no augmented views and must also switch off the weak stopword removal
-_PLAIN = dict(num_augs=0, remove_stopwords_prob=0.0, text_augment=False)
 _SIGLIP = dict(logit_scale_init=math.log(10.0), l2l_logit_scale_init=math.log(10.0))  # t = exp(t') = 10 (Zhai et al.)
+_BIAS = (Param('logit_bias_init', -10.0, 'initial logit bias of the SigLIP terms'),)
 _NONCONTRASTIVE = {('cc12m', None): dict(text_dropout=0.1)}  # recipe §5.1
+_SIAM = (Param('siamlip_hidden_dim', 2048, 'SiamLIP/BYOLIP projector and predictor hidden width', '[1, inf)'),
+         Param('siamlip_proj_dim', 128, 'SiamLIP/BYOLIP projector output width', '[1, inf)'))
 METHODS = {
-    'clip': Method('clip_term', views=None, preset=dict(_PLAIN, label_smoothing=0.0)),
-    'rocket': Method('cl2l_term', heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
-    'slip': Method('cl2l_term', 'slip_term', 'slip_scale', heads=('h', 'slip'), views=2),
-    'barlip': Method('cl2l_term', 'barlip_term', heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE),
-    'siamlip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE),
-    'byolip': Method('cl2l_term', 'siamlip_term', heads=('h', 'siam'), views=1, momentum=True,
-                     recipes=_NONCONTRASTIVE),
-    'swalip': Method('cl2l_term', 'swalip_term', 'swalip_weight', heads=('h',), views=1,
-                     fixed=dict(label_smoothing=0.0), recipes=_NONCONTRASTIVE),  # recipe §2.6
-    'siglip': Method('siglip_term', heads=('bias',), views=None, preset=dict(_PLAIN, **_SIGLIP),
-                     fixed=dict(label_smoothing=0.0)),
-    'rocket_siglip': Method('cl2l_siglip_term', heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0)),
+    'clip': Method(clip_term, views=None),
+    'rocket': Method(cl2l_term, heads=('h',), recipes={('yfcc15m', 'resnet50'): dict(remove_stopwords_prob=0.9)}),
+    'slip': Method(cl2l_term, slip_term, 'slip_scale', heads=('h', 'slip'), views=2, params=(
+        Param('slip_scale', 1.0, 'weight of the SLIP SimCLR loss', '[0, inf)'),
+        Param('slip_temperature', 0.1, 'temperature of the SLIP SimCLR loss', '(0, inf)'))),
+    'barlip': Method(cl2l_term, barlip_term, heads=('h', 'barlip'), views=1, recipes=_NONCONTRASTIVE, params=(
+        Param('barlip_lambda', 5e-3, 'BarLIP off-diagonal weight', '[0, inf)'),
+        Param('barlip_scale', 0.025, "BarLIP loss scale (--gather_with_grad: W x the paper's gradient)", '[0, inf)'),
+        Param('barlip_hidden_dim', 3000, 'BarLIP projector hidden width', '[1, inf)'),
+        Param('barlip_proj_dim', 8192, 'BarLIP projector output width', '[1, inf)'))),
+    'siamlip': Method(cl2l_term, siamlip_term, heads=('h', 'siam'), views=1, recipes=_NONCONTRASTIVE, params=_SIAM),
+    'byolip': Method(cl2l_term, siamlip_term, heads=('h', 'siam'), views=1, momentum=True, recipes=_NONCONTRASTIVE,
+                     params=(*_SIAM, Param('momentum_tau', 0.99, 'EMA rate of the BYOLIP momentum model', '[0, 1]'))),
+    'swalip': Method(cl2l_term, swalip_term, 'swalip_weight', heads=('h',), views=1, fixed=dict(label_smoothing=0.0),
+                     recipes=_NONCONTRASTIVE, params=(  # recipe §2.6
+        Param('swalip_weight', 0.2, 'weight of the SwALIP swapped-prediction loss', '[0, inf)'),
+        Param('sk_epsilon', 0.05, 'Sinkhorn-Knopp entropy epsilon (SwALIP)', '(0, inf)'),
+        Param('sk_iters', 3, 'Sinkhorn-Knopp iterations (SwALIP)', '[1, inf)'))),
+    'siglip': Method(siglip_term, heads=('bias',), views=None, preset=_SIGLIP, fixed=dict(label_smoothing=0.0),
+                     params=_BIAS),
+    'rocket_siglip': Method(cl2l_siglip_term, heads=('h', 'bias'), preset=_SIGLIP, fixed=dict(label_smoothing=0.0),
+                            params=_BIAS),
 }
 
 
@@ -770,12 +795,243 @@ def compute_loss(out, cfg, target=None):
     method = METHODS[cfg.method]
     if method.momentum and target is None:
         raise ValueError(f"method {cfg.method} needs target=<the momentum model's output dict>")
-    losses = globals()[method.loss](out, cfg)
+    losses = method.loss(out, cfg)
     if method.extra:
-        extra = globals()[method.extra](out, cfg, target if method.momentum else out)
+        extra = method.extra(out, cfg, target if method.momentum else out)
         weight = getattr(cfg, method.weight) if method.weight else 1.0
         total = losses['loss'] + weight * extra['loss']
         losses = {**losses, **extra, f'{cfg.method}_loss': extra['loss'], 'loss': total}
     losses.update({k: out[k] for k in ('logit_scale', 'l2l_logit_scale', 'logit_bias', 'l2l_logit_bias') if k in out})
     # everything but the loss is for logging: detached, so that keeping it does not keep the graph alive
     return {k: v if k == 'loss' else v.detach() for k, v in losses.items()}
+
+
+# --- Weights in and out ---
+# One file format for training, resume, evaluation and import (train.py writes it, evaluate.py reads it): a dict with 'format': FORMAT, the run's 'config',
+# the 'model' weights and the tokenizer's 'bpe_merges'; train.py adds the optimizer, scaler, RNG and data position.
+FORMAT = 'rocket-clip/1'
+
+
+# Released weights.
+# The checkpoints of SLIP and CLIP 🚀 (their main.py's dict: an `args` Namespace and a DDP state_dict) and open_clip
+# state dicts of OpenAI-architecture ViTs, renamed onto this model. Widths and depths come from the tensors; head
+# counts, which no shape shows, from the official builder named in args.model (for open_clip files: the caller's).
+OFFICIAL_HEADS = {  # (format, backbone in args.model) -> (vision heads, text heads) of the official builders
+    ('slip', 'VITS16'): (12, 8), ('slip', 'VITB16'): (12, 8), ('slip', 'VITL16'): (16, 8),  # SLIP's ViT-S: 12 heads
+    ('rocket', 'R50'): (None, 8), ('rocket', 'VITS16MOCO'): (12, 8), ('rocket', 'VITS16'): (6, 8),
+    ('rocket', 'VITS32'): (6, 8), ('rocket', 'VITB32'): (12, 8), ('rocket', 'VITB16'): (12, 8),
+    ('rocket', 'VITL16'): (16, 8),
+}
+OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_MLP_INDEX = {'layer1': 0, 'bn1': 1, 'layer2': 3, 'bn2': 4, 'layer3': 6}  # official 3-layer MLP names -> mlp()
+_RENAMES = [  # (pattern, replacement), applied in turn to every key: the official name -> ours
+    (r'^visual\.cls_token$', 'visual.class_embedding'), (r'^visual\.pos_embed$', 'visual.positional_embedding'),
+    (r'^visual\.patch_embed\.proj\.', 'visual.conv1.'), (r'^visual\.blocks\.', 'visual.transformer.resblocks.'),
+    (r'^visual\.norm\.', 'visual.ln_post.'), (r'\.norm1\.', '.ln_1.'), (r'\.norm2\.', '.ln_2.'),
+    (r'\.attn\.qkv\.', '.attn.in_proj.'), (r'\.attn\.proj\.', '.attn.out_proj.'),
+    (r'\.attn\.in_proj_(weight|bias)$', r'.attn.in_proj.\1'),
+    (r'\.mlp\.fc1\.', '.mlp.c_fc.'), (r'\.mlp\.fc2\.', '.mlp.c_proj.'),
+    (r'^(text\.)?(token_embedding|positional_embedding|transformer|ln_final)\b', r'text.\2'),
+    (r'^image_projector\.', 'image_heads.z.'), (r'^text_projector\.', 'text_heads.z.'),
+    (r'^l2l_image_projector\.', 'image_heads.h.'), (r'^l2l_text_projector\.', 'text_heads.h.'),
+    (r'^image_mlp\.', 'slip_image.'),
+    (r'^(image_heads\.h|text_heads\.h|slip_image)\.(layer[123]|bn[12])\.', lambda m: f'{m[1]}.{_MLP_INDEX[m[2]]}.'),
+    # CLIP 🚀's non-contrastive heads: the '_global' modules (the '_local' ones are the same modules unless
+    # --separate-proj-child, which this model does not have)
+    (r'^barlip_(image|text)_projector_global\.', r'barlip_\1.'),
+    (r'^siamlip_(image|text)_projector_global\.0\.', r'siam_proj_\1.'),
+    (r'^siamlip_(image|text)_projector_global\.1\.', r'siam_proj_\1.4.'),  # the affine-free last BN
+    (r'^image_text_predictor_global\.', 'siam_pred_image.'), (r'^text_image_predictor_global\.', 'siam_pred_text.'),
+]
+_CORE = ('visual.', 'text.', 'image_heads.', 'text_heads.', 'logit_scale', 'l2l_logit_scale')
+_EXTRA = ('slip_image.', 'barlip_image.', 'barlip_text.', 'siam_proj_', 'siam_pred_')
+
+
+def load_weights_file(path):
+    """torch.load(weights_only=True) admitting only the argparse.Namespace (and the pathlib paths inside it) that
+    SLIP and CLIP 🚀 save as `args`: an explicit allow-list, never a full unpickle."""
+    allowed = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]
+    if pathlib.PosixPath.__module__ != 'pathlib':  # Python 3.13 moved it; older files name it pathlib.PosixPath
+        allowed += [(pathlib.PosixPath, 'pathlib.PosixPath'), (pathlib.WindowsPath, 'pathlib.WindowsPath')]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _rename(key):
+    for pattern, replacement in _RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _count(state, prefix):
+    """Number of blocks under prefix (keys prefix + '<i>.')."""
+    return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
+
+
+def _source_format(sd):
+    """'slip', 'rocket' or 'open_clip' from the keys; None for an unknown dict; raises for unsupported models."""
+    if 'visual.attnpool.positional_embedding' in sd:
+        raise ValueError("OpenAI's modified ResNet-50 (attention pooling) is out of scope: only OpenAI's ViTs and "
+                         "CLIP 🚀's standard ResNet-50 are supported")
+    if 'token_embedding.weight' not in sd and 'text.token_embedding.weight' not in sd:
+        if 'image_mlp.layer1.weight' in sd:
+            raise ValueError("a SLIP SimCLR checkpoint: an image tower without text tower or projection, so no "
+                             "zero-shot classifier; use one of SLIP's CLIP or SLIP files")
+        return None
+    if 'image_projection' in sd:
+        return 'slip'
+    if 'image_projector.weight' in sd or 'image_projector.layer1.weight' in sd:
+        return 'rocket'
+    if 'visual.proj' in sd and 'visual.class_embedding' in sd:
+        return 'open_clip'
+    return None
+
+
+def _arch(fmt, name, state, extra):
+    """(Config fields of the weights, the fields among them that are assumed, where the head counts come from)."""
+    text_width = state['text.ln_final.weight'].shape[0]
+    arch = dict(text_width=text_width, text_layers=_count(state, 'text.transformer.resblocks.'),
+                context_length=state['text.positional_embedding'].shape[0],
+                embed_dim=state['image_heads.z.weight'].shape[0], method='clip', num_augs=0)
+    if 'visual.class_embedding' in state:
+        width, _, patch, _ = state['visual.conv1.weight'].shape
+        size = math.isqrt(state['visual.positional_embedding'].shape[1] - 1) * patch
+        arch.update(vision='vit', vision_width=width, vision_layers=_count(state, 'visual.transformer.resblocks.'),
+                    patch_size=patch, image_size=size, local_crop_size=size,
+                    vit_style='openai' if fmt == 'open_clip' else 'timm')
+    else:
+        arch.update(vision='resnet50', image_size=224, local_crop_size=224)
+    if 'image_heads.h.0.weight' in state:
+        arch.update(method='rocket', num_augs=2, mlp_hidden_dim=state['image_heads.h.0.weight'].shape[0])
+    elif 'slip_image.0.weight' in extra:
+        arch['mlp_hidden_dim'] = extra['slip_image.0.weight'].shape[0]
+    if fmt == 'open_clip':  # OpenAI's weights were trained with QuickGELU, some LAION ones with GELU: not in the file
+        arch.update(image_mean=OPENAI_MEAN, image_std=OPENAI_STD, vision_act='quickgelu', text_act='quickgelu')
+        return arch, ['vision_act', 'text_act'], None  # nor are the head counts: no name, no shape shows them
+    arch.update(vision_act='gelu', text_act='quickgelu')
+    backbone = name.split('_')[1] if name and '_' in name else None
+    heads = OFFICIAL_HEADS.get((fmt, backbone))
+    if heads is None:
+        return arch, [], None
+    if heads[0] is not None and arch['vision'] == 'vit':
+        arch['vision_heads'] = heads[0]
+    arch['text_heads'] = heads[1]
+    return arch, [], f"the official builder {name}"
+
+
+def convert_weights(obj):
+    """A released checkpoint in our names: {format, name, epoch, arch (its Config fields), assumed, heads_from, state,
+    extra (method heads), ignored (keys left out)}; None for a foreign dict, ValueError for an unsupported model."""
+    if not isinstance(obj, dict):
+        return None
+    wrapped = isinstance(obj.get('state_dict'), dict)  # main.py's dict (or open_clip's) around the state_dict
+    sd = obj['state_dict'] if wrapped else obj
+    if not sd:
+        return None
+    if all(k.startswith('module.') for k in sd):  # saved from a DistributedDataParallel model
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k not in ('input_resolution', 'context_length', 'vocab_size')}  # OpenAI's
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        return None
+    fmt = _source_format(sd)
+    if fmt is None:
+        return None
+    if 'image_projector.layer1.weight' in sd:
+        raise ValueError("a CLIP 🚀 checkpoint with MLP global projectors (--clip-proj-type mlp), which this model "
+                         "does not have; only the paper's linear ones are supported")
+    state, ignored = {}, []
+    for key, value in sd.items():
+        if key in ('image_projection', 'visual.proj', 'text_projection', 'text.text_projection'):
+            # used as x @ P: our Linear weight is P^T
+            state['text_heads.z.weight' if 'text' in key else 'image_heads.z.weight'] = value.t()
+            continue
+        new = _rename(key)
+        if new.startswith(_CORE + _EXTRA):
+            state[new] = value
+        else:
+            ignored.append(key)
+    if fmt == 'open_clip':  # class token (D,) and position embedding (L, D) -> ours, with batch axes
+        state['visual.class_embedding'] = state['visual.class_embedding'].reshape(1, 1, -1)
+        state['visual.positional_embedding'] = state['visual.positional_embedding'].unsqueeze(0)
+    if state.get('image_heads.h.weight') is not None:  # a linear local head
+        if 'l2l_logit_scale' in state:
+            raise ValueError("a CLIP 🚀 checkpoint with linear local projectors (--cl2l-img-proj-type linear), "
+                             "which this model does not have; only the paper's MLP ones are supported")
+        # without --separate-proj the local head is the global one, saved a second time: keep it once
+        ignored += [k for k in sd if k.startswith('l2l_')]
+        state = {k: v for k, v in state.items() if not k.startswith(('image_heads.h.', 'text_heads.h.'))}
+    extra = {k: state.pop(k) for k in list(state) if k.startswith(_EXTRA)}
+    name = getattr(obj.get('args'), 'model', None)
+    arch, assumed, heads_from = _arch(fmt, name, state, extra)
+    return {'format': fmt, 'name': name, 'epoch': obj.get('epoch') if wrapped else None, 'arch': arch,
+            'assumed': assumed, 'heads_from': heads_from, 'state': state, 'extra': extra, 'ignored': ignored}
+
+
+# Export to open_clip.
+# The inverse of the import renames: every plain rename of _RENAMES (a literal name, no group) turned around gives
+# timm's ViT names from ours, so one table serves both ways. open_clip's own towers keep OpenAI's names.
+_INVERSE = [(re.escape(new).join(['^' * p.startswith('^'), '$' * p.endswith('$')]), p.strip('^$').replace('\\.', '.'))
+            for p, new in reversed(_RENAMES) if isinstance(new, str) and '\\' not in new
+            and re.escape(p.strip('^$').replace('\\.', '.')) == p.strip('^$')]  # literal renames only
+_PACKED_QKV = (r'\.attn\.in_proj\.(weight|bias)$', r'.attn.in_proj_\1')  # open_clip's nn.MultiheadAttention
+# (width, layers, heads, patch, image size) of our timm-style ViT -> timm's registered ViT of that shape
+TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224): 'vit_small_patch16_224',
+             (384, 12, 6, 32, 224): 'vit_small_patch32_224', (768, 12, 12, 16, 224): 'vit_base_patch16_224',
+             (768, 12, 12, 32, 224): 'vit_base_patch32_224', (1024, 24, 16, 16, 224): 'vit_large_patch16_224'}
+
+
+def _timm_name(key):
+    """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
+    for pattern, replacement in _INVERSE:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _vision_tower(cfg, state):
+    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
+    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
+    visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
+    head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
+    if cfg.vision == 'resnet50':  # our names are timm's
+        vision_cfg = dict(timm_model_name='resnet50', timm_pool='avg', timm_proj='linear', image_size=cfg.image_size)
+        return vision_cfg, {**{f'trunk.{k}': v for k, v in visual.items()}, **head}
+    shape = (cfg.vision_width, cfg.vision_layers, cfg.vision_heads, cfg.patch_size, cfg.image_size)
+    if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' and shape in TIMM_VITS:
+        vision_cfg = dict(timm_model_name=TIMM_VITS[shape], timm_pool='token', timm_proj='linear',
+                          image_size=cfg.image_size)
+        return vision_cfg, {**{'trunk.' + _timm_name(f'visual.{k}')[len('visual.'):]: v for k, v in visual.items()},
+                            **head}
+    if cfg.vision_act != cfg.text_act:  # open_clip's quick_gelu sets both of its own towers
+        timm = f"; timm's shapes {sorted(TIMM_VITS.values())} export through its timm tower" \
+            if cfg.vit_style == 'timm' and cfg.vision_act == 'gelu' else ''
+        raise ValueError(f"--vision_act={cfg.vision_act} with --text_act={cfg.text_act}: open_clip's own ViT takes "
+                         f"the text tower's activation{timm}")
+    out = {re.sub(*_PACKED_QKV, k): v for k, v in visual.items() if k != 'conv1.bias'}
+    out['class_embedding'] = visual['class_embedding'].reshape(-1)  # (1, 1, D) -> (D,)
+    out['positional_embedding'] = visual['positional_embedding'][0].clone()  # (1, 1+N, D) -> (1+N, D)
+    if 'conv1.bias' in visual:  # open_clip's patch conv has no bias: it is a constant on every patch position
+        out['positional_embedding'][1:] += visual['conv1.bias']
+    out['proj'] = state['image_heads.z.weight'].t()  # used as x @ proj
+    vision_cfg = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                      layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads)
+    if cfg.vit_style == 'timm':
+        vision_cfg.update(no_ln_pre=True, norm_kwargs={'eps': 1e-6})
+    return vision_cfg, out
+
+
+def export_open_clip(cfg, state, vocab_size):
+    """Our weights in open_clip's names: (model_cfg, preprocess_cfg, state_dict, modules left out: every head but z
+    has no place in open_clip's CLIP); ValueError for a model open_clip cannot represent exactly."""
+    vision_cfg, visual = _vision_tower(cfg, state)
+    text = {re.sub(*_PACKED_QKV, k[len('text.'):]): v for k, v in state.items() if k.startswith('text.')}
+    out = {**{f'visual.{k}': v for k, v in visual.items()}, **text,
+           'text_projection': state['text_heads.z.weight'].t(), 'logit_scale': state['logit_scale']}
+    model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.text_act == 'quickgelu', vision_cfg=vision_cfg,
+                     text_cfg=dict(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
+                                   heads=cfg.text_heads, layers=cfg.text_layers))
+    preprocess_cfg = dict(size=cfg.image_size, mode='RGB', mean=list(cfg.image_mean), std=list(cfg.image_std),
+                          interpolation='bilinear', resize_mode='shortest', fill_color=0)
+    left_out = sorted({'.'.join(k.split('.')[:2 if k.startswith(('image_heads.', 'text_heads.')) else 1])
+                       for k in state if k != 'logit_scale'
+                       and not k.startswith(('visual.', 'text.', 'image_heads.z.', 'text_heads.z.'))})
+    return model_cfg, preprocess_cfg, {k: v.contiguous() for k, v in out.items()}, left_out

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train.py --dataset=cc3m --root=... --metadata=...
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
-Checkpoints go to output_dir/checkpoint.pt (atomically); --resume=auto continues at the exact next sample.
+Checkpoints go to output_dir/checkpoint.pt (atomically; this module's "Checkpoints" section saves, keeps and resumes
+them, evaluate.read_checkpoint reads them); --resume=auto continues at the exact next sample.
 SIGTERM / SIGUSR1 (sent by SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step and exit 0;
 a second Ctrl-C exits at once.
 """
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -33,9 +35,9 @@ from tqdm import tqdm
 
 import config
 from augment import finish_views
-from data import build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges
-from evaluate import evaluate, print_table
-from model import autocast_dtype, build_model, compute_loss, restore_buffers
+from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges, samples_read
+from evaluate import epoch_datasets, evaluate, print_table, read_checkpoint
+from model import FORMAT, autocast_dtype, build_model, compute_loss, restore_buffers
 
 
 # --- Distributed set-up ---
@@ -128,6 +130,7 @@ def ema_update(momentum_model, model, tau):
 
 
 # --- Checkpoints ---
+STALE_TMP = re.compile(r'\.checkpoint(_\d+)?\.pt\.\d+\.tmp')  # config.TMP_NAME of a checkpoint whose save was killed
 def rng_state(device):
     """This process's RNG states as tensors and plain Python data (loadable with weights_only=True); the CUDA
     state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
@@ -149,7 +152,7 @@ def set_rng_state(state):
 def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, position, metrics, rank, world_size,
                     epoch_state=None):
     """Collective: gather every rank's RNG state and running epoch sums (epoch_state) to rank 0, which writes the
-    checkpoint (config.save_checkpoint). Refuses (on every rank) to save non-finite weights."""
+    checkpoint (write_checkpoint). Refuses (on every rank) to save non-finite weights."""
     device = next(model.parameters()).device
     finite = all(torch.isfinite(p).all() for m in (model, momentum_model) if m is not None for p in m.parameters())
     if all_reduce(torch.tensor(float(not finite), device=device), dist.ReduceOp.MAX).item():
@@ -162,19 +165,19 @@ def save_checkpoint(cfg, model, optimizer, scaler, momentum_model, step, positio
         states = [(rng_state(device), epoch_state)]
     if rank != 0:
         return
-    ckpt = {'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
+    ckpt = {'format': FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'momentum_model': momentum_model.state_dict() if momentum_model is not None else None,
             'epoch': position['epoch'], 'step': step, 'rng': [s[0] for s in states], 'data': position,
             'epoch_sums': [s[1] for s in states], 'metrics': metrics,
             'bpe_merges': checkpoint_merges(cfg.bpe_path)}  # the tokenizer travels with the weights
-    config.save_checkpoint(ckpt, cfg.output_dir, cfg.keep_last)
+    write_checkpoint(ckpt, cfg.output_dir, cfg.keep_last)
 
 
 def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_size, batch_size):
     """Restore training state in place; returns (step, data position, this rank's RNG state or None, this rank's
     running epoch sums or None)."""
-    ckpt = config.read_resume(path)
+    ckpt = read_resume(path)
     try:
         model.load_state_dict(ckpt['model'])
         if momentum_model is not None:
@@ -196,6 +199,62 @@ def load_checkpoint(path, model, momentum_model, optimizer, scaler, rank, world_
     return ckpt['step'], position, rng[rank] if rng is not None else None, sums[rank] if sums else None
 
 
+def write_checkpoint(ckpt, output_dir, keep_last):
+    """checkpoint.pt and a step-numbered copy in output_dir, keeping the last keep_last copies; a full disk raises
+    one line saying what still loads."""
+    out, step, saved = Path(output_dir), ckpt['step'], False
+    try:
+        config.atomic_save(ckpt, out / 'checkpoint.pt')
+        saved = True
+
+        def copy_into(f):
+            with open(out / 'checkpoint.pt', 'rb') as src:
+                shutil.copyfileobj(src, f, 1 << 24)
+        # an independent file, not a hard link: damage done in place to checkpoint.pt (a truncating copy, a bad
+        # block) must leave its numbered twin loadable, for the --resume that the corrupt-checkpoint error names
+        config.atomic_write(out / f'checkpoint_{step:08d}.pt', copy_into, os.path.getsize(out / 'checkpoint.pt'))
+    except OSError as e:
+        if e.errno not in config.NO_SPACE:
+            raise
+        good = (f"{out}/checkpoint.pt holds step {step}" if saved else f"{out}/checkpoint.pt is unchanged and still "
+                f"loads" if (out / 'checkpoint.pt').exists() else "no checkpoint was saved before")
+        raise config.UserError(f"step {step}: {e.strerror}; {good}; free some space, then continue with "
+                        f"--resume=auto") from None
+    for old in sorted(out.glob('checkpoint_*.pt'))[:-keep_last]:
+        old.unlink()
+
+
+def find_resume(out, resume):
+    """The checkpoint that --resume names (auto: out/checkpoint.pt if there is one), or None to start fresh."""
+    if resume == 'auto':
+        numbered = sorted(out.glob('checkpoint_*.pt'))
+        if not (out / 'checkpoint.pt').exists() and numbered:  # starting over would delete them
+            raise config.UserError(f"--resume=auto: {out} has no checkpoint.pt but holds {len(numbered)} numbered "
+                            f"checkpoint(s); continue from the newest with --resume={numbered[-1]}")
+        return out / 'checkpoint.pt' if (out / 'checkpoint.pt').exists() else None
+    if resume and not Path(resume).is_file():
+        raise config.UserError(f"--resume={resume}: no such checkpoint; give a checkpoint.pt path or auto")
+    return Path(resume) if resume else None
+
+
+def read_resume(path):
+    """The checkpoint dict at `path`; when it does not load, one line naming the newest numbered copy that does."""
+    try:
+        return read_checkpoint(path)
+    except (ValueError, config.UserError) as e:  # read_checkpoint's one-line refusals
+        error = e
+    for numbered in sorted(Path(path).parent.glob('checkpoint_*.pt'), reverse=True):
+        try:
+            step = read_checkpoint(numbered)['step']
+        except (ValueError, config.UserError):
+            continue
+        if numbered.resolve() != Path(path).resolve():
+            raise config.UserError(f"{error}; the newest numbered checkpoint that loads is step {step}: continue "
+                            f"from it with --resume={numbered}") from None
+    raise config.UserError(f"{error}; no numbered checkpoint beside it loads either: start over with --overwrite "
+                    f"or another --output_dir") from None
+
+
 # Config fields that shape the model and that a checkpoint's config (ours, or an import's) fixes
 ARCH_FIELDS = ('vision', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'image_size', 'vit_style',
                'vision_act', 'text_width', 'text_layers', 'text_heads', 'text_act', 'context_length', 'embed_dim')
@@ -209,7 +268,7 @@ def maybe_init_weights(model, cfg, resume, master):
     if not cfg.init or resume is not None:
         return
     # a released file without an official model name does not tell its head counts: the run's are taken
-    ckpt = config.read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
+    ckpt = read_checkpoint(cfg.init, defaults={k: getattr(cfg, k) for k in ('vision_heads', 'text_heads', 'bpe_path')})
     theirs = ckpt['config']
     fields = ['vision'] if theirs['vision'] != cfg.vision else [
         k for k in ARCH_FIELDS if k in theirs and (cfg.vision == 'vit' or k not in VIT_FIELDS)]
@@ -256,7 +315,7 @@ def check_output_dir(cfg):
         if (out / 'checkpoint.pt').exists():
             raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
                                    f"it or --overwrite to start over")
-    return config.find_resume(out, cfg.resume)
+    return find_resume(out, cfg.resume)
 
 
 def check_writable(out):
@@ -278,10 +337,10 @@ def init_output_dir(cfg, resume, rank):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.iterdir():
-            if config.STALE_TMP.fullmatch(stale.name):
+            if STALE_TMP.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         if resume is None:  # a fresh run: stale checkpoints and logs of an overwritten run would mix in
-            for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl']:
+            for old in [*out.glob('checkpoint*.pt'), out / 'log.jsonl', out / SKIPPED_LOG]:
                 old.unlink(missing_ok=True)
         config.save_json(cfg, out / 'config.json')
 
@@ -326,6 +385,25 @@ def write_log(cfg, record):
         f.write(json.dumps(record) + '\n')
     for log, _ in TRACKERS:
         log(record)
+
+
+SKIPPED_LOG = 'skipped.jsonl'  # every unreadable sample: {"step", "sample": where, "reason": why}, one per line
+SHOWN = 5  # unreadable samples named per log interval in its record and line
+
+
+def write_skipped(cfg, loop, rank, world_size):
+    """Append the unreadable samples of every rank met since the last call to output_dir/skipped.jsonl (rank 0),
+    one line each, tagged with this step; returns them ([where, why] pairs; every rank gets all)."""
+    files, loop.skipped_files = loop.skipped_files, []
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, files)
+        files = [f for part in parts for f in part]
+    if rank == 0 and files:  # appended lines: a kill tears at most the last one, which a resume drops (trim_log)
+        with open(Path(cfg.output_dir) / SKIPPED_LOG, 'a') as f:
+            f.write(''.join(json.dumps({'step': loop.step, 'sample': where, 'reason': why}) + '\n'
+                            for where, why in files))
+    return files
 
 
 # --- Experiment tracking ---
@@ -381,18 +459,19 @@ def close_trackers():
 
 
 def trim_log(cfg, step):
-    """On resume, drop the log records of the steps past the checkpoint's (they are logged again) and a line torn by
-    a kill, so that log.jsonl holds one record per step. A 'nonfinite' record of step s is the update s -> s + 1."""
-    path = Path(cfg.output_dir) / 'log.jsonl'
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
-                keep.append(line + '\n')
-    config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
+    """On resume, drop the log and skipped-sample records of the steps past the checkpoint's (they are logged again)
+    and a line torn by a kill, so that log.jsonl holds one record per step and skipped.jsonl each unreadable sample
+    once. A 'nonfinite' record of step s is the update s -> s + 1."""
+    for path in (Path(cfg.output_dir) / 'log.jsonl', Path(cfg.output_dir) / SKIPPED_LOG):
+        if not path.exists():
+            continue
+        keep = []
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get('step', 0) + (record.get('type') == 'nonfinite') <= step:
+                    keep.append(line + '\n')
+        config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 
 # --- Gradient caching ---
@@ -484,6 +563,7 @@ class Loop:
     t_start: float = 0.0  # when this process's loop began, at step first_step (for the ETA)
     first_step: int = 0
     bad_base: tuple = (0, 0)  # (skipped, read) this epoch, all ranks, when bad data last stopped the run
+    skipped_files: list = field(default_factory=list)  # [where, why] of this rank's unreadable samples not yet written
     metrics: dict = field(default_factory=dict)  # the last record, saved in the checkpoint
 
 
@@ -501,17 +581,19 @@ def restore_epoch_state(loop, state, device):
     loop.bad_base = tuple(state['bad_base'])
 
 
-def build_training(cfg, vocab_size, device, rank, world_size):
-    """The model, its momentum copy (a row of config.METHODS with momentum: BYOLIP), AdamW and the GradScaler,
-    initialised identically on every rank (recipe §5.5); the model line is printed by rank 0 only."""
+def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
+    """The model (with the --init weights unless resuming), its momentum copy of those weights (a row of
+    config.METHODS with momentum: BYOLIP), AdamW and the GradScaler, initialised identically on every rank (recipe
+    §5.5); the model line is printed by rank 0 only."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
+    maybe_init_weights(model, cfg, resume, rank == 0)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world_size > 1 and device.type == 'cuda':  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (GPU only: on CPU each rank keeps its own BN)
+    if sync_batchnorm(device, world_size):  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     momentum_model = None
     if config.METHODS[cfg.method].momentum:
         momentum_model = copy.deepcopy(model).requires_grad_(False)
@@ -521,9 +603,31 @@ def build_training(cfg, vocab_size, device, rank, world_size):
     return model, momentum_model, optimizer, scaler
 
 
-def wrap_model(model, cfg, device, world_size):
-    """The module the step calls: compiled when asked, DDP across ranks; `model` keeps the plain parameters."""
-    train_model = torch.compile(model) if cfg.compile else model
+def sync_batchnorm(device, world_size):
+    """Whether BatchNorm becomes SyncBatchNorm: across GPUs only (PyTorch's needs GPU tensors; on CPU each rank keeps
+    its own BN)."""
+    return world_size > 1 and device.type == 'cuda'
+
+
+def compile_parts(model):
+    """The modules --compile compiles: the whole model, or where it holds SyncBatchNorm (multi-GPU BN), which breaks
+    the graph at every BN call, the towers without it (the text tower, a ViT); BN heads and a ResNet stay eager."""
+    def synced(module):
+        return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+    return [model] if not synced(model) else [m for m in (model.visual, model.text) if not synced(m)]
+
+
+def wrap_model(model, cfg, device, world_size, rank=0):
+    """The module the step calls: compiled in place when asked (compile_parts), DDP across ranks."""
+    train_model = model
+    if cfg.compile:
+        parts = compile_parts(model)
+        for part in parts:
+            part.compile()
+        if parts != [model] and rank == 0:
+            names = [name for name, m in model.named_children() if any(m is p for p in parts)]
+            print(f"train: --compile with SyncBatchNorm compiles {' and '.join(names) or 'nothing'}; the modules "
+                  f"holding SyncBatchNorm run eagerly", flush=True)
     if world_size > 1 and not caches_gradients(cfg):  # gradient caching averages the gradients itself
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
@@ -579,7 +683,8 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         loop.batch += 1
         loop.data_time += time.perf_counter() - loop.t_data
         weak, tokens, strong = to_device(batch, cfg, device)
-        skipped = batch['skipped'].sum().to(device)
+        skipped = batch['skipped'].to(device, non_blocking=True).sum()  # pinned: no copy that blocks the host
+        loop.skipped_files += [f for names in batch['skipped_files'] if names != '[]' for f in json.loads(names)]
         losses = forward_backward(cfg, train_model, model, momentum_model, scaler, autocast, (weak, tokens, strong),
                                   last_micro=micro == cfg.update_freq - 1)
         step_loss += losses['loss'].detach()
@@ -591,8 +696,9 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
     if caches_gradients(cfg) and world_size > 1:
         average_gradients(model, world_size)
 
-    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request
-    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.tensor(float(STOP['signal']), device=device)])
+    # the one host sync per step: agree across ranks on a non-finite loss and on a stop request (torch.full: a fill on
+    # the device, where torch.tensor would be a blocking host-to-device copy)
+    flags = torch.stack([(~torch.isfinite(step_loss)).float(), torch.full((), float(STOP['signal']), device=device)])
     nonfinite, stopping = (v > 0 for v in all_reduce(flags, dist.ReduceOp.MAX).tolist())
     if nonfinite:  # skip the update: no optimizer or scaler step, no EMA
         optimizer.zero_grad(set_to_none=True)
@@ -629,16 +735,24 @@ def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, wo
     sums = loop.log
     elapsed = time.perf_counter() - loop.t_log
     skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
+    files = write_skipped(cfg, loop, rank, world_size)
     record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
               **mean_over_ranks(sums.losses, sums.micro),
               'logit_scale': model.logit_scale.exp().item(),
               'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
               'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
-              'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total}
+              'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total,
+              **({'skipped_files': [where for where, _ in files[:SHOWN]]} if files else {})}
     loop.metrics = record
     if rank == 0:
         write_log(cfg, record)
         show_progress(record, loop, last_step, bar)
+        if files:
+            with tqdm.external_write_mode():
+                print(f"step {loop.step}: {skipped} unreadable sample(s) skipped: " +
+                      ', '.join(f"{where} ({why.split(':')[0]})" for where, why in files[:SHOWN]) +
+                      (' ...' if len(files) > SHOWN else '') + f"; each with its reason in "
+                      f"{Path(cfg.output_dir) / SKIPPED_LOG}", flush=True)
     loop.log, loop.data_time, loop.t_log = new_sums(device), 0.0, time.perf_counter()
     return skipped_epoch
 
@@ -659,7 +773,7 @@ def check_data(cfg, loop, skipped, world_size, epoch_end=False):
     """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since
     the last such stop) were unreadable, else None. Checked at every log interval once --bad_sample_min samples are
     read, and at the epoch's end; skipped: this epoch's unreadable samples so far, all ranks."""
-    read = loop.epoch_sums.micro * cfg.batch_size * world_size + skipped
+    read = samples_read(loop.epoch_sums.micro * cfg.batch_size * world_size, skipped, cfg)
     base_skipped, base_read = loop.bad_base
     if read - base_read < (1 if epoch_end else cfg.bad_sample_min):
         return None
@@ -672,16 +786,16 @@ def check_data(cfg, loop, skipped, world_size, epoch_end=False):
     return None
 
 
-def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping):
-    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation when due) and
-    move the loop to the next epoch; returns the bad-data error of check_data, or None."""
+def end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names):
+    """Write the epoch's record (mean training losses, skipped samples, the zero-shot evaluation of eval_names when
+    due) and move the loop to the next epoch; returns the bad-data error of check_data, or None."""
     sums = loop.epoch_sums
     total_skipped = int(all_reduce(sums.skipped.clone()).item())
     bad = check_data(cfg, loop, total_skipped, world_size, epoch_end=True)
     record = {'type': 'epoch', 'epoch': loop.epoch + 1, 'step': loop.step, 'skipped': total_skipped,
               **{f'train_{k}': v for k, v in mean_over_ranks(sums.losses, sums.micro).items()}}
-    if cfg.eval_every and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
-        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size)  # {dataset: {metric: value}}
+    if eval_names and (loop.epoch + 1) % cfg.eval_every == 0 and not stopping and bad is None:
+        record['test'] = evaluate(model, tokenizer, cfg, rank, world_size, eval_names)  # {dataset: {metric: value}}
     loop.metrics = record
     if rank == 0:
         write_log(cfg, record)
@@ -706,8 +820,7 @@ def set_up(cfg, rank, world_size, device):
         if steps_per_epoch == 0:
             raise config.ConfigError(f"{len(loader)} batches per epoch is fewer than --update_freq={cfg.update_freq}; "
                                      f"lower --batch_size or --update_freq")
-        parts = build_training(cfg, tokenizer.vocab_size, device, rank, world_size)
-        maybe_init_weights(parts[0], cfg, resume, rank == 0)
+        parts = build_training(cfg, tokenizer.vocab_size, device, rank, world_size, resume)
         seed_everything(cfg.seed + rank)  # per-rank randomness from here on (recipe §5.5)
         loop, rng = Loop(log=new_sums(device), epoch_sums=new_sums(device)), None
         if resume is not None:
@@ -726,14 +839,15 @@ def set_up(cfg, rank, world_size, device):
 def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
     """Rank 0's start line (the global batch, per process, in chunks), and warnings: a paper recipe at another global
     batch than the paper's, a warmup that covers the whole run."""
-    batch, paper = cfg.batch_size * world_size, config.RECIPES[cfg.dataset]['global_batch']
+    batch = cfg.batch_size * world_size
     chunks = f"in chunks of {cfg.chunk} (gradient caching)" if caches_gradients(cfg) else "in one pass"
     accumulated = f", {cfg.update_freq} accumulated per step" if cfg.update_freq > 1 else ''
-    print(f"train: {world_size} process(es) on {device}, {amp_dtype}, {cfg.workers} loader worker(s) + "
-          f"{cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} -> "
-          f"{last_step}, global batch {batch} = {world_size} x {cfg.batch_size} per process, {chunks}{accumulated}",
+    print(f"train: {world_size} process(es) on {device}, {precision_note(cfg, device, amp_dtype)}, {cfg.workers} "
+          f"loader worker(s) + {cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} "
+          f"-> {last_step}, global batch {batch} = {world_size} x {cfg.batch_size} per process, {chunks}{accumulated}",
           flush=True)
-    if cfg.dataset in config.PAPER_RECIPES and batch != paper:
+    paper = config.RECIPES[cfg.dataset]['global_batch'] if cfg.dataset in config.PAPER_RECIPES else batch
+    if batch != paper:
         print(f"train: warning: --dataset={cfg.dataset} is the paper's recipe at a global batch of {paper} (the set "
               f"of negatives; its lr was tuned for it), but this run's is {batch}; drop --batch_size/--global_batch to "
               f"run {paper} on any number of GPUs (--chunk bounds the memory)", flush=True)
@@ -744,6 +858,17 @@ def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_siz
               f"--warmup_epochs", flush=True)
 
 
+def precision_note(cfg, device, amp_dtype):
+    """The start line's words on the precision and why: 'fp16 + GradScaler (auto: sm_70 has no native bf16)'."""
+    name = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16 + GradScaler'}[amp_dtype]
+    if cfg.precision != 'auto':
+        return f"{name} (--precision={cfg.precision})"
+    if device.type != 'cuda':
+        return f"{name} (auto: CPU)"
+    arch = 'sm_{}{}'.format(*torch.cuda.get_device_capability(device))
+    return f"{name} (auto: {arch} {'has native bf16' if amp_dtype == torch.bfloat16 else 'has no native bf16'})"
+
+
 def train(cfg, rank, world_size, device):
     """Set up, then the loop: batch -> train_step -> log -> epoch end -> maybe save."""
     amp_dtype = autocast_dtype(cfg, device)
@@ -752,12 +877,13 @@ def train(cfg, rank, world_size, device):
     model, momentum_model, optimizer, scaler = parts
     micro_per_epoch = steps_per_epoch * cfg.update_freq  # recipe §8.16: a trailing partial step is dropped
     last_step = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    train_model = wrap_model(model, cfg, device, world_size)
+    train_model = wrap_model(model, cfg, device, world_size, rank)
     data_iter = start_epoch(loader, loop)
     if rng is not None:  # after iter(): a fresh iterator draws a seed that the saved run had already drawn
         set_rng_state(rng)
     if rank == 0:
         announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size)
+    eval_names = epoch_datasets(cfg, print if rank == 0 else lambda *a, **k: None) if cfg.eval_every else []
     interactive = rank == 0 and sys.stdout.isatty() and sys.stderr.isatty()
     bar = tqdm(total=last_step, initial=loop.step, dynamic_ncols=True) if interactive else None
     loop.t_start = loop.t_log = loop.t_data = time.perf_counter()
@@ -777,9 +903,10 @@ def train(cfg, rank, world_size, device):
             bad = check_data(cfg, loop, skipped, world_size)
         epoch_end = loop.batch == micro_per_epoch
         if epoch_end:
-            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping) or bad
+            bad = end_epoch(cfg, loop, model, tokenizer, rank, world_size, stopping, eval_names) or bad
         done = stopping or bad is not None or loop.step >= last_step or loop.epoch >= cfg.epochs
         if epoch_end or done or (cfg.save_every and loop.step % cfg.save_every == 0):
+            write_skipped(cfg, loop, rank, world_size)  # a resume never reads these samples again
             position = {'epoch': loop.epoch, 'batch': loop.batch, 'world_size': world_size,
                         'batch_size': cfg.batch_size}
             save_checkpoint(cfg, model, optimizer, scaler, momentum_model, loop.step, position, loop.metrics, rank,
@@ -823,7 +950,7 @@ def full_disk_is_one_line():
 def main(argv=None):
     """Train with the config of the command-line flags (see config.py / --help). Purposeful errors are
     config.UserError (printed as one line by config.run_cli); under torchrun each is printed once."""
-    cfg = config.parse_args(argv)
+    cfg = config.parse_args(argv, datasets=READERS)
     rank, world_size, device = config.setup_distributed(cfg)
     # SIGTERM/SIGUSR1 (SLURM before pre-emption) and a first Ctrl-C save a checkpoint at the next step boundary and
     # exit 0. Installed first, so that torchrun's SIGTERM, sent to every rank when one fails, cannot cut off this

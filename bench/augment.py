@@ -91,21 +91,22 @@ def op_table(size):
     u8 = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
     img, pil = u8.float() / 255, Image.fromarray(u8[0].permute(1, 2, 0).numpy())
     x = u8[0].repeat(1, 2, 2).permute(1, 2, 0).contiguous().permute(2, 0, 1)  # a decoded image's (3, H, W) layout
-    f, h, s = torch.full((1, 1, 1, 1), 1.2), torch.full((1, 1, 1, 1), 0.05), torch.tensor([1.5])
+    f, h, taps = torch.full((1, 1, 1, 1), 1.2), torch.full((1, 1, 1, 1), 0.05), torch.tensor([A.blur_taps(1.5)])
+    on = torch.ones(1, 1, 1, 1, dtype=torch.bool)
     rows = [
         ('crop 1.5x + bicubic resize (uint8)',
          lambda: F.resized_crop(x, 0, 0, size * 3 // 2, size * 3 // 2, [size, size], T.InterpolationMode.BICUBIC),
          lambda: A.resized_crop(x, (0, 0, size * 3 // 2, size * 3 // 2), size)),
         ('uint8 -> float', lambda: F.to_dtype(u8, torch.float32, scale=True), lambda: u8.float().mul_(1 / 255)),
-        ('brightness', lambda: F.adjust_brightness(img, 1.2), lambda: A.adjust_brightness_(img.clone(), f)),
-        ('contrast', lambda: F.adjust_contrast(img, 1.2), lambda: A.adjust_contrast_(img.clone(), f)),
-        ('saturation', lambda: F.adjust_saturation(img, 1.2), lambda: A.adjust_saturation_(img.clone(), f)),
+        ('brightness', lambda: F.adjust_brightness(img, 1.2), lambda: A.blend_(img.clone(), f)),
+        ('contrast', lambda: F.adjust_contrast(img, 1.2), lambda: A.blend_(img.clone(), f, mean=1 - f)),
+        ('saturation', lambda: F.adjust_saturation(img, 1.2), lambda: A.blend_(img.clone(), f, grey=1 - f)),
         ('hue', lambda: F.adjust_hue(img, 0.05), lambda: A.adjust_hue(img, h)),
-        ('grayscale', lambda: F.rgb_to_grayscale(img, 3), lambda: A.grayscale_(img.clone())),
+        ('grayscale', lambda: F.rgb_to_grayscale(img, 3), lambda: torch.where(on, A.grayscale(img), img)),
         ('blur sigma 1.5 (reference: PIL on uint8)', lambda: pil.filter(ImageFilter.GaussianBlur(1.5)),
-         lambda: A.gaussian_blur(img, s)),
-        ('solarize', lambda: F.solarize(img, 128 / 255), lambda: A.solarize(img)),
-        ('flip', lambda: F.horizontal_flip(img), lambda: A.flip(img)),
+         lambda: A.gaussian_blur(img, taps)),
+        ('solarize', lambda: F.solarize(img, 128 / 255), lambda: A.solarize(img, torch.full((1, 1, 1, 1), 128 / 255))),
+        ('flip', lambda: F.horizontal_flip(img), lambda: torch.where(on, img.flip(-1), img)),
         ('normalise', lambda: F.normalize(img, MEAN, STD), lambda: A.standardize_(img.clone(), MEAN, STD)),
     ]
     return [(name, best_us(ref), best_us(ours)) for name, ref, ours in rows]
@@ -119,7 +120,7 @@ def finish_rate(size, device, jpegs, batch=64, calls=5):
     images = []
     for data in (jpegs * batch)[:batch]:
         images.append(views.draw_for_step(Image.open(io.BytesIO(data)), gen))
-    samples = [{'images': i, 'boxes': b, 'strong_params': p, 'tokens': torch.ones(3, 5)} for i, b, p in images]
+    samples = [{'images': i, 'boxes': b, 'photometric': c, 'tokens': torch.ones(3, 5)} for i, b, c in images]
     batch_ = D.collate(samples)
     sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
     A.finish_views(batch_, cfg, torch.device(device))  # warm-up

@@ -78,14 +78,15 @@ def test_eval_transform_matches_spec():
 # --- Image views: outputs ---
 def test_view_shapes_and_dtypes():
     weak, strong = ImageViews(Config(image_size=32, local_crop_size=24, num_augs=3))(solid((9, 99, 199), (50, 40)))
-    assert weak.shape == (3, 32, 32) and weak.dtype == torch.float32
-    assert [s.shape for s in strong] == [(3, 24, 24)] * 3 and all(s.dtype == torch.float32 for s in strong)
+    assert weak.shape == (3, 32, 32) and weak.dtype == torch.uint8  # the step normalises (augment.finish_views)
+    assert [s.shape for s in strong] == [(3, 24, 24)] * 3 and all(s.dtype == torch.uint8 for s in strong)
     assert ImageViews(Config(num_augs=0))(solid((1, 2, 3)))[1] == []
 
 
 def test_weak_view_of_solid_image_is_the_normalised_colour():
     weak, _ = ImageViews(Config(image_size=16, num_augs=0))(solid((10, 128, 250), (37, 23)))
-    torch.testing.assert_close(weak, normalised([10, 128, 250])[:, None, None].expand(3, 16, 16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment.normalize(weak, MEAN, STD),
+                               normalised([10, 128, 250])[:, None, None].expand(3, 16, 16), atol=1e-5, rtol=0)
 
 
 def test_views_are_reproducible_with_a_seed():
@@ -120,21 +121,22 @@ def test_gaussian_blur_is_pils_blur(sigma):
     u8 = torch.randint(0, 256, (3, 30, 41), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     pil = Image.fromarray(u8.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius=sigma))
     pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1) / 255
-    torch.testing.assert_close(augment.gaussian_blur(u8[None] / 255, torch.tensor([sigma]))[0], pil, atol=3.01 / 255,
-                               rtol=0)  # PIL rounds
+    out = augment.gaussian_blur(u8[None] / 255, torch.tensor([augment.blur_taps(sigma)]))[0]
+    torch.testing.assert_close(out, pil, atol=3.01 / 255, rtol=0)  # PIL rounds
 
 
 @pytest.mark.parametrize('sigma', [0.1, 0.7, 2.0])
 def test_gaussian_blur_impulse_response_has_variance_sigma_squared(sigma):
     impulse = torch.zeros(3, 41, 41, dtype=torch.float64)
     impulse[:, 20, 20] = 1
-    out = augment.gaussian_blur(impulse[None], torch.tensor([sigma]))[0, 0]
+    taps = torch.tensor([augment.blur_taps(sigma, augment.BLUR_WIDTH)])  # padded with zero taps: the same sums
+    out = augment.gaussian_blur(impulse[None], taps)[0, 0]
     x = torch.arange(41, dtype=torch.float64) - 20
     assert out.sum().item() == pytest.approx(1)
     assert (out.sum(0) * x ** 2).sum().item() == pytest.approx(sigma ** 2)
     assert (out.sum(1) * x ** 2).sum().item() == pytest.approx(sigma ** 2)
     flat = torch.full((1, 3, 2, 5), 0.3)
-    torch.testing.assert_close(augment.gaussian_blur(flat, torch.tensor([sigma])), flat)
+    torch.testing.assert_close(augment.gaussian_blur(flat, taps), flat)
 
 
 # --- Bad images ---
@@ -147,8 +149,8 @@ def sixteen_bit(value):
 BAD_IMAGES = {  # name: (image factory, expected RGB of its first pixel or None)
     'L': (lambda: solid(128, mode='L'), (128, 128, 128)),
     '1': (lambda: solid(1, mode='1'), (255, 255, 255)),
-    'RGBA': (lambda: solid((0, 255, 0, 0), mode='RGBA'), (0, 255, 0)),
-    'LA': (lambda: solid((9, 200), mode='LA'), (9, 9, 9)),
+    'RGBA': (lambda: solid((0, 255, 0, 0), mode='RGBA'), (255, 255, 255)),  # transparent: the white background
+    'LA': (lambda: solid((9, 200), mode='LA'), (62, 62, 62)),  # round((9 * 200 + 255 * 55) / 255)
     'CMYK': (lambda: solid((0, 0, 0, 0), mode='CMYK'), (255, 255, 255)),
     'YCbCr': (lambda: solid((90, 128, 128), mode='YCbCr'), None),
     'I': (lambda: solid(70000, mode='I'), (255, 255, 255)),

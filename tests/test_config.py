@@ -55,6 +55,28 @@ def test_model_preset_fills_architecture_but_recipe_and_flags_win():
     assert parse('--dataset=cc3m', '--text_layers=4').text_layers == 4
 
 
+def test_image_size_comes_with_the_model_unless_a_paper_recipe_or_a_flag_sets_it():
+    for dataset in ('demo', 'csv', 'wds'):
+        assert (parse(f'--dataset={dataset}').image_size, parse(f'--dataset={dataset}').local_crop_size) == (64, 64)
+        c = parse(f'--dataset={dataset}', '--model=vit_b16')
+        assert (c.image_size, c.local_crop_size) == (224, 224)
+    for dataset in ('cc3m', 'cc12m', 'yfcc15m'):
+        assert parse(f'--dataset={dataset}', '--model=tiny').image_size == 224  # the paper's recipe says so
+    assert parse('--dataset=merged29m', '--model=tiny').local_crop_size == 192
+    c = parse('--dataset=csv', '--image_size=128', '--local_crop_size=96')
+    assert (c.image_size, c.local_crop_size) == (128, 96)
+
+
+def test_help_shows_the_resolved_image_size():
+    h = subprocess.run([sys.executable, 'train.py', '--dataset=csv', '--model=tiny', '--help'], cwd=ROOT,
+                       capture_output=True, text=True)
+    line = next(l for l in h.stdout.splitlines() if l.split()[:1] == ['--image_size'])
+    assert h.returncode == 0 and line.endswith('(here: 64)'), line
+    h = subprocess.run([sys.executable, 'train.py', '--dataset=csv', '--model=vit_s16', '--help'], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert '(here: 224)' in next(l for l in h.stdout.splitlines() if l.split()[:1] == ['--local_crop_size'])
+
+
 def test_presets_print_what_they_set(capsys):
     resolve(_split_flags(['--dataset=cc3m', '--lr=1e-3']))
     out = capsys.readouterr().out
@@ -125,7 +147,6 @@ def test_unknown_key_suggests_close_ones():
     (['--label_smoothing=1'], r'--label_smoothing=1.0: must be in \[0, 1\)'),
     (['--batch_size=abc'], "--batch_size: expected int, got 'abc'"),
     (['--compile=maybe'], '--compile: expected true/false'),
-    (['--dataset=imagenet21k'], '--dataset=imagenet21k: choose one of'),
     (['--model=vit_h14'], '--model=vit_h14: choose one of'),
     (['--method=swalip', '--label_smoothing=0.1'], 'swalip needs --label_smoothing=0'),
     (['--lr'], '--lr needs a value'),

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import config
 import evaluate
 from augment import eval_transform
 from config import Config
 from data import Tokenizer, checkpoint_merges
-from model import CLIPModel
+from model import FORMAT, CLIPModel
 
 CLASSES = ['blue_square', 'green_circle', 'red_triangle']  # green_circle has no images
 COLOURS = {'blue_square': (20, 40, 220), 'red_triangle': (220, 30, 30)}
@@ -29,7 +28,7 @@ def setup(tmp_path):
     torch.manual_seed(4)
     model = CLIPModel(cfg, Tokenizer(merges).vocab_size).eval()
     path = tmp_path / 'ckpt.pt'
-    torch.save({'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
                 'bpe_merges': merges}, path)
     root = tmp_path / 'shapes'
     for name in CLASSES:

@@ -1,5 +1,5 @@
 """Zero-shot evaluation and retrieval: metrics against hand computations, stand-in models with known
-answers, the catalogue files against recipe §6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
+answers, the evaluation sets against recipe §6.2, data-parallel exactness, bad inputs, and the CLI end to end."""
 import io
 import json
 import os
@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 evaluate = pytest.importorskip('evaluate', exc_type=ImportError)  # needs model.py / data.py / augment.py
 import data  # noqa: E402
 from config import Config, UserError  # noqa: E402
-from evaluate import (CATALOGUE, ENSEMBLE_WEIGHTS, build_dataset, class_counts, class_embeddings,  # noqa: E402
+from evaluate import (EVAL_SETS, ENSEMBLE_WEIGHTS, build_dataset, class_counts, class_embeddings,  # noqa: E402
                       accuracy_metrics, main, read_checkpoint, recall_at_k, retrieval, roc_auc, similarities,
                       zero_shot)
 
@@ -83,14 +83,16 @@ def cfg_for_tests(**kw):
     return Config(**{'eval_batch_size': 64, 'workers': 0, **kw})
 
 
-# --- Catalogue files ---
-def test_labels_and_templates_match_spec_counts():
+# --- Evaluation sets ---
+def test_paper_sets_hold_the_spec_counts_from_the_assets():
+    """The paper's sets in its order with recipe §6.2's class and template counts, read from the assets they name."""
     labels = json.loads((ROOT / 'assets' / 'labels.json').read_text())
     templates = json.loads((ROOT / 'assets' / 'templates.json').read_text())
-    assert list(labels) == list(templates) == list(CATALOGUE) == list(SPEC_COUNTS)
+    assert [name for name in EVAL_SETS if name in SPEC_COUNTS] == list(SPEC_COUNTS)
     for name, (classes, prompts) in SPEC_COUNTS.items():
-        assert (len(labels[name]), len(templates[name])) == (classes, prompts), name
-        assert all(t.count('{}') == 1 for t in templates[name]), name
+        row = EVAL_SETS[name]
+        assert (row.classnames, row.templates) == (labels[name], templates[name]), name
+        assert (len(row.classnames), len(row.templates)) == (classes, prompts), name
     assert len(set(templates['imagenet'])) == 80
     # spot checks of the standard class-index order (torchvision / ImageFolder / recipe §6.2 clevr order)
     assert labels['imagenet'][0] == 'tench' and labels['imagenet'][999] == 'toilet paper'
@@ -98,6 +100,19 @@ def test_labels_and_templates_match_spec_counts():
                                  'truck']
     assert labels['clevr_counts'] == ['10', '3', '4', '5', '6', '7', '8', '9']
     assert labels['dtd'] == sorted(labels['dtd']) and labels['caltech101'][0] == 'background'
+
+
+def test_a_row_without_class_names_or_templates_is_refused():
+    """Each row holds lists, or names an asset file with its entry; a row without them, or a template without one
+    {}, raises (at import, for the table's rows) instead of being skipped at run time."""
+    for row in EVAL_SETS.values():
+        assert row.classnames and row.templates and all(t.count('{}') == 1 for t in row.templates)
+    ok = evaluate.EvalSet(evaluate.read_folder, 'test', 'acc', ['cat', 'dog'], ['a {}.'])
+    assert evaluate.with_lists({'pets2': ok}) == {'pets2': ok}
+    for bad in (ok._replace(classnames=[]), ok._replace(templates=['a photo.']), ok._replace(classnames='labels.json'),
+                ok._replace(templates='nowhere.json')):
+        with pytest.raises((TypeError, UserError), match="evaluation set 'pets2' needs|nowhere.json"):
+            evaluate.with_lists({'pets2': bad})
 
 
 # --- Metrics ---
@@ -248,7 +263,7 @@ def test_dataset_layout_errors(tmp_path):
         build_dataset('dtd', tmp_path, None, ['a', 'b'])
     save_images(tmp_path / 'test' / 'a', 1)
     save_images(tmp_path / 'test' / 'b', 1)
-    with pytest.raises(UserError, match='the data has 2 classes but the labels file lists 3'):
+    with pytest.raises(UserError, match='the data has 2 classes but 3 class names are given'):
         build_dataset('dtd', tmp_path, None, ['a', 'b', 'c'])
     assert build_dataset('dtd', tmp_path, None, ['a', 'b']).labels == [0, 1]
     (tmp_path / 'test' / 'c').mkdir()
@@ -491,8 +506,8 @@ def test_a_failing_dataset_keeps_the_others_and_the_json_valid(tiny_checkpoint, 
         'error: clevr_counts, pets failed (reasons above and in the JSON); the other results are written']
     results = strict_json(tmp_path / 'out.json')[0]['results']
     assert results['dtd']['images'] == 4 and results['dtd']['acc5_z'] == 100
-    assert results['pets'] == {'error': 'pets: the data has 3 classes but the labels file lists 2; fix the labels '
-                                        'file or the dataset folder'}
+    assert results['pets'] == {'error': 'pets: the data has 3 classes but 2 class names are given; fix the class '
+                                        'names (its row of EVAL_SETS, or --labels) or the dataset folder'}
     assert results['clevr_counts']['error'].startswith('clevr_counts: the val split under')
 
     def deliberate_bug(*args, **kwargs):
@@ -565,8 +580,7 @@ def test_cifar_and_stl10_read_their_test_files_alone(tmp_path):
     write_stl10(tmp_path / 'stl' / 'stl10_binary', stl, [1, 10])
     for name, root, images, labels in (('cifar10', 'c10', ten, [3, 0, 9]), ('cifar100', 'c100', hundred, [99, 5]),
                                        ('stl10', 'stl', stl, [0, 9])):
-        got = build_dataset(name, tmp_path / root, np.asarray, [str(i) for i in range(len(evaluate.read_json(
-            ROOT / 'assets' / 'labels.json', 'labels')[name]))])
+        got = build_dataset(name, tmp_path / root, np.asarray, EVAL_SETS[name].classnames)
         assert len(got) == len(images) and [got[i][1] for i in range(len(got))] == labels, name
         assert all(np.array_equal(got[i][0], images[i]) for i in range(len(got))), name
     class Evil:
@@ -591,19 +605,17 @@ def test_check_data_reports_each_layout(tmp_path, capsys):
     save_images(root / 'clevr_counts' / 'images', 3)
     np.save(root / 'clevr_counts' / 'val_images.npy', np.array([f'images/{i}.png' for i in range(3)]))
     np.save(root / 'clevr_counts' / 'val_labels.npy', np.array(['count_3', 'count_10', 'count_9']))
-    labels = json.loads((ROOT / 'assets' / 'labels.json').read_text())
-    labels.update(dtd=['banded', 'dotted'], pets=['cat', 'dog'])
-    (tmp_path / 'labels.json').write_text(json.dumps(labels))
+    (tmp_path / 'labels.json').write_text(json.dumps({'dtd': ['banded', 'dotted'], 'pets': ['cat', 'dog']}))
     statuses = main(['--check_data', f'--data_root={root}', f'--labels={tmp_path / "labels.json"}'])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:5] for line in lines[1:-1]}
-    assert list(rows) == list(CATALOGUE) == list(statuses) and len(lines) == 25
+    assert list(rows) == list(EVAL_SETS) == list(statuses) and len(lines) == len(EVAL_SETS) + 2
     assert rows['dtd'] == ['test', 'found', '3', '2'] and rows['mnist'] == ['test', 'found', '3', '10']
     assert rows['cifar10'] == ['test', 'found', '4', '10'] and rows['stl10'] == ['test', 'found', '2', '10']
     assert rows['clevr_counts'] == ['val', 'found', '3', '8'] and rows['imagenet'] == ['val', 'missing', '-', '-']
-    assert rows['pets'][1] == 'malformed' and 'the data has 3 classes but the labels file lists 2' in lines[10]
+    assert rows['pets'][1] == 'malformed' and 'the data has 3 classes but 2 class names are given' in lines[10]
     assert rows['cifar100'][1] == 'malformed' and 'expected' in lines[5] and 'cifar-100-python/test' in lines[5]
-    assert lines[-1].startswith('5 found, 16 missing, 2 malformed')
+    assert lines[-1].startswith(f'5 found, {len(EVAL_SETS) - 7} missing, 2 malformed')
 
 
 # --- Retrieval ties ---

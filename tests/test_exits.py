@@ -264,10 +264,10 @@ class Pickled:
 def test_a_pickle_refused_by_weights_only_is_called_unsafe_not_corrupt(tmp_path):
     torch.save({'model': {}, 'hook': Pickled()}, tmp_path / 'evil.pt')
     with pytest.raises(config.UserError, match='was refused as unsafe: it pickles test_exits.Pickled beyond tensors'):
-        config.read_checkpoint(tmp_path / 'evil.pt')
+        evaluate.read_checkpoint(tmp_path / 'evil.pt')
     (tmp_path / 'cut.pt').write_bytes((tmp_path / 'evil.pt').read_bytes()[:100])
     with pytest.raises(config.UserError, match='is corrupt or unreadable'):
-        config.read_checkpoint(tmp_path / 'cut.pt')
+        evaluate.read_checkpoint(tmp_path / 'cut.pt')
 
 
 # --- Clean restarts ---

@@ -9,12 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import evaluate
 from augment import eval_transform
-from config import Config, _rename, _timm_name
+from config import MODELS, Config
 from data import Tokenizer, checkpoint_merges
-from model import CLIPModel
+from model import FORMAT, CLIPModel, _rename, _timm_name
 
 open_clip = pytest.importorskip('open_clip', reason='open_clip_torch (a test-only dependency) is not installed')
 CLIP_BPE = Path(__file__).resolve().parents[2] / 'shared' / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -27,13 +26,14 @@ KINDS = {  # the towers open_clip can hold: its own ViT (both styles) and its ti
     'timm_vit_tower': dict(vision_width=192, vision_layers=12, vision_heads=3, patch_size=16, image_size=224,
                            local_crop_size=224),  # our default activations: GELU image, QuickGELU text
     'resnet50': dict(vision='resnet50', image_size=64, local_crop_size=64),
+    'tiny': MODELS['tiny'],  # the quick start's model (python train.py): one activation, GELU, in both towers
 }
 TEXTS = ['a photo of a dog.', 'red square', 'Hello World!! zebra', 'a b c']
 
 
 def checkpoint(tmp_path, name, bpe_path='', **arch):
     """A checkpoint as train.py writes it, of a model with every tensor redrawn (no identity blocks, no zero bias)."""
-    cfg = dataclasses.replace(Config(), **SMALL, **arch, bpe_path=str(bpe_path))
+    cfg = dataclasses.replace(Config(), **{**SMALL, **arch}, bpe_path=str(bpe_path))
     merges = checkpoint_merges(cfg.bpe_path)
     torch.manual_seed(0)
     model = CLIPModel(cfg, Tokenizer(merges).vocab_size).eval()
@@ -44,7 +44,7 @@ def checkpoint(tmp_path, name, bpe_path='', **arch):
             if key.endswith(('running_mean', 'running_var')):
                 b.copy_(torch.rand_like(b) + 0.5 if key.endswith('var') else 0.1 * torch.randn_like(b))
     path = tmp_path / f'{name}.pt'
-    torch.save({'format': config.FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'model': model.state_dict(), 'epoch': 1,
                 'bpe_merges': merges}, path)
     return path, cfg, model, Tokenizer(merges, cfg.context_length)
 

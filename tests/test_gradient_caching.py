@@ -276,7 +276,7 @@ def test_help_shows_the_per_process_batch_of_the_world_size(monkeypatch, capsys)
 def test_start_line_says_the_batch_and_warns_off_the_papers(monkeypatch, capsys, world, flags, line, warns):
     monkeypatch.setenv('WORLD_SIZE', str(world))
     cfg = config.resolve({'dataset': 'cc3m', **flags}, verbose=False)
-    train.announce(cfg, train.Loop(), 100, 3200, torch.bfloat16, torch.device('cuda', 0), world)
+    train.announce(cfg, train.Loop(), 100, 3200, torch.float32, torch.device('cpu'), world)
     out = capsys.readouterr().out
     assert line in out
     assert ('global batch of 4096' in out) == warns

@@ -10,7 +10,7 @@ from PIL import Image
 
 from config import Config
 from data import load_merges, save_merges
-from config import read_checkpoint
+from evaluate import read_checkpoint
 from evaluate import main
 
 FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'

@@ -280,8 +280,8 @@ def toy_forward(p, feats):
 
 def method_config(method, with_grad=True):
     return Config(method=method, num_augs=0 if config.METHODS[method].views is None else A, gather_with_grad=with_grad,
-                  label_smoothing=0.0 if method == 'swalip' else 0.1, loss_reduction='sum', slip_scale=0.5,
-                  swalip_weight=0.3)
+                  label_smoothing=config.METHODS[method].fixed.get('label_smoothing', 0.1), loss_reduction='sum',
+                  slip_scale=0.5, swalip_weight=0.3)
 
 
 def momentum_target(p, feats):

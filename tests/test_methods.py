@@ -1,9 +1,10 @@
-"""config.METHODS: every row builds its model, trains under plain DDP on 2 gloo ranks (a head its loss does not use
+"""model.METHODS: every row builds its model, trains under plain DDP on 2 gloo ranks (a head its loss does not use
 stops the second step) and resumes; SigLIP with CLIP 🚀's views trains on the demo; a row's columns are what
-config, model and train read."""
+config, model and train read, its params its flags."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,9 +138,10 @@ def test_siglip_rows_preset_and_refuse():
 
 def test_a_new_row_is_all_a_method_needs(monkeypatch):
     """A row that is not clip or rocket may still train without strong views, and gets only the heads it lists."""
-    monkeypatch.setitem(config.METHODS, 'plain_siglip', model_lib.Method('siglip_term', heads=('bias',), views=None))
-    cfg = config.resolve({**{k: str(v) for k, v in TINY.items()}, 'method': 'plain_siglip', 'num_augs': '0'},
-                         verbose=False)
+    monkeypatch.setitem(config.METHODS, 'plain_siglip', model_lib.Method(model_lib.siglip_term, heads=('bias',),
+                                                                         views=None))
+    cfg = config.resolve({**{k: str(v) for k, v in TINY.items()}, 'method': 'plain_siglip'}, verbose=False)
+    assert cfg.num_augs == 0  # the plain settings of a row without views
     net = model_lib.build_model(cfg, VOCAB, verbose=False)
     assert net.heads == ('z',) and hasattr(net, 'logit_bias') and not hasattr(net, 'l2l_logit_scale')
     out = net(*batch(cfg, 0))
@@ -148,9 +150,34 @@ def test_a_new_row_is_all_a_method_needs(monkeypatch):
     assert all(p.grad is not None for p in net.parameters())
 
 
-def test_every_row_names_functions_that_exist():
+def test_every_row_holds_its_terms_and_its_params_are_bounded_flags():
+    """A row's terms are functions; each param is a Config field and a --flag with its default and help, refused
+    outside its bound."""
+    cfg, text = config.Config(), config.help_text()
     for name, method in config.METHODS.items():
-        assert callable(getattr(model_lib, method.loss)), name
-        assert not method.extra or callable(getattr(model_lib, method.extra)), name
-        assert not method.weight or hasattr(config.Config(), method.weight), name
+        assert callable(method.loss) and (method.extra is None or callable(method.extra)), name
+        assert not method.weight or hasattr(cfg, method.weight), name
         assert set(method.heads) <= {'h', 'bias', 'slip', 'barlip', 'siam'}, name
+        for p in method.params:
+            assert getattr(cfg, p.name) == p.default and config.PARAMS[p.name] == p, p
+            assert f'--{p.name}' in text and p.help in text, p
+            low, high = map(float, p.bound[1:-1].split(','))
+            if math.isinf(low) and math.isinf(high):
+                continue
+            outside = str(type(p.default)(low - 1 if math.isfinite(low) else high + 1))
+            with pytest.raises(config.ConfigError, match=rf'--{p.name}=\S+: must be in {re.escape(p.bound)}'):
+                config.resolve({'method': name, p.name: outside}, verbose=False)
+
+
+def test_rows_without_views_train_plain_and_refuse_strong_views():
+    """A row that never looks at strong views gets the plain settings over a recipe's A = 2, stopword removal and
+    label smoothing (its own preset on top); --num_augs > 0 is refused, as views nothing would encode."""
+    for name, method in config.METHODS.items():
+        cfg = config.resolve({'method': name, 'dataset': 'cc3m'}, verbose=False)
+        if method.views is None:
+            expected = {**config.PLAIN, **method.preset, **method.fixed}
+            assert {k: getattr(cfg, k) for k in config.PLAIN} == {k: expected[k] for k in config.PLAIN}, name
+            with pytest.raises(config.ConfigError, match=f'--method={name} never encodes strong views'):
+                config.resolve({'method': name, 'num_augs': '2'}, verbose=False)
+        else:
+            assert cfg.num_augs == 2 and cfg.remove_stopwords_prob > 0 and cfg.text_augment, name

@@ -458,11 +458,11 @@ def test_model_checkpointing_matches_with_text_dropout(method):
 
 
 # --- CLIP 🚀 model ---
-EXTRA_KEYS = {'clip': set(), 'rocket': set(), 'swalip': set(), 'slip': {'slip_image'},
-              'barlip': {'barlip_image', 'barlip_text'},
-              'siamlip': {'siam_proj_image', 'siam_proj_text', 'siam_pred_image', 'siam_pred_text'}}
-EXTRA_KEYS['byolip'] = EXTRA_KEYS['siamlip']
-EXTRA_KEYS['siglip'] = EXTRA_KEYS['rocket_siglip'] = set()  # their logit biases: scalars, checked apart
+# the outputs of each kind of method head (the local h heads and the logit biases are checked apart)
+HEAD_KEYS = {'slip': {'slip_image'}, 'barlip': {'barlip_image', 'barlip_text'},
+             'siam': {'siam_proj_image', 'siam_proj_text', 'siam_pred_image', 'siam_pred_text'}}
+EXTRA_KEYS = {name: set().union(*(HEAD_KEYS.get(head, ()) for head in method.heads))
+              for name, method in config.METHODS.items()}
 EXTRA_DIMS = {'slip_image': 256, 'barlip_image': 40, 'barlip_text': 40}
 
 

@@ -15,6 +15,7 @@ import data as D
 from config import Config
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+ROUNDED = 0.5 / 255 / min(STD)  # a strong view rounded to uint8 in the worker, normalised: at most this far off
 # chi-square critical values at p = 0.001 by degrees of freedom (a true null fails 1 run in 1000; seeds are fixed)
 CHI2_999 = {1: 10.83, 9: 27.88, 23: 49.73}
 
@@ -35,7 +36,7 @@ class Blur(v2.Transform):
         return {'sigma': torch.empty(1).uniform_(0.1, 2.0).item()}
 
     def transform(self, inpt, params):
-        return augment.gaussian_blur(inpt[None], torch.tensor([params['sigma']]))[0]
+        return augment.gaussian_blur(inpt[None], torch.tensor([augment.blur_taps(params['sigma'])]))[0]
 
 
 def reference_views(cfg):
@@ -67,16 +68,18 @@ def reference(cfg, img, seed):
 # --- Fast paths == reference, for the same draws ---
 @pytest.mark.parametrize('overrides', [dict(), dict(solarize_prob=0.5, grayscale_prob=0.5), dict(byol_augment=True)])
 def test_views_equal_torchvision_transforms_for_the_same_seed(overrides):
-    """Same draws in the same order (so the same crops, bit for bit) and the same pixels to float tolerance."""
+    """Same draws in the same order (so the same crops, bit for bit) and the same pixels to float tolerance; the
+    strong views to their rounding to uint8 in the worker."""
     cfg = Config(image_size=24, local_crop_size=16, num_augs=2, **overrides)
     views = augment.ImageViews(cfg)
     for seed in range(25):
         img = photo(seed)
         weak, strong = views(img, torch.Generator().manual_seed(seed))
         ref_weak, ref_strong = reference(cfg, img, seed)
-        torch.testing.assert_close(weak, ref_weak, atol=1e-5, rtol=0)
-        for s, r in zip(strong, ref_strong):
-            torch.testing.assert_close(s, r, atol=2e-5, rtol=0)  # float32 rounding of a different order of ops
+        assert weak.dtype == torch.uint8 and all(s.dtype == torch.uint8 for s in strong)
+        torch.testing.assert_close(augment.normalize(weak, MEAN, STD), ref_weak, atol=1e-5, rtol=0)
+        for s, r in zip(strong, ref_strong):  # + float32 rounding of a different order of ops
+            torch.testing.assert_close(augment.normalize(s, MEAN, STD), r, atol=ROUNDED + 2e-5, rtol=0)
 
 
 def test_uint8_crops_are_the_reference_crops_exactly():
@@ -100,9 +103,10 @@ def test_adjust_hue_matches_torchvision(factor):
     torch.testing.assert_close(out, F.adjust_hue(img, factor), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('op,ref', [(augment.adjust_brightness_, F.adjust_brightness),
-                                    (augment.adjust_contrast_, F.adjust_contrast),
-                                    (augment.adjust_saturation_, F.adjust_saturation)])
+@pytest.mark.parametrize('op,ref', [(lambda img, f: augment.blend_(img, f), F.adjust_brightness),
+                                    (lambda img, f: augment.blend_(img, f, mean=1 - f), F.adjust_contrast),
+                                    (lambda img, f: augment.blend_(img, f, grey=1 - f), F.adjust_saturation)],
+                         ids=['brightness', 'contrast', 'saturation'])
 def test_in_place_colour_ops_match_torchvision(op, ref):
     img = torch.rand(3, 3, 9, 11, generator=torch.Generator().manual_seed(1))
     factors = torch.tensor([0.6, 1.0, 1.4])
@@ -120,13 +124,21 @@ def mixed_params(n, seed):
     return [augment.draw_photometric(gen, spec) for _ in range(n)]
 
 
+def columns_of(params):
+    return torch.tensor([augment.photometric_columns(p) for p in params]).T  # (K, N)
+
+
+def finish(x, columns):
+    return augment.finish_strong(augment.to_unit(x), columns, augment.active_columns(columns))
+
+
 def test_batched_finish_equals_per_sample_finish():
     params = mixed_params(32, 0)
     x = torch.randint(0, 256, (32, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    batch = torch.utils.data.default_collate(params)
-    out = augment.finish_strong(x, batch, MEAN, STD)
+    columns = columns_of(params)
+    out = finish(x, columns)
     for i, p in enumerate(params):
-        one = augment.finish_strong(x[i:i + 1], {k: v[None] for k, v in p.items()}, MEAN, STD)
+        one = finish(x[i:i + 1], columns[:, i:i + 1])
         torch.testing.assert_close(out[i:i + 1], one, atol=1e-6, rtol=0)
 
 
@@ -146,22 +158,37 @@ def test_step_side_views_equal_worker_views():
     assert sorted(len(s['images']) for s in got) == [1] * 6 + [3]  # 6 regions; the 64x48 one ships its views
     assert sum(x.numel() for s in got for x in s['images']) <= sum(3 * img.width * img.height for img in images)
     got = D.collate(got)
-    assert got['pixels'].dtype == torch.uint8 and 'weak' not in got and len(got['strong_params']) == 2
+    assert got['pixels'].dtype == torch.uint8 and 'weak' not in got and got['photometric'].shape[1] == 2 * 7
     weak, strong = augment.finish_views(got, dev, torch.device('cpu'))
-    assert torch.equal(augment.finish_views(want, cpu, torch.device('cpu'))[0], want['weak'])  # cpu: as loaded
-    torch.testing.assert_close(weak, want['weak'], atol=1e-6, rtol=0)
-    for s, w in zip(strong, want['strong']):
-        torch.testing.assert_close(s, w, atol=1e-6, rtol=0)
+    assert want['weak'].dtype == torch.uint8 and all(s.dtype == torch.uint8 for s in want['strong'])
+    want_weak = augment.normalize(want['weak'], MEAN, STD)
+    assert torch.equal(augment.finish_views(want, cpu, torch.device('cpu'))[0], want_weak)  # cpu: normalised
+    torch.testing.assert_close(weak, want_weak, atol=1e-6, rtol=0)
+    for s, w in zip(strong, want['strong']):  # the workers round their strong views to uint8
+        torch.testing.assert_close(s, augment.normalize(w, MEAN, STD), atol=ROUNDED + 1e-6, rtol=0)
 
 
-def test_packed_pixels_round_trip():
+def test_packed_crops_read_back_as_their_boxes():
+    """pack_views: one pixel tensor whatever the sizes, each crop found again from its (first pixel, row stride, h, w)
+    and readable row by row as windows of the widest crop; crops and columns view-major."""
     g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
-              for h, w in ((5, 7), (1, 1), (9, 4))]  # (3, H, W) with a decoded image's strides
-    pixels, sizes = augment.pack_images(images)
-    assert pixels.numel() == sum(x.numel() for x in images) and sizes.tolist() == [[5, 7], [1, 1], [9, 4]]
-    for x, y in zip(images, augment.unpack_images(pixels, sizes)):
-        assert torch.equal(x, y) and x.stride() == y.stride()
+    images = [[torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+               for h, w in sample] for sample in ([(5, 7)], [(1, 1), (9, 4), (3, 3)], [(6, 8)])]  # decoded strides
+    boxes = torch.tensor([[(0, 1, 2, 3, 4), (0, 0, 0, 5, 7)], [(0, 0, 0, 1, 1), (1, 2, 1, 7, 3)],
+                          [(0, 5, 7, 1, 1), (0, 0, 1, 6, 7)]])  # (B, 1 + A, 5): image in the sample, top, left, h, w
+    columns = torch.arange(3 * 1 * 4, dtype=torch.float).view(3, 1, 4)  # (B, A, K)
+    packed = augment.pack_views(images, boxes, columns)
+    pixels, crops = packed['pixels'], packed['crops']
+    widest = 7
+    assert pixels.numel() == sum(x.numel() for i in images for x in i) + 3 * widest and crops.shape == (4, 6, 1)
+    for n, (f, s, h, w) in enumerate(crops[..., 0].T.tolist()):
+        v, b = divmod(n, 3)
+        i, top, left, bh, bw = boxes[b, v].tolist()
+        assert (h, w) == (bh, bw)
+        crop = pixels.as_strided((3, h, w), (1, 3 * s, 3), 3 * f)
+        assert torch.equal(crop, images[b][i][:, top:top + h, left:left + w])
+        assert 3 * (f + (h - 1) * s) + 3 * widest <= pixels.numel()
+    assert torch.equal(packed['photometric'], columns[:, 0].T)  # (K, A B)
 
 
 def test_covering_region_crops_equal_whole_image_crops():
@@ -174,7 +201,7 @@ def test_covering_region_crops_equal_whole_image_crops():
 
 
 @pytest.mark.parametrize('kind', ['photo', 'text', 'noise'])
-def test_float_resize_is_within_two_levels_of_the_uint8_kernel(kind):
+def test_float_resize_is_within_two_levels_of_the_uint8_kernel(kind, monkeypatch):
     """The step's resize off the CPU (CUDA has no uint8 antialias kernel): bicubic overshoot at sharp edges is
     clamped between the passes as the uint8 kernel does (clamping once at the end differs by up to 30 levels)."""
     g = torch.Generator().manual_seed(2)
@@ -185,11 +212,12 @@ def test_float_resize_is_within_two_levels_of_the_uint8_kernel(kind):
         x[:, torch.rand(48, 64, generator=g) < 0.15] = 0
     else:
         x = (torch.rand(3, 48, 64, generator=g) < 0.5).to(torch.uint8) * 255
+    monkeypatch.setattr(augment, 'batched_kernels', lambda device: True)  # the GPU's kernels, here on the CPU
     for box, size in (((0, 0, 48, 48), 16), ((3, 5, 20, 30), 24), ((10, 10, 38, 50), 16), ((0, 0, 5, 7), 24)):
-        top, left, h, w = box
         want = augment.resized_crop(x, box, size).int()
-        got = augment.resize_in_float(x[None, :, top:top + h, left:left + w], size)[0]
-        assert got.dtype == torch.uint8 and (got.int() - want).abs().max() <= 2
+        packed = augment.pack_views([[x]], torch.tensor([[(0, *box)]]), torch.zeros(1, 0, len(augment.IDENTITY)))
+        got = augment.to_uint8(augment.resize_crops(packed['pixels'], packed['crops'], packed['crops'], size)[0])
+        assert (got.int() - want).abs().max() <= 2
 
 
 # --- Frequencies of the draws (chi-square against the configured probabilities) ---
@@ -299,15 +327,13 @@ def test_truncated_jpeg_is_unreadable_when_the_views_decode_it():
 
 def test_batched_finish_runs_on_the_views_device():
     """On the 'meta' device (shapes only): a CPU tensor in the device's elementwise maths raises, as on a GPU."""
-    params = torch.utils.data.default_collate(mixed_params(8, 1))
-    x = torch.empty(8, 3, 12, 12, dtype=torch.uint8, device='meta')
-    out = augment.finish_strong(x, params, MEAN, STD)
+    columns = columns_of(mixed_params(8, 1))
+    x = torch.empty(8, 3, 12, 12, device='meta')
+    out = augment.finish_strong(x, columns.to('meta'), augment.active_columns(columns))
     assert out.device.type == 'meta' and out.shape == (8, 3, 12, 12) and out.dtype == torch.float32
-    sizes = torch.tensor([[14, 15]] * 8)
-    batch = {'pixels': torch.zeros(int(3 * sizes.prod(1).sum()), dtype=torch.uint8), 'image_sizes': sizes,
-             'boxes': torch.tensor([[(i, 0, 0, 14, 15), (i, 1, 2, 10, 10)] for i in range(8)]),
-             'strong_params': [params]}
-    weak, strong = augment.finish_views(batch, Config(augment_device='cuda', image_size=12, local_crop_size=8,
-                                                      num_augs=1), torch.device('meta'))
+    images = [[torch.zeros(3, 14, 15, dtype=torch.uint8)] for _ in range(8)]
+    batch = augment.pack_views(images, torch.tensor([[(0, 0, 0, 14, 15), (0, 1, 2, 10, 10)]] * 8), columns.T[:, None])
+    weak, strong = augment.finish_views({**batch, 'tokens': torch.zeros(8, 2, 5)}, Config(
+        augment_device='cuda', image_size=12, local_crop_size=8, num_augs=1), torch.device('meta'))
     assert weak.device.type == strong[0].device.type == 'meta'
     assert weak.shape == (8, 3, 12, 12) and strong[0].shape == (8, 3, 8, 8)

@@ -9,15 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import model as model_module
 import train
 from config import Config, ConfigError, UserError
-from config import read_checkpoint
-from evaluate import main
+from evaluate import main, read_checkpoint
 from data import load_merges, save_merges
-from config import convert_weights
-from model import CLIPModel, ResNet50
+from model import CLIPModel, ResNet50, convert_weights
 
 FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'
 CLIP_BPE = FIXTURES.parent / 'vocab' / 'bpe_simple_vocab_16e6.txt.gz'
@@ -51,7 +48,7 @@ def model_of(ckpt, **changes):
 
 @pytest.fixture
 def fixture_model(monkeypatch):
-    """name -> (model, stored io) of a fixture imported through config.read_checkpoint."""
+    """name -> (model, stored io) of a fixture imported through evaluate.read_checkpoint."""
     def load(name, **changes):
         if name == 'rocket_r50':
             monkeypatch.setattr(model_module, 'ResNet50', TinyResNet)
@@ -193,7 +190,7 @@ def test_bad_files_give_one_line(tmp_path, capsys):
     data = (FIXTURES / 'slip_vit.pt').read_bytes()
     (tmp_path / 'truncated.pt').write_bytes(data[:len(data) // 2])
     torch.save({'weights': {'a': torch.zeros(2)}, 'step': 3}, tmp_path / 'unknown.pt')
-    ckpt = config.load_weights_file(FIXTURES / 'slip_vit.pt')
+    ckpt = model_module.load_weights_file(FIXTURES / 'slip_vit.pt')
     simclr = {k: v for k, v in ckpt['state_dict'].items() if k.startswith(('module.visual.', 'module.image_mlp.'))}
     torch.save({**ckpt, 'state_dict': simclr}, tmp_path / 'simclr.pt')
     rn50 = {'visual.attnpool.positional_embedding': torch.zeros(50, 8), 'token_embedding.weight': torch.zeros(4, 8)}
@@ -209,7 +206,7 @@ def test_bad_files_give_one_line(tmp_path, capsys):
 
 @needs_fixtures
 def test_heads_without_a_model_name_must_be_given(tmp_path):
-    ckpt = config.load_weights_file(FIXTURES / 'rocket_vit.pt')
+    ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
     torch.save(ckpt['state_dict'], tmp_path / 'raw.pt')  # a bare state_dict: no args.model
     with pytest.raises(UserError, match='head counts are unknown .* pass --text_heads=N --vision_heads=N'):
         read_checkpoint(tmp_path / 'raw.pt')
@@ -305,7 +302,7 @@ def test_rocket_noncontrastive_heads_are_kept(method):
         width = p if 'predictor' in name else v if 'image' in name else t
         module.train()(torch.randn(64, width) * 2 + 1)
         module.eval()
-    ckpt = config.load_weights_file(FIXTURES / 'rocket_vit.pt')
+    ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
     state = dict(ckpt['state_dict'])
     for name, module in official.items():
         for key, value in module.state_dict().items():
@@ -317,7 +314,7 @@ def test_rocket_noncontrastive_heads_are_kept(method):
     cfg = dataclasses.replace(Config(), **{**imported['arch'], **changes, 'method': method, 'vision_heads': 3,
                                            'text_heads': 2})
     net = CLIPModel(cfg, 1000).eval()
-    extra = {k: v for k, v in net.state_dict().items() if k.startswith(config._EXTRA)}
+    extra = {k: v for k, v in net.state_dict().items() if k.startswith(model_module._EXTRA)}
     assert {k: v.shape for k, v in imported['extra'].items()} == {k: v.shape for k, v in extra.items()}
     net.load_state_dict(imported['extra'], strict=False)
     x = {'image': torch.randn(5, v), 'text': torch.randn(5, t)}
@@ -333,7 +330,7 @@ def test_rocket_noncontrastive_heads_are_kept(method):
 @needs_fixtures
 def test_rocket_without_separate_projectors_keeps_the_global_head_once():
     """Without --separate-proj CLIP 🚀's local head is the global one, saved a second time under l2l_*."""
-    ckpt = config.load_weights_file(FIXTURES / 'rocket_vit.pt')
+    ckpt = model_module.load_weights_file(FIXTURES / 'rocket_vit.pt')
     state = {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('module.l2l_')}
     state['module.l2l_image_projector.weight'] = state['module.image_projector.weight']
     state['module.l2l_text_projector.weight'] = state['module.text_projector.weight']
