@@ -349,15 +349,13 @@ def first_line(e, limit=160):
 def _convert(name, raw):
     kind = type(_FIELDS[name].default) if _FIELDS[name].default is not dataclasses.MISSING else list
     if kind is bool:
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
         raise ConfigError(f"--{name}: expected true/false/1/0, got {raw!r}")
     try:
         if kind is list:
             return [float(x) for x in raw.split(',')]
-        return kind(raw) if kind is not int else int(raw)
+        return kind(raw)
     except ValueError:
         raise ConfigError(f"--{name}: expected {kind.__name__ if kind is not list else 'comma-separated numbers'}, "
                           f"got {raw!r}") from None
@@ -421,17 +419,16 @@ def validate(cfg):
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout', 'max_image_pixels',
-                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
+                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'chunk',
+                 'num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size', 'demo_train_size',
+                 'demo_val_size', 'bad_sample_min'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size',
                  'local_crop_size', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width',
                  'text_heads', 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'keep_last',
-                 'max_nonfinite', 'log_every'):
+                 'max_nonfinite', 'log_every', 'logit_scale_max'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
-    for name in ('chunk', 'num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
-                 'demo_train_size', 'demo_val_size', 'bad_sample_min'):
-        _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
     if 0 < cfg.chunk < cfg.batch_size:
         _check(cfg.batch_size % cfg.chunk == 0,
                f"--chunk={cfg.chunk} does not divide the per-process batch of {cfg.batch_size}: pass --chunk="
@@ -453,7 +450,6 @@ def validate(cfg):
            "--text_augment needs one of synonym/swap/deletion/identity_prob > 0")
     for name, param in PARAMS.items():  # every method's own, whichever method runs
         _check(in_bound(getattr(cfg, name), param.bound), f"--{name}={getattr(cfg, name)}: must be in {param.bound}")
-    _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
     _check(len(cfg.alpha_background) == 3 and all(v == int(v) and 0 <= v <= 255 for v in cfg.alpha_background),
@@ -503,8 +499,7 @@ def help_text(cfg=None, datasets=()):
     for f in fields(Config):
         choices = f": {', '.join(datasets)}" if f.name == 'dataset' and datasets else ''
         lines.append(f"  --{f.name:<24} {f.metadata['help']}{choices} (here: {getattr(cfg, f.name)})")
-    lines.append('')
-    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag")
+    lines += ['', f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag"]
     return '\n'.join(lines)
 
 
@@ -537,9 +532,8 @@ def split_batch(global_batch, explicit, world):
     """{'batch_size': global_batch / world}, or {'global_batch': batch_size x world} for an explicit --batch_size."""
     if 'batch_size' in explicit:
         b = explicit['batch_size']
-        _check(explicit.get('global_batch', b * world) == b * world,
-               f"--global_batch={global_batch} and --batch_size={b} disagree on {world} process(es) ({b} x {world} = "
-               f"{b * world}): give one of them")
+        _check(explicit.get('global_batch', b * world) == b * world, f"--global_batch={global_batch} and "
+               f"--batch_size={b} disagree on {world} process(es) ({b} x {world} = {b * world}): give one of them")
         return {'global_batch': b * world}
     _check(global_batch >= 1, f"--global_batch={global_batch}: must be >= 1")
     _check(global_batch % world == 0,
