@@ -753,8 +753,7 @@ def read_yfcc(cfg):
         ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
         return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
     arrays = metadata_arrays(cfg, parse)
-    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
-                      cfg.max_image_pixels)
+    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays, cfg.max_image_pixels)
 
 
 def read_csv(cfg):
@@ -1198,8 +1197,7 @@ COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
 HELD_OUT = frozenset({('red', 'star'), ('green', 'heart'), ('blue', 'triangle'), ('yellow', 'cross'),
                       ('purple', 'circle'), ('orange', 'square'), ('white', 'star')})
 SIZES = {'small': 0.16, 'large': 0.21}  # radius as a fraction of the canvas
-POSITIONS = {'left': (0.25, 0.5), 'right': (0.75, 0.5), 'top': (0.5, 0.25), 'bottom': (0.5, 0.75),
-             'centre': (0.5, 0.5)}
+POSITIONS = {'left': (0.25, 0.5), 'right': (0.75, 0.5), 'top': (0.5, 0.25), 'bottom': (0.5, 0.75), 'centre': (0.5, 0.5)}
 RELATIONS = {('left', 'right'): 'to the left of', ('right', 'left'): 'to the right of',
              ('top', 'bottom'): 'above', ('bottom', 'top'): 'below'}
 # split: (id, objects per scene, allowed combinations)
@@ -1357,19 +1355,17 @@ class DemoImages(torch.utils.data.Dataset):
         return self.transform(draw_scene(scene, self.canvas)), label
 
 
-EvalTask = collections.namedtuple('EvalTask', 'name classnames templates dataset metric')
+EvalTask = collections.namedtuple('EvalTask', 'name classnames templates dataset metric', defaults=('acc',))
 
 
 def demo_eval_tasks(cfg):
     """Zero-shot tasks on held-out single-object images: shape, colour, and colour+shape over all 42 names
     with images of the combinations never seen in training."""
     # a shape prompt is averaged over the colours and a colour prompt over the shapes: captions name both
-    return [EvalTask('shape', list(SHAPES), [f'the {c} {{}}' for c in COLOURS], DemoImages(cfg, 'single', 'shape'),
-                     'acc'),
-            EvalTask('colour', list(COLOURS), [f'the {{}} {s}' for s in SHAPES], DemoImages(cfg, 'single', 'colour'),
-                     'acc'),
+    return [EvalTask('shape', list(SHAPES), [f'the {c} {{}}' for c in COLOURS], DemoImages(cfg, 'single', 'shape')),
+            EvalTask('colour', list(COLOURS), [f'the {{}} {s}' for s in SHAPES], DemoImages(cfg, 'single', 'colour')),
             EvalTask('colour_shape_unseen', [f'{c} {s}' for c, s in COMBOS], ['the {}', 'a photo of the {}', '{}'],
-                     DemoImages(cfg, 'unseen', 'colour_shape'), 'acc')]
+                     DemoImages(cfg, 'unseen', 'colour_shape'))]
 
 
 def demo_probe_train(cfg, task):
