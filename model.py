@@ -42,8 +42,7 @@ def maybe_checkpoint(module, enabled, *args):
     if next(module.buffers(), None) is None or torch.compiler.is_compiling():
         # nothing to restore; torch.compile takes no context_fn (its recomputation updates BN statistics again)
         return checkpoint(module, *args, use_reentrant=False)
-    return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), restore_buffers(module)))
+    return checkpoint(module, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), restore_buffers(module)))
 
 
 # --- ResNet-50 ---
@@ -698,9 +697,8 @@ def clip_term(out, cfg):
 
 def cl2l_term(out, cfg):
     """CLIP 🚀's CL2L loss (recipe §2.3); without strong views, the global pair alone."""
-    return rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
-                       out['logit_scale'], out.get('l2l_logit_scale'), cfg.label_smoothing, cfg.loss_reduction,
-                       cfg.gather_with_grad)
+    return rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []), out['logit_scale'],
+                       out.get('l2l_logit_scale'), cfg.label_smoothing, cfg.loss_reduction, cfg.gather_with_grad)
 
 
 def siglip_term(out, cfg):
@@ -807,8 +805,8 @@ def compute_loss(out, cfg, target=None):
 
 
 # --- Weights in and out ---
-# One file format for training, resume, evaluation and import (train.py writes it, evaluate.py reads it): a dict with 'format': FORMAT, the run's 'config',
-# the 'model' weights and the tokenizer's 'bpe_merges'; train.py adds the optimizer, scaler, RNG and data position.
+# One file format for training, resume, evaluation and import (train.py writes it, evaluate.py reads it): a dict of
+# 'format': FORMAT, the run's 'config', the 'model' weights, the tokenizer's 'bpe_merges'; train.py adds its state.
 FORMAT = 'rocket-clip/1'
 
 
@@ -989,7 +987,8 @@ def _timm_name(key):
 
 def _vision_tower(cfg, state):
     """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
-    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
+    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises
+    ValueError for a tower open_clip cannot represent exactly."""
     visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
     head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
     if cfg.vision == 'resnet50':  # our names are timm's
