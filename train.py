@@ -309,9 +309,8 @@ def check_output_dir(cfg):
                          if k not in ('resume', 'overwrite') and mine.get(k) != theirs.get(k))
         if changed:
             diff = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in changed[:5])
-            raise config.UserError(f"--output_dir={out} holds a run with another config ({diff}); pass "
-                                   f"--resume=auto to continue it, --overwrite to start over, or choose another "
-                                   f"--output_dir")
+            raise config.UserError(f"--output_dir={out} holds a run with another config ({diff}); pass --resume=auto "
+                                   f"to continue it, --overwrite to start over, or choose another --output_dir")
         if (out / 'checkpoint.pt').exists():
             raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
                                    f"it or --overwrite to start over")
