@@ -353,9 +353,7 @@ def _convert(name, raw):
             return raw.lower() in _TRUE
         raise ConfigError(f"--{name}: expected true/false/1/0, got {raw!r}")
     try:
-        if kind is list:
-            return [float(x) for x in raw.split(',')]
-        return kind(raw)
+        return [float(x) for x in raw.split(',')] if kind is list else kind(raw)
     except ValueError:
         raise ConfigError(f"--{name}: expected {kind.__name__ if kind is not list else 'comma-separated numbers'}, "
                           f"got {raw!r}") from None
@@ -479,9 +477,8 @@ MAX_AUTO_WORKERS = 10
 
 
 def cpu_split(workers, threads, device_type, local_world_size=1):
-    """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the cores it may use, never
-    more in all: on a GPU the workers take all but one core (at most MAX_AUTO_WORKERS), on a CPU one worker per 4
-    cores feeds the threads."""
+    """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the usable cores, never more in
+    all: on a GPU the workers take all but one (at most MAX_AUTO_WORKERS), on a CPU one per 4 cores feeds threads."""
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     if workers < 0:
         workers = 0 if cores == 1 else min(cores - 1, MAX_AUTO_WORKERS) if device_type == 'cuda' else max(1, cores // 4)
@@ -659,10 +656,8 @@ def pick_device(cfg, world_size):
         if cfg.device != 'auto':
             raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
         return torch.device('cpu')
-    if cfg.device.startswith('cuda:') and world_size == 1:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    device = (torch.device(cfg.device) if cfg.device.startswith('cuda:') and world_size == 1
+              else torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))))
     major, minor = torch.cuda.get_device_capability(device)
     if not has_kernels((major, minor), torch.cuda.get_arch_list()):
         raise UserError(f"GPU {device.index} ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) has no "
@@ -718,11 +713,8 @@ def no_cuda_message(flag):
     """Why CUDA is not usable although NVIDIA devices are here, and the fix."""
     devices, driver = nvidia_devices(), nvidia_driver()
     found = f"{len(devices)} NVIDIA GPU(s) are here ({devices[0]}" + (', ...)' if len(devices) > 1 else ')')
-    if torch.version.cuda is None:
-        cause = f"torch {torch.__version__} is a CPU-only build"
-    else:
-        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA "
-                 f"driver than {f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or "
-                 f"later, CUDA 12 R525)")
+    cause = f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA driver than "
+        f"{f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or later, CUDA 12 R525)")
     return (f"--device={flag}: {found} but this PyTorch cannot use them: {cause}; install PyTorch's CUDA 12 build: "
             f"{cuda12_install()}; or pass --device=cpu to run on the CPU")

@@ -322,11 +322,9 @@ class CLIPModel(nn.Module):
             raise ValueError(f"vocab_size={vocab_size}: pass the tokenizer's vocab_size (> 0)")
         parts, self.text_dropout = METHODS[cfg.method].heads, cfg.text_dropout
         self.patch_dropout = {'weak': cfg.patch_dropout_weak, 'strong': cfg.patch_dropout_strong}
-        if cfg.vision == 'resnet50':
-            self.visual = ResNet50()
-        else:
-            self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                            cfg.vision_heads, cfg.vit_style, ACTIVATIONS[cfg.vision_act])
+        self.visual = (ResNet50() if cfg.vision == 'resnet50' else
+                       VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                         cfg.vision_heads, cfg.vit_style, ACTIVATIONS[cfg.vision_act]))
         self.text = TextTransformer(vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads,
                                     ACTIVATIONS[cfg.text_act])
         v, t, d, hidden = self.visual.width, cfg.text_width, cfg.embed_dim, cfg.mlp_hidden_dim
@@ -855,8 +853,8 @@ def load_weights_file(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def _rename(key):
-    for pattern, replacement in _RENAMES:
+def _rename(key, table=_RENAMES):
+    for pattern, replacement in table:
         key = re.sub(pattern, replacement, key)
     return key
 
@@ -980,9 +978,7 @@ TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224
 
 def _timm_name(key):
     """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
-    for pattern, replacement in _INVERSE:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return _rename(key, _INVERSE)
 
 
 def _vision_tower(cfg, state):
