@@ -3,6 +3,7 @@ the built-in demo dataset."""
 import atexit
 import bisect
 import collections
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -447,12 +448,10 @@ def cache_files(source, output_dir, name):
 def write_cache(files, write):
     """write(file) for the first of files whose folder can be made and written; that file, or None."""
     for file in files:
-        try:
+        with contextlib.suppress(OSError):
             file.parent.mkdir(parents=True, exist_ok=True)
             write(file)
             return file
-        except OSError:
-            continue
     return None
 
 
@@ -465,11 +464,9 @@ def cached_arrays(metadata, output_dir, how, build):
     folders = cache_files(metadata, output_dir, Path(metadata).resolve().name + '.arrays')
     stamps = [folder / 'stamp.json' for folder in folders]
     for file in stamps:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(file.read_text()) == stamp:
                 return {f.stem: np.load(f, mmap_mode='r') for f in file.parent.glob('*.npy')}
-        except (OSError, ValueError):
-            pass
     arrays = build()
 
     def write(file):
@@ -569,26 +566,22 @@ def scan_keys(path):
 def count_samples(path):
     """Number of sample keys in a shard (header scan, no data read); unreadable shards count what they hold."""
     keys = set()
-    try:
+    with contextlib.suppress(tarfile.TarError, OSError, EOFError, ValueError):
         scanned = scan_keys(path)
         if scanned is not None:
             return len(scanned)
         with tarfile.open(path) as tar:
             keys.update(member_key(m.name)[0] for m in tar if m.isfile())
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        pass
     return len(keys)
 
 
 def count_shard(path):
     """A shard's sample count: `successes` of the NNNNN_stats.json img2dataset writes beside it, else count_samples."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(Path(path).with_name(Path(path).name.split('.')[0] + '_stats.json')) as f:
             count = json.load(f).get('successes')
         if isinstance(count, int) and count >= 0:
             return count
-    except (OSError, ValueError, AttributeError):
-        pass
     return count_samples(path)
 
 
@@ -597,9 +590,8 @@ PARALLEL_BYTES = 64 << 20  # shards smaller than this in all are counted in-proc
 
 def count_in_parallel(paths, nbytes):
     """count_shard of each path, over this rank's share of the CPUs (forked processes: the scan holds the GIL)."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    procs = min(len(paths), max(1, cpus // local))
+    procs = min(len(paths), max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     if procs <= 1 or nbytes < PARALLEL_BYTES:
         return [count_shard(p) for p in paths]
     with multiprocessing.get_context('fork').Pool(procs) as pool:
@@ -620,10 +612,8 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
     index, lead = {}, rank == 0 or not distributed  # without a group, each rank alone
     if lead:
         for file in reversed(files):  # entries beside the shards win
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 index.update(json.loads(file.read_text()))
-            except (OSError, ValueError):
-                pass
     known = [entry[2] if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns] else None
              for entry, st in zip(map(index.get, keys), stats)]
     todo = [i for i, n in enumerate(known) if n is None]
@@ -1086,12 +1076,11 @@ def check_shared_memory(cfg, local_world_size=1):
     if cfg.workers == 0 or free is None or per_worker * cfg.workers <= free:
         return
     need, fits = per_worker * cfg.workers, free // per_worker
+    slow = " (loading in the training process: slow)" if fits == 0 else ''
     raise UserError(f"{SHM} has {free / 2**20:,.0f} MiB free, but {local_world_size} rank(s) x {cfg.workers} loader "
                     f"workers x {PREFETCH} batches of {batch / 2**20:,.1f} MiB need {need / 2**20:,.0f} MiB there "
-                    f"('Bus error' at the first batch); pass --workers={fits}"
-                    + (" (loading in the training process: slow)" if fits == 0 else '')
-                    + f", or give the container more: docker run --shm-size={math.ceil(need / 2**30) + 1}g (or "
-                      f"--ipc=host)", every_rank=True)
+                    f"('Bus error' at the first batch); pass --workers={fits}{slow}, or give the container more: "
+                    f"docker run --shm-size={math.ceil(need / 2**30) + 1}g (or --ipc=host)", every_rank=True)
 
 
 # --- Loaders ---
@@ -1253,8 +1242,7 @@ def draw_scene(scene, canvas):
     if kind == 'solid':
         pixels = np.array(rgb1, dtype=np.float32)
     elif kind == 'gradient':
-        t = np.linspace(0, 1, canvas, dtype=np.float32)[:, None, None] if vertical else \
-            np.linspace(0, 1, canvas, dtype=np.float32)[None, :, None]
+        t = np.linspace(0, 1, canvas, dtype=np.float32).reshape((-1, 1, 1) if vertical else (1, -1, 1))
         pixels = np.array(rgb1) * (1 - t) + np.array(rgb2) * t  # (canvas, 1, 3) or (1, canvas, 3)
     else:
         pixels = np.array(rgb1) + np.random.default_rng(noise_seed).normal(0, 24, (canvas, canvas, 3))
