@@ -59,10 +59,8 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
+        self.downsample = None if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -424,9 +422,7 @@ class CLIPModel(nn.Module):
             out['h_image'] = [self.image_heads['h'](f) for f in f_image[1:]]
             out['h_text'] = [self.text_heads['h'](f) for f in f_text[1:]]
             out['l2l_logit_scale'] = self.l2l_logit_scale.exp()
-        for name in ('logit_bias', 'l2l_logit_bias'):
-            if hasattr(self, name):
-                out[name] = getattr(self, name)
+        out.update({name: getattr(self, name) for name in ('logit_bias', 'l2l_logit_bias') if hasattr(self, name)})
         if self.barlip:
             out['barlip_image'] = [self.barlip_image(f) for f in f_image]
             out['barlip_text'] = [self.barlip_text(f) for f in f_text]
@@ -530,9 +526,7 @@ def all_reduce_mean(x, with_grad):
     world = _world()[1]
     if world == 1:
         return x
-    if with_grad:
-        return _AllReduceSum.apply(x) / world
-    return (x + (_all_reduce(x.detach()) - x.detach())) / world
+    return (_AllReduceSum.apply(x) if with_grad else x + (_all_reduce(x.detach()) - x.detach())) / world
 
 
 def _positives(batch_size, device):
@@ -982,9 +976,8 @@ def _timm_name(key):
 
 
 def _vision_tower(cfg, state):
-    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
-    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises
-    ValueError for a tower open_clip cannot represent exactly."""
+    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and timm-shaped timm-style
+    ViTs via open_clip's timm tower (exact GELU whatever the text's), other ViTs as its own; ValueError if inexact."""
     visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
     head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
     if cfg.vision == 'resnet50':  # our names are timm's
