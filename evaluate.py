@@ -301,9 +301,8 @@ def _autocast(cfg, device):
 
 @torch.no_grad()
 def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1, to_first=False):
-    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
-    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded, on every
-    rank (to_first: on rank 0 alone, the others get None)."""
+    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of (input, label) pairs,
+    float32 on the CPU: the ranks' slices gathered unpadded on every rank (to_first: on rank 0, the others get None)."""
     device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
     with _autocast(cfg, device):
         for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
@@ -1152,8 +1151,10 @@ def evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, d
 
     def save(results):
         record['results'] = results
-        if rank == 0:
-            _write_json(records if 'out' in flags else record, out)
+        if rank == 0:  # strict JSON: an undefined metric is null, so a NaN here is a bug
+            text = json.dumps(records if 'out' in flags else record, indent=2, allow_nan=False)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, lambda f: f.write(text.encode()))
 
     datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                 list(EVAL_SETS) + (['demo'] if cfg.dataset == 'demo' else []))
@@ -1283,13 +1284,6 @@ def export(argv):
     print(f"wrote {out} (open_clip local-dir: z projections{note}); not exported, open_clip's CLIP has no place for "
           f"them: {', '.join(left_out) or 'nothing'}")
     return out
-
-
-def _write_json(obj, path):
-    """Strict JSON (an undefined metric is null, so a NaN here is a bug), replaced atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):
