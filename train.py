@@ -89,9 +89,8 @@ def seed_everything(seed):
 
 # --- Optimizer and schedule ---
 def param_groups(model, weight_decay):
-    """AdamW groups (recipe §5.2): tensors with ndim < 2 (biases, norm affines, logit scales) and those a module
-    names in its no_weight_decay() (the OpenAI-style ViT's class token) get no weight decay; weight matrices,
-    conv kernels, embeddings, positional embeddings and the timm-style CLS token do."""
+    """AdamW groups (recipe §5.2): no weight decay for tensors with ndim < 2 (biases, norm affines, logit scales) and
+    those a module's no_weight_decay() names (the OpenAI-style ViT's class token); the timm-style CLS token decays."""
     exempt = {id(getattr(m, name)) for m in model.modules() if hasattr(m, 'no_weight_decay')
               for name in m.no_weight_decay()}
     decay, no_decay = [], []
@@ -136,8 +135,7 @@ def rng_state(device):
     state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {'python': random.getstate(), 'numpy': [name, keys.tolist(), pos, has_gauss, gauss],
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
 def set_rng_state(state):
@@ -262,9 +260,8 @@ VIT_FIELDS = ARCH_FIELDS[1:8]
 
 
 def maybe_init_weights(model, cfg, resume, master):
-    """--init=PATH: start from the model weights of a checkpoint of ours or a released SLIP / CLIP 🚀 / open_clip
-    one (the optimizer and schedule start fresh); heads the file lacks keep their initialisation and are listed.
-    Skipped on resume, whose checkpoint holds the weights."""
+    """--init=PATH: the model weights of a checkpoint of ours or a released SLIP / CLIP 🚀 / open_clip one (fresh
+    optimizer and schedule); heads the file lacks keep their initialisation and are listed. Skipped on resume."""
     if not cfg.init or resume is not None:
         return
     # a released file without an official model name does not tell its head counts: the run's are taken
@@ -581,9 +578,8 @@ def restore_epoch_state(loop, state, device):
 
 
 def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
-    """The model (with the --init weights unless resuming), its momentum copy of those weights (a row of
-    config.METHODS with momentum: BYOLIP), AdamW and the GradScaler, initialised identically on every rank (recipe
-    §5.5); the model line is printed by rank 0 only."""
+    """(model with the --init weights unless resuming, its momentum copy for a row with momentum (BYOLIP), AdamW,
+    GradScaler), initialised identically on every rank (recipe §5.5); rank 0 prints the model line."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
     maybe_init_weights(model, cfg, resume, rank == 0)
@@ -593,9 +589,7 @@ def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
         model = model.to(memory_format=torch.channels_last)
     if sync_batchnorm(device, world_size):  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    momentum_model = None
-    if config.METHODS[cfg.method].momentum:
-        momentum_model = copy.deepcopy(model).requires_grad_(False)
+    momentum_model = copy.deepcopy(model).requires_grad_(False) if config.METHODS[cfg.method].momentum else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
@@ -618,7 +612,6 @@ def compile_parts(model):
 
 def wrap_model(model, cfg, device, world_size, rank=0):
     """The module the step calls: compiled in place when asked (compile_parts), DDP across ranks."""
-    train_model = model
     if cfg.compile:
         parts = compile_parts(model)
         for part in parts:
@@ -630,9 +623,8 @@ def wrap_model(model, cfg, device, world_size, rank=0):
     if world_size > 1 and not caches_gradients(cfg):  # gradient caching averages the gradients itself
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
-                          bucket_cap_mb=200)
-    return train_model
+        return DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, bucket_cap_mb=200)
+    return model
 
 
 def start_epoch(loader, loop):
@@ -646,8 +638,7 @@ def to_device(batch, cfg, device):
     weak, strong = finish_views(batch, cfg, device)  # --augment_device=cuda: colour, blur, flip run here
     tokens = batch['tokens'].to(device, non_blocking=True)
     if cfg.channels_last:
-        weak, strong = weak.to(memory_format=torch.channels_last), [s.to(memory_format=torch.channels_last)
-                                                                    for s in strong]
+        weak, *strong = (x.to(memory_format=torch.channels_last) for x in (weak, *strong))
     return weak, tokens, strong
 
 
@@ -736,8 +727,7 @@ def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, wo
     skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
     files = write_skipped(cfg, loop, rank, world_size)
     record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
-              **mean_over_ranks(sums.losses, sums.micro),
-              'logit_scale': model.logit_scale.exp().item(),
+              **mean_over_ranks(sums.losses, sums.micro), 'logit_scale': model.logit_scale.exp().item(),
               'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
               'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
               'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total,
@@ -769,9 +759,8 @@ def show_progress(record, loop, last_step, bar):
 
 
 def check_data(cfg, loop, skipped, world_size, epoch_end=False):
-    """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since
-    the last such stop) were unreadable, else None. Checked at every log interval once --bad_sample_min samples are
-    read, and at the epoch's end; skipped: this epoch's unreadable samples so far, all ranks."""
+    """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since the
+    last stop; mid-epoch once --bad_sample_min are read) were unreadable, else None; skipped: all ranks' so far."""
     read = samples_read(loop.epoch_sums.micro * cfg.batch_size * world_size, skipped, cfg)
     base_skipped, base_read = loop.bad_base
     if read - base_read < (1 if epoch_end else cfg.bad_sample_min):
