@@ -449,8 +449,7 @@ class ImageViews:
 
     def draw_for_step(self, img, gen=None):
         """--augment_device=cuda's worker share, cropped by the step: (images, boxes (1 + A, 5) of (image, top, left, h,
-        w), photometric columns (A, K)); images: the region of all boxes or, past REGION_LIMIT x the views' size, the
-        views."""
+        w), photometric columns (A, K)); images: the boxes' region, or the views if it is over REGION_LIMIT x theirs."""
         x, boxes, params = self.draw_boxes(img, gen)
         columns = torch.tensor([photometric_columns(p) for p in params]).reshape(-1, len(IDENTITY))
         region, inside = covering_region(x, boxes)
@@ -471,10 +470,9 @@ class ImageViews:
 
 
 def finish_views(batch, cfg, device):
-    """The step's normalised (weak, [strong] * A) on device: from the workers' uint8 views or, with
-    --augment_device=cuda, from pack_views's pixels, crops and photometric columns, as ImageViews makes them. Batched:
-    the same ops whatever the batch size, and only the batch's own tensors (pinned by the loader) cross to the device,
-    without blocking."""
+    """The step's normalised (weak, [strong] * A) on device: from the workers' uint8 views or (--augment_device=cuda)
+    from pack_views's pixels, crops and photometric columns, as ImageViews makes them. Batched: the same ops whatever
+    the batch size; only the batch's own tensors (pinned by the loader) cross to the device, without blocking."""
     stats = cfg.image_mean, cfg.image_std
     if cfg.augment_device != 'cuda':
         weak, *strong = (normalize(x.to(device, non_blocking=True), *stats) for x in (batch['weak'], *batch['strong']))
@@ -509,15 +507,11 @@ class ToRGB:
 
 def eval_transform(cfg):
     """Validation transform (recipe §3.1): resize the short side to S (bilinear), centre crop S, normalise."""
-    return v2.Compose([
-        ToRGB(cfg.alpha_background),
-        v2.PILToTensor(),
-        v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(cfg.image_size),
-        # torchvision's own ops, not a Lambda: their repr names the statistics, which the probe's feature-cache key reads
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(cfg.image_mean, cfg.image_std),
-    ])
+    # torchvision's own ops, not a Lambda: their repr names the statistics, which the probe's feature-cache key reads
+    return v2.Compose([ToRGB(cfg.alpha_background), v2.PILToTensor(),
+                       v2.Resize(cfg.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+                       v2.CenterCrop(cfg.image_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(cfg.image_mean, cfg.image_std)])
 
 
 # --- Text: cleaning, stopwords and word tokenizer ---

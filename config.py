@@ -133,7 +133,11 @@ class SharedConfig:
     epochs: int = _f(32, 'training epochs')
     max_steps: int = _f(0, 'stop after this many optimizer steps (0 = run all epochs)')
     warmup_epochs: float = _f(1.0, 'linear warmup length in epochs')
-    batch_size: int = _f(128, 'per-process batch size')
+    global_batch: int = _f(128, 'image-text pairs of one contrastive batch over all processes (every pair is a '
+                                'negative of the others): --batch_size = this / processes (WORLD_SIZE)')
+    batch_size: int = _f(128, 'per-process batch size (set: it sets --global_batch = this x processes)')
+    chunk: int = _f(0, 'gradient caching: each process encodes its batch in chunks of this many samples (activation '
+                       'memory of a chunk), the heads and the loss see the whole batch; 0 or >= --batch_size: one pass')
     lr: float = _f(3e-3, 'peak learning rate')
     lr_start: float = _f(1e-6, 'learning rate at the start of warmup')
     lr_end: float = _f(1e-5, 'learning rate at the end of the cosine')
@@ -230,14 +234,17 @@ MODELS = {  # image sizes live here: a model keeps its own unless a flag or a pa
     'vit_l14': dict(vision='vit', vision_width=1024, vision_layers=24, vision_heads=16, patch_size=14, **_SIZES),
 }
 
-# recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather
-_PAPER = dict(model='resnet50', epochs=32, batch_size=128, lr=3e-3, weight_decay=0.1, label_smoothing=0.1,
-              num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224, text_dropout=0.0)
+# recipe §5.1: 32 epochs, 128 per GPU x 32 GPUs, lr 3e-3, wd 0.1, label smoothing 0.1, A = 2, detached gather. The
+# global batch on any number of GPUs; chunks of the official 128 per GPU (which fit a V100-32GB) on fewer of them
+PAPER_BATCH = 4096
+_PAPER = dict(model='resnet50', epochs=32, global_batch=PAPER_BATCH, chunk=128, lr=3e-3, weight_decay=0.1,
+              label_smoothing=0.1, num_augs=2, gather_with_grad=False, image_size=224, local_crop_size=224,
+              text_dropout=0.0)
 RECIPES = {
     # sized so that `python train.py` (tiny model, 561 steps) ends within 10 minutes on a slow 2-core AVX2 CPU.
     # Demo captions fit in 32 tokens; at batch 64 a lower lr learns shape far faster
     # (2.5e-4: 36% after 3 epochs, 2e-3: 23%), and strong crops of at least a quarter of the scene show an object
-    'demo': dict(epochs=3, batch_size=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
+    'demo': dict(epochs=3, global_batch=64, lr=2.5e-4, weight_decay=0.1, warmup_epochs=0.3, eval_batch_size=256,
                  demo_train_size=12000, demo_val_size=1000, context_length=32, weak_min_scale=0.9,
                  strong_min_scale=0.25),
     'cc3m': dict(_PAPER, weight_decay=0.5, text_layers=6, text_dropout=0.2, loss_reduction='avg',
@@ -247,6 +254,7 @@ RECIPES = {
     'merged29m': dict(_PAPER, lr=2e-3, caption_sampling='multi', local_crop_size=192, text_dropout=0.0,
                       loss_reduction='sum', clean_before_augment=True),
 }  # formats without a row here (csv, wds) take the defaults and the model preset's image size
+PAPER_RECIPES = ('cc3m', 'cc12m', 'yfcc15m', 'merged29m')  # the start line warns when one runs at another batch
 
 
 def dataset_recipe(dataset, model, method):
@@ -341,15 +349,11 @@ def first_line(e, limit=160):
 def _convert(name, raw):
     kind = type(_FIELDS[name].default) if _FIELDS[name].default is not dataclasses.MISSING else list
     if kind is bool:
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
         raise ConfigError(f"--{name}: expected true/false/1/0, got {raw!r}")
     try:
-        if kind is list:
-            return [float(x) for x in raw.split(',')]
-        return kind(raw) if kind is not int else int(raw)
+        return [float(x) for x in raw.split(',')] if kind is list else kind(raw)
     except ValueError:
         raise ConfigError(f"--{name}: expected {kind.__name__ if kind is not list else 'comma-separated numbers'}, "
                           f"got {raw!r}") from None
@@ -413,17 +417,22 @@ def validate(cfg):
     _check(set(filter(None, cfg.report_to.split(','))) <= {'tensorboard', 'wandb'},
            f"--report_to={cfg.report_to}: choose tensorboard, wandb or both (comma-separated)")
     for name in ('lr', 'lr_start', 'lr_end', 'weight_decay', 'eps', 'warmup_epochs', 'text_dropout', 'max_image_pixels',
-                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob'):
+                 'bad_sample_threshold', 'synonym_prob', 'swap_prob', 'deletion_prob', 'identity_prob', 'chunk',
+                 'num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size', 'demo_train_size',
+                 'demo_val_size', 'bad_sample_min'):
         _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
-    for name in ('batch_size', 'eval_batch_size', 'epochs', 'update_freq', 'image_size', 'local_crop_size',
-                 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width', 'text_heads',
-                 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'keep_last',
-                 'max_nonfinite', 'log_every'):
+    for name in ('batch_size', 'global_batch', 'eval_batch_size', 'epochs', 'update_freq', 'image_size',
+                 'local_crop_size', 'vision_width', 'vision_layers', 'vision_heads', 'patch_size', 'text_width',
+                 'text_heads', 'text_layers', 'context_length', 'embed_dim', 'mlp_hidden_dim', 'keep_last',
+                 'max_nonfinite', 'log_every', 'logit_scale_max'):
         _check(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
     _check(cfg.workers >= -1, f"--workers={cfg.workers}: must be >= 0, or -1 to choose from the cores available")
-    for name in ('num_augs', 'threads', 'max_steps', 'save_every', 'eval_every', 'vocab_size',
-                 'demo_train_size', 'demo_val_size', 'bad_sample_min'):
-        _check(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+    if 0 < cfg.chunk < cfg.batch_size:
+        _check(cfg.batch_size % cfg.chunk == 0,
+               f"--chunk={cfg.chunk} does not divide the per-process batch of {cfg.batch_size}: pass --chunk="
+               f"{max(d for d in range(1, cfg.chunk + 1) if cfg.batch_size % d == 0)}, or another divisor of it")
+        _check(not cfg.compile, f"--compile does not combine with gradient caching (--chunk={cfg.chunk} below the "
+                                f"per-process batch of {cfg.batch_size}): drop --compile, or pass --chunk=0")
     _check(0 <= cfg.label_smoothing < 1, f"--label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
     _check(cfg.text_dropout < 1, f"--text_dropout={cfg.text_dropout}: must be in [0, 1)")
     for name in ('patch_dropout_weak', 'patch_dropout_strong'):
@@ -439,7 +448,6 @@ def validate(cfg):
            "--text_augment needs one of synonym/swap/deletion/identity_prob > 0")
     for name, param in PARAMS.items():  # every method's own, whichever method runs
         _check(in_bound(getattr(cfg, name), param.bound), f"--{name}={getattr(cfg, name)}: must be in {param.bound}")
-    _check(cfg.logit_scale_max >= 1, f"--logit_scale_max={cfg.logit_scale_max}: must be >= 1")
     _check(len(cfg.image_mean) == 3 and len(cfg.image_std) == 3 and min(cfg.image_std) > 0,
            "--image_mean/--image_std: give three numbers each, std > 0, e.g. --image_std=0.229,0.224,0.225")
     _check(len(cfg.alpha_background) == 3 and all(v == int(v) and 0 <= v <= 255 for v in cfg.alpha_background),
@@ -469,9 +477,8 @@ MAX_AUTO_WORKERS = 10
 
 
 def cpu_split(workers, threads, device_type, local_world_size=1):
-    """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the cores it may use, never
-    more in all: on a GPU the workers take all but one core (at most MAX_AUTO_WORKERS), on a CPU one worker per 4
-    cores feeds the threads."""
+    """(loader workers, torch threads) of one process; -1 / 0 split this rank's share of the usable cores, never more in
+    all: on a GPU the workers take all but one (at most MAX_AUTO_WORKERS), on a CPU one per 4 cores feeds threads."""
     cores = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
     if workers < 0:
         workers = 0 if cores == 1 else min(cores - 1, MAX_AUTO_WORKERS) if device_type == 'cuda' else max(1, cores // 4)
@@ -484,12 +491,12 @@ def help_text(cfg=None, datasets=()):
     """Every flag with its help and its value in cfg (the config the other flags resolve to; default: Config())."""
     cfg = cfg or Config()
     lines = ['usage: python train.py [--key=value ...]   (also --key value; dashes or underscores)', '',
-             f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method} and the flags given:"]
+             f"values for --dataset={cfg.dataset} --model={cfg.model} --method={cfg.method}, "
+             f"{cfg.global_batch // cfg.batch_size} process(es) (WORLD_SIZE) and the flags given:"]
     for f in fields(Config):
         choices = f": {', '.join(datasets)}" if f.name == 'dataset' and datasets else ''
         lines.append(f"  --{f.name:<24} {f.metadata['help']}{choices} (here: {getattr(cfg, f.name)})")
-    lines.append('')
-    lines.append(f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag")
+    lines += ['', f"precedence: default < model preset < dataset recipe ({', '.join(RECIPES)}) < method < flag"]
     return '\n'.join(lines)
 
 
@@ -513,7 +520,23 @@ def resolve(flags, verbose=True, datasets=None):
         if verbose and applied:
             print(f"config: {source} sets " + ' '.join(f'{k}={v}' for k, v in applied.items()))
     merged.update(values)
+    merged.update(split_batch(merged.get('global_batch', base.global_batch), values,
+                              int(os.environ.get('WORLD_SIZE', 1))))
     return validate(dataclasses.replace(base, **merged))
+
+
+def split_batch(global_batch, explicit, world):
+    """{'batch_size': global_batch / world}, or {'global_batch': batch_size x world} for an explicit --batch_size."""
+    if 'batch_size' in explicit:
+        b = explicit['batch_size']
+        _check(explicit.get('global_batch', b * world) == b * world, f"--global_batch={global_batch} and "
+               f"--batch_size={b} disagree on {world} process(es) ({b} x {world} = {b * world}): give one of them")
+        return {'global_batch': b * world}
+    _check(global_batch >= 1, f"--global_batch={global_batch}: must be >= 1")
+    _check(global_batch % world == 0,
+           f"--global_batch={global_batch} does not split over {world} processes: run a number of processes that "
+           f"divides it, or pass --global_batch={world * max(1, round(global_batch / world))}")
+    return {'batch_size': global_batch // world}
 
 
 def parse_args(argv=None, datasets=None):
@@ -633,10 +656,8 @@ def pick_device(cfg, world_size):
         if cfg.device != 'auto':
             raise ConfigError(f"--device={cfg.device} but CUDA is not available here; use --device=cpu")
         return torch.device('cpu')
-    if cfg.device.startswith('cuda:') and world_size == 1:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    device = (torch.device(cfg.device) if cfg.device.startswith('cuda:') and world_size == 1
+              else torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))))
     major, minor = torch.cuda.get_device_capability(device)
     if not has_kernels((major, minor), torch.cuda.get_arch_list()):
         raise UserError(f"GPU {device.index} ({torch.cuda.get_device_name(device)}, sm_{major}{minor}) has no "
@@ -692,11 +713,8 @@ def no_cuda_message(flag):
     """Why CUDA is not usable although NVIDIA devices are here, and the fix."""
     devices, driver = nvidia_devices(), nvidia_driver()
     found = f"{len(devices)} NVIDIA GPU(s) are here ({devices[0]}" + (', ...)' if len(devices) > 1 else ')')
-    if torch.version.cuda is None:
-        cause = f"torch {torch.__version__} is a CPU-only build"
-    else:
-        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA "
-                 f"driver than {f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or "
-                 f"later, CUDA 12 R525)")
+    cause = f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs a newer NVIDIA driver than "
+        f"{f'this one ({driver})' if driver else 'the one loaded'} (CUDA 13 needs R580 or later, CUDA 12 R525)")
     return (f"--device={flag}: {found} but this PyTorch cannot use them: {cause}; install PyTorch's CUDA 12 build: "
             f"{cuda12_install()}; or pass --device=cpu to run on the CPU")

@@ -3,6 +3,7 @@ the built-in demo dataset."""
 import atexit
 import bisect
 import collections
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -447,12 +448,10 @@ def cache_files(source, output_dir, name):
 def write_cache(files, write):
     """write(file) for the first of files whose folder can be made and written; that file, or None."""
     for file in files:
-        try:
+        with contextlib.suppress(OSError):
             file.parent.mkdir(parents=True, exist_ok=True)
             write(file)
             return file
-        except OSError:
-            continue
     return None
 
 
@@ -465,11 +464,9 @@ def cached_arrays(metadata, output_dir, how, build):
     folders = cache_files(metadata, output_dir, Path(metadata).resolve().name + '.arrays')
     stamps = [folder / 'stamp.json' for folder in folders]
     for file in stamps:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(file.read_text()) == stamp:
                 return {f.stem: np.load(f, mmap_mode='r') for f in file.parent.glob('*.npy')}
-        except (OSError, ValueError):
-            pass
     arrays = build()
 
     def write(file):
@@ -569,26 +566,22 @@ def scan_keys(path):
 def count_samples(path):
     """Number of sample keys in a shard (header scan, no data read); unreadable shards count what they hold."""
     keys = set()
-    try:
+    with contextlib.suppress(tarfile.TarError, OSError, EOFError, ValueError):
         scanned = scan_keys(path)
         if scanned is not None:
             return len(scanned)
         with tarfile.open(path) as tar:
             keys.update(member_key(m.name)[0] for m in tar if m.isfile())
-    except (tarfile.TarError, OSError, EOFError, ValueError):
-        pass
     return len(keys)
 
 
 def count_shard(path):
     """A shard's sample count: `successes` of the NNNNN_stats.json img2dataset writes beside it, else count_samples."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         with open(Path(path).with_name(Path(path).name.split('.')[0] + '_stats.json')) as f:
             count = json.load(f).get('successes')
         if isinstance(count, int) and count >= 0:
             return count
-    except (OSError, ValueError, AttributeError):
-        pass
     return count_samples(path)
 
 
@@ -597,9 +590,8 @@ PARALLEL_BYTES = 64 << 20  # shards smaller than this in all are counted in-proc
 
 def count_in_parallel(paths, nbytes):
     """count_shard of each path, over this rank's share of the CPUs (forked processes: the scan holds the GIL)."""
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    procs = min(len(paths), max(1, cpus // local))
+    procs = min(len(paths), max(1, cpus // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     if procs <= 1 or nbytes < PARALLEL_BYTES:
         return [count_shard(p) for p in paths]
     with multiprocessing.get_context('fork').Pool(procs) as pool:
@@ -620,10 +612,8 @@ def shard_counts(shards, stats, output_dir, rank=0, world_size=1):
     index, lead = {}, rank == 0 or not distributed  # without a group, each rank alone
     if lead:
         for file in reversed(files):  # entries beside the shards win
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 index.update(json.loads(file.read_text()))
-            except (OSError, ValueError):
-                pass
     known = [entry[2] if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns] else None
              for entry, st in zip(map(index.get, keys), stats)]
     todo = [i for i, n in enumerate(known) if n is None]
@@ -753,8 +743,7 @@ def read_yfcc(cfg):
         ids = ids.astype(np.uint32) if len(ids) and 0 <= ids.min() and ids.max() < 2 ** 32 else ids  # half the bytes
         return {'ids': ids, **CaptionLists.arrays('captions', [t[1:] for t in items])}
     arrays = metadata_arrays(cfg, parse)
-    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays,
-                      cfg.max_image_pixels)
+    return YfccReader(existing(cfg.root, 'root', 'the folder holding images/XX/YYY.zip'), arrays, cfg.max_image_pixels)
 
 
 def read_csv(cfg):
@@ -1087,12 +1076,11 @@ def check_shared_memory(cfg, local_world_size=1):
     if cfg.workers == 0 or free is None or per_worker * cfg.workers <= free:
         return
     need, fits = per_worker * cfg.workers, free // per_worker
+    slow = " (loading in the training process: slow)" if fits == 0 else ''
     raise UserError(f"{SHM} has {free / 2**20:,.0f} MiB free, but {local_world_size} rank(s) x {cfg.workers} loader "
                     f"workers x {PREFETCH} batches of {batch / 2**20:,.1f} MiB need {need / 2**20:,.0f} MiB there "
-                    f"('Bus error' at the first batch); pass --workers={fits}"
-                    + (" (loading in the training process: slow)" if fits == 0 else '')
-                    + f", or give the container more: docker run --shm-size={math.ceil(need / 2**30) + 1}g (or "
-                      f"--ipc=host)", every_rank=True)
+                    f"('Bus error' at the first batch); pass --workers={fits}{slow}, or give the container more: "
+                    f"docker run --shm-size={math.ceil(need / 2**30) + 1}g (or --ipc=host)", every_rank=True)
 
 
 # --- Loaders ---
@@ -1175,7 +1163,8 @@ def build_train_loader(cfg, tokenizer, rank=0, world_size=1):
         loader.sampler.set_epoch = dataset.set_epoch
     if len(loader) == 0:
         raise ConfigError(f"--dataset={cfg.dataset} gives each of {world_size} rank(s) less than one batch of "
-                          f"--batch_size={cfg.batch_size}; lower the batch size or add data")
+                          f"--batch_size={cfg.batch_size} (--global_batch={cfg.global_batch}); lower --global_batch or "
+                          f"add data")
     return loader
 
 
@@ -1197,8 +1186,7 @@ COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
 HELD_OUT = frozenset({('red', 'star'), ('green', 'heart'), ('blue', 'triangle'), ('yellow', 'cross'),
                       ('purple', 'circle'), ('orange', 'square'), ('white', 'star')})
 SIZES = {'small': 0.16, 'large': 0.21}  # radius as a fraction of the canvas
-POSITIONS = {'left': (0.25, 0.5), 'right': (0.75, 0.5), 'top': (0.5, 0.25), 'bottom': (0.5, 0.75),
-             'centre': (0.5, 0.5)}
+POSITIONS = {'left': (0.25, 0.5), 'right': (0.75, 0.5), 'top': (0.5, 0.25), 'bottom': (0.5, 0.75), 'centre': (0.5, 0.5)}
 RELATIONS = {('left', 'right'): 'to the left of', ('right', 'left'): 'to the right of',
              ('top', 'bottom'): 'above', ('bottom', 'top'): 'below'}
 # split: (id, objects per scene, allowed combinations)
@@ -1254,8 +1242,7 @@ def draw_scene(scene, canvas):
     if kind == 'solid':
         pixels = np.array(rgb1, dtype=np.float32)
     elif kind == 'gradient':
-        t = np.linspace(0, 1, canvas, dtype=np.float32)[:, None, None] if vertical else \
-            np.linspace(0, 1, canvas, dtype=np.float32)[None, :, None]
+        t = np.linspace(0, 1, canvas, dtype=np.float32).reshape((-1, 1, 1) if vertical else (1, -1, 1))
         pixels = np.array(rgb1) * (1 - t) + np.array(rgb2) * t  # (canvas, 1, 3) or (1, canvas, 3)
     else:
         pixels = np.array(rgb1) + np.random.default_rng(noise_seed).normal(0, 24, (canvas, canvas, 3))
@@ -1356,19 +1343,17 @@ class DemoImages(torch.utils.data.Dataset):
         return self.transform(draw_scene(scene, self.canvas)), label
 
 
-EvalTask = collections.namedtuple('EvalTask', 'name classnames templates dataset metric')
+EvalTask = collections.namedtuple('EvalTask', 'name classnames templates dataset metric', defaults=('acc',))
 
 
 def demo_eval_tasks(cfg):
     """Zero-shot tasks on held-out single-object images: shape, colour, and colour+shape over all 42 names
     with images of the combinations never seen in training."""
     # a shape prompt is averaged over the colours and a colour prompt over the shapes: captions name both
-    return [EvalTask('shape', list(SHAPES), [f'the {c} {{}}' for c in COLOURS], DemoImages(cfg, 'single', 'shape'),
-                     'acc'),
-            EvalTask('colour', list(COLOURS), [f'the {{}} {s}' for s in SHAPES], DemoImages(cfg, 'single', 'colour'),
-                     'acc'),
+    return [EvalTask('shape', list(SHAPES), [f'the {c} {{}}' for c in COLOURS], DemoImages(cfg, 'single', 'shape')),
+            EvalTask('colour', list(COLOURS), [f'the {{}} {s}' for s in SHAPES], DemoImages(cfg, 'single', 'colour')),
             EvalTask('colour_shape_unseen', [f'{c} {s}' for c, s in COMBOS], ['the {}', 'a photo of the {}', '{}'],
-                     DemoImages(cfg, 'unseen', 'colour_shape'), 'acc')]
+                     DemoImages(cfg, 'unseen', 'colour_shape'))]
 
 
 def demo_probe_train(cfg, task):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFile
 
-from augment import eval_transform
+from augment import eval_transform, full_fp32_matmul
 from config import (_FALSE, _TRUE, Config, ConfigError, UserError, _check, _convert, atomic_save,
                     atomic_write, first_line, parse_flags, run_cli, setup_distributed)
 from model import FORMAT, CLIPModel, autocast_dtype, build_model, convert_weights, export_open_clip, load_weights_file
@@ -77,10 +77,9 @@ def read_checkpoint(path, overrides=None, defaults=None):
     except Exception as e:  # truncated zip, bad pickle: "not loadable"; foreign pickled classes: refused
         found = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
         if isinstance(e, pickle.UnpicklingError) and found:  # junk bytes also fail weights_only, naming no global
-            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} "
-                            f"beyond tensors and plain data, which torch.load(weights_only=True) never runs; if you "
-                            f"trust the file, load it with weights_only=False and torch.save its tensors alone") \
-                from None
+            raise UserError(f"checkpoint {path} was refused as unsafe: it pickles {found[1]} beyond tensors and plain "
+                            f"data, which torch.load(weights_only=True) never runs; if you trust the file, load it "
+                            f"with weights_only=False and torch.save its tensors alone") from None
         raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first_line(e)}); "
                         f"re-copy it or pick another epoch") from None
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
@@ -160,10 +159,9 @@ def import_checkpoint(obj, path, overrides=None, defaults=None):
     local = ['h'] if 'image_heads.h.0.weight' in imported['state'] else []
     projections = ['z', *local, *sorted({k.split('.')[0] for k in imported['extra']})]
     epoch = '' if imported['epoch'] is None else f", epoch {imported['epoch']}"
-    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: "
-            f"{tower}; text width {cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, "
-            f"{cfg.text_act}; embedding {cfg.embed_dim}; projections {', '.join(projections)}; head counts from "
-            f"{source}")
+    line = (f"{path}: {what} checkpoint {imported['name'] or '(no model name)'}{epoch}: {tower}; text width "
+            f"{cfg.text_width}, {cfg.text_layers} layers, {cfg.text_heads} heads, {cfg.text_act}; embedding "
+            f"{cfg.embed_dim}; projections {', '.join(projections)}; head counts from {source}")
     if any(k not in {**overrides, **beside} for k in imported['assumed']):
         line += "; activations assumed QuickGELU as in OpenAI's weights (LAION's GELU models: --vision_act=gelu " \
                 "--text_act=gelu)"
@@ -303,9 +301,8 @@ def _autocast(cfg, device):
 
 @torch.no_grad()
 def embeddings(model, cfg, dataset, keys, encode, rank=0, world_size=1, to_first=False):
-    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of a dataset of (input,
-    label) pairs, in float32 on the CPU: each rank encodes its slice, the gathers concatenate them unpadded, on every
-    rank (to_first: on rank 0 alone, the others get None)."""
+    """({key: (N, D)} of encode(inputs) -> {key: (B, D)}, labels (N,), undecodable indices) of (input, label) pairs,
+    float32 on the CPU: the ranks' slices gathered unpadded on every rank (to_first: on rank 0, the others get None)."""
     device, parts, labels, undecoded = next(model.parameters()).device, {k: [] for k in keys}, [], []
     with _autocast(cfg, device):
         for inputs, y in decoded_batches(dataset, cfg, rank, world_size, undecoded):
@@ -481,11 +478,6 @@ def read_json(path, what):
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{what} {path} is unreadable ({type(e).__name__}); give a JSON file") from None
-
-
-def override_file(kind, path):
-    """{set: class names} (kind 'labels') or {set: templates} ('templates') of --labels / --templates, else {}."""
-    return read_json(path, f'{kind} file') if path else {}
 
 
 def _read_split_file(name, path):
@@ -871,9 +863,8 @@ def probe_device(device, n, n_test, dim, say=print):
 
 def fit_probes(jobs, probe, say=print):
     """Phase 2 (one process): {dataset: metrics} of the linear probe on every cached feature set of every job."""
-    results, precision = {}, torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision('highest')  # TF32 products would leave the float32 sweep far from its tolerance
-    try:
+    results = {}
+    with full_fp32_matmul():  # TF32 products would leave the float32 sweep far from its tolerance
         for name, job in jobs.items():
             if 'error' in job:  # the dataset failed in phase 1 (its line is printed): keep the reason
                 results[name] = job
@@ -891,8 +882,6 @@ def fit_probes(jobs, probe, say=print):
             say(f"probe {name}: {len(train['labels'])} train / {len(test['labels'])} test, " + ', '.join(
                 f"{k} {metrics[next(iter(headline(metrics))).replace('trunk', k)]:.2f} (l2 {metrics['l2_' + k]:.1e})"
                 for k in train['features']) + f", {time.time() - start:.1f}s")
-    finally:
-        torch.set_float32_matmul_precision(precision)
     return results
 
 
@@ -1162,8 +1151,10 @@ def evaluate_checkpoint(path, flags, inputs, records, cores, rank, world_size, d
 
     def save(results):
         record['results'] = results
-        if rank == 0:
-            _write_json(records if 'out' in flags else record, out)
+        if rank == 0:  # strict JSON: an undefined metric is null, so a NaN here is a bug
+            text = json.dumps(records if 'out' in flags else record, indent=2, allow_nan=False)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out, lambda f: f.write(text.encode()))
 
     datasets = (flags['datasets'].split(',') if 'datasets' in flags else
                 list(EVAL_SETS) + (['demo'] if cfg.dataset == 'demo' else []))
@@ -1196,11 +1187,11 @@ def _run(argv):
     if command:
         return command(argv)
     paths, flags, catalog = parse_argv(argv)
-    labels = override_file('labels', flags.get('labels'))
+    labels = read_json(flags['labels'], 'labels file') if 'labels' in flags else {}
     if 'check_data' in flags:
         return check_data(flags.get('data_root', ''), catalog, labels)
-    inputs = {'catalog': catalog, 'labels': labels, 'templates': override_file('templates', flags.get('templates')),
-              'retrieval_csv': flags.get('retrieval')}
+    templates = read_json(flags['templates'], 'templates file') if 'templates' in flags else {}
+    inputs = {'catalog': catalog, 'labels': labels, 'templates': templates, 'retrieval_csv': flags.get('retrieval')}
     # the cores are split as in training: same thread count, same float results
     cores = Config(device=flags.get('device', 'auto'), workers=int(flags.get('workers', -1)), threads=0)
     rank, world_size, device = setup_distributed(cores)
@@ -1293,13 +1284,6 @@ def export(argv):
     print(f"wrote {out} (open_clip local-dir: z projections{note}); not exported, open_clip's CLIP has no place for "
           f"them: {', '.join(left_out) or 'nothing'}")
     return out
-
-
-def _write_json(obj, path):
-    """Strict JSON (an undefined metric is null, so a NaN here is a bug), replaced atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """CLIP 🚀 model (recipe §1): ResNet-50 and ViT image encoders, the CLIP text transformer, every method's projectors
 and losses, the METHODS table, and the model's weights in and out (released formats, their renames, export to
-open_clip). build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict of embeddings;
+open_clip). build_model(cfg, vocab_size) -> CLIPModel; model(weak, tokens, strong) -> dict of embeddings,
+= model.project(*model.trunks(weak, tokens, strong)) (features, then heads: the split gradient caching needs);
 model.encode_image/encode_text (one head), model.encode_image_heads/encode_text_heads (all heads from one trunk
 pass)."""
 import argparse
@@ -21,9 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 # --- Gradient checkpointing ---
 @contextmanager
-def _restore_buffers(module):
-    """Put the module's buffers (BN running statistics) back as they were once the block exits: the recomputation
-    in the backward pass must not count the same batch twice."""
+def restore_buffers(module):
+    """Put the module's buffers (BN running statistics) back as they were once the block exits: a recomputation (in
+    the backward pass, or gradient caching's second forward) must not count the same batch twice."""
     saved = [(b, b.clone()) for b in module.buffers()]
     try:  # the recomputation may stop early with an exception, once it has what the backward needs
         yield
@@ -41,8 +42,7 @@ def maybe_checkpoint(module, enabled, *args):
     if next(module.buffers(), None) is None or torch.compiler.is_compiling():
         # nothing to restore; torch.compile takes no context_fn (its recomputation updates BN statistics again)
         return checkpoint(module, *args, use_reentrant=False)
-    return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _restore_buffers(module)))
+    return checkpoint(module, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), restore_buffers(module)))
 
 
 # --- ResNet-50 ---
@@ -59,10 +59,8 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
+        self.downsample = None if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -322,11 +320,9 @@ class CLIPModel(nn.Module):
             raise ValueError(f"vocab_size={vocab_size}: pass the tokenizer's vocab_size (> 0)")
         parts, self.text_dropout = METHODS[cfg.method].heads, cfg.text_dropout
         self.patch_dropout = {'weak': cfg.patch_dropout_weak, 'strong': cfg.patch_dropout_strong}
-        if cfg.vision == 'resnet50':
-            self.visual = ResNet50()
-        else:
-            self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                            cfg.vision_heads, cfg.vit_style, ACTIVATIONS[cfg.vision_act])
+        self.visual = (ResNet50() if cfg.vision == 'resnet50' else
+                       VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                         cfg.vision_heads, cfg.vit_style, ACTIVATIONS[cfg.vision_act]))
         self.text = TextTransformer(vocab_size, cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads,
                                     ACTIVATIONS[cfg.text_act])
         v, t, d, hidden = self.visual.width, cfg.text_width, cfg.embed_dim, cfg.mlp_hidden_dim
@@ -404,22 +400,29 @@ class CLIPModel(nn.Module):
     def forward(self, weak, tokens, strong):
         """Training forward (recipe §1.7): weak (B, 3, S, S), tokens (B, 1+A, L), strong A x (B, 3, R, R) ->
         dict of raw embeddings named as in the contract; A = 0 is the same path."""
+        return self.project(*self.trunks(weak, tokens, strong))
+
+    def trunks(self, weak, tokens, strong):
+        """The encoders' features of a batch, before any head: (images, texts), 1+A x (B, width) each (the weak view
+        and caption row 0, then the A strong views and rows); the weak pair alone for plain CLIP."""
         if tokens.dim() != 3 or tokens.shape[1] != 1 + len(strong):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match {len(strong)} strong views: "
                              f"expected (B, 1+A, L) with A = len(strong) = {len(strong)}")
         local = 'h' in self.image_heads  # plain CLIP never looks at the strong views
-        # 1+A x (B, width) features: the weak view and caption row 0, then the A strong views and rows
         f_image = self._image_features([weak], 'weak') + (self._image_features(strong, 'strong') if local else [])
         f_text = [self.text(tokens[:, 0])] + (self._local_text_features(tokens[:, 1:]) if local else [])
+        return f_image, f_text
+
+    def project(self, f_image, f_text):
+        """Every head on the trunks' features (trunks' output) -> the dict of raw embeddings. The heads' BN sees
+        what it is given as one batch: gradient caching hands it a rank's whole batch."""
         out = {'z_image': self.image_heads['z'](f_image[0]), 'z_text': self.text_heads['z'](f_text[0]),
                'logit_scale': self.logit_scale.exp()}
-        if local:  # one head call per view: each view is its own BN batch in the MLP heads
+        if 'h' in self.image_heads:  # one head call per view: each view is its own BN batch in the MLP heads
             out['h_image'] = [self.image_heads['h'](f) for f in f_image[1:]]
             out['h_text'] = [self.text_heads['h'](f) for f in f_text[1:]]
             out['l2l_logit_scale'] = self.l2l_logit_scale.exp()
-        for name in ('logit_bias', 'l2l_logit_bias'):
-            if hasattr(self, name):
-                out[name] = getattr(self, name)
+        out.update({name: getattr(self, name) for name in ('logit_bias', 'l2l_logit_bias') if hasattr(self, name)})
         if self.barlip:
             out['barlip_image'] = [self.barlip_image(f) for f in f_image]
             out['barlip_text'] = [self.barlip_text(f) for f in f_text]
@@ -523,9 +526,7 @@ def all_reduce_mean(x, with_grad):
     world = _world()[1]
     if world == 1:
         return x
-    if with_grad:
-        return _AllReduceSum.apply(x) / world
-    return (x + (_all_reduce(x.detach()) - x.detach())) / world
+    return (_AllReduceSum.apply(x) if with_grad else x + (_all_reduce(x.detach()) - x.detach())) / world
 
 
 def _positives(batch_size, device):
@@ -688,9 +689,8 @@ def clip_term(out, cfg):
 
 def cl2l_term(out, cfg):
     """CLIP 🚀's CL2L loss (recipe §2.3); without strong views, the global pair alone."""
-    return rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []),
-                       out['logit_scale'], out.get('l2l_logit_scale'), cfg.label_smoothing, cfg.loss_reduction,
-                       cfg.gather_with_grad)
+    return rocket_loss(out['z_image'], out['z_text'], out.get('h_image', []), out.get('h_text', []), out['logit_scale'],
+                       out.get('l2l_logit_scale'), cfg.label_smoothing, cfg.loss_reduction, cfg.gather_with_grad)
 
 
 def siglip_term(out, cfg):
@@ -797,8 +797,8 @@ def compute_loss(out, cfg, target=None):
 
 
 # --- Weights in and out ---
-# One file format for training, resume, evaluation and import (train.py writes it, evaluate.py reads it): a dict with 'format': FORMAT, the run's 'config',
-# the 'model' weights and the tokenizer's 'bpe_merges'; train.py adds the optimizer, scaler, RNG and data position.
+# One file format for training, resume, evaluation and import (train.py writes it, evaluate.py reads it): a dict of
+# 'format': FORMAT, the run's 'config', the 'model' weights, the tokenizer's 'bpe_merges'; train.py adds its state.
 FORMAT = 'rocket-clip/1'
 
 
@@ -847,8 +847,8 @@ def load_weights_file(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def _rename(key):
-    for pattern, replacement in _RENAMES:
+def _rename(key, table=_RENAMES):
+    for pattern, replacement in table:
         key = re.sub(pattern, replacement, key)
     return key
 
@@ -972,14 +972,12 @@ TIMM_VITS = {(192, 12, 3, 16, 224): 'vit_tiny_patch16_224', (384, 12, 6, 16, 224
 
 def _timm_name(key):
     """Our ViT key -> timm's (the import's _RENAMES run backwards)."""
-    for pattern, replacement in _INVERSE:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return _rename(key, _INVERSE)
 
 
 def _vision_tower(cfg, state):
-    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and a timm-style ViT of
-    timm's shapes through open_clip's timm tower (exact GELU whatever the text's), other ViTs as open_clip's own. Raises ValueError for a tower open_clip cannot represent exactly."""
+    """(open_clip vision_cfg, {open_clip key: tensor}) of our image encoder: the ResNet-50 and timm-shaped timm-style
+    ViTs via open_clip's timm tower (exact GELU whatever the text's), other ViTs as its own; ValueError if inexact."""
     visual = {k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')}
     head = {'head.proj.weight': state['image_heads.z.weight']}  # the timm tower's Linear(width, embed_dim)
     if cfg.vision == 'resnet50':  # our names are timm's

@@ -37,7 +37,7 @@ import config
 from augment import finish_views
 from data import READERS, build_tokenizer, build_train_loader, check_bad_fraction, checkpoint_merges, samples_read
 from evaluate import epoch_datasets, evaluate, print_table, read_checkpoint
-from model import FORMAT, autocast_dtype, build_model, compute_loss
+from model import FORMAT, autocast_dtype, build_model, compute_loss, restore_buffers
 
 
 # --- Distributed set-up ---
@@ -89,9 +89,8 @@ def seed_everything(seed):
 
 # --- Optimizer and schedule ---
 def param_groups(model, weight_decay):
-    """AdamW groups (recipe §5.2): tensors with ndim < 2 (biases, norm affines, logit scales) and those a module
-    names in its no_weight_decay() (the OpenAI-style ViT's class token) get no weight decay; weight matrices,
-    conv kernels, embeddings, positional embeddings and the timm-style CLS token do."""
+    """AdamW groups (recipe §5.2): no weight decay for tensors with ndim < 2 (biases, norm affines, logit scales) and
+    those a module's no_weight_decay() names (the OpenAI-style ViT's class token); the timm-style CLS token decays."""
     exempt = {id(getattr(m, name)) for m in model.modules() if hasattr(m, 'no_weight_decay')
               for name in m.no_weight_decay()}
     decay, no_decay = [], []
@@ -136,8 +135,7 @@ def rng_state(device):
     state only for a run on CUDA (asking for it elsewhere would open a CUDA context on GPU 0)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {'python': random.getstate(), 'numpy': [name, keys.tolist(), pos, has_gauss, gauss],
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
 
 
 def set_rng_state(state):
@@ -262,9 +260,8 @@ VIT_FIELDS = ARCH_FIELDS[1:8]
 
 
 def maybe_init_weights(model, cfg, resume, master):
-    """--init=PATH: start from the model weights of a checkpoint of ours or a released SLIP / CLIP 🚀 / open_clip
-    one (the optimizer and schedule start fresh); heads the file lacks keep their initialisation and are listed.
-    Skipped on resume, whose checkpoint holds the weights."""
+    """--init=PATH: the model weights of a checkpoint of ours or a released SLIP / CLIP 🚀 / open_clip one (fresh
+    optimizer and schedule); heads the file lacks keep their initialisation and are listed. Skipped on resume."""
     if not cfg.init or resume is not None:
         return
     # a released file without an official model name does not tell its head counts: the run's are taken
@@ -309,9 +306,8 @@ def check_output_dir(cfg):
                          if k not in ('resume', 'overwrite') and mine.get(k) != theirs.get(k))
         if changed:
             diff = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in changed[:5])
-            raise config.UserError(f"--output_dir={out} holds a run with another config ({diff}); pass "
-                                   f"--resume=auto to continue it, --overwrite to start over, or choose another "
-                                   f"--output_dir")
+            raise config.UserError(f"--output_dir={out} holds a run with another config ({diff}); pass --resume=auto "
+                                   f"to continue it, --overwrite to start over, or choose another --output_dir")
         if (out / 'checkpoint.pt').exists():
             raise config.UserError(f"--output_dir={out} already holds checkpoint.pt; pass --resume=auto to continue "
                                    f"it or --overwrite to start over")
@@ -474,6 +470,65 @@ def trim_log(cfg, step):
         config.atomic_write(path, lambda f: f.write(''.join(keep).encode()))
 
 
+# --- Gradient caching ---
+def caches_gradients(cfg):
+    """Whether a step encodes each process's batch in chunks (--chunk below --batch_size)."""
+    return 0 < cfg.chunk < cfg.batch_size
+
+
+def cached_forward_backward(cfg, model, momentum_model, scaler, autocast, inputs):
+    """Gradient caching (Gao et al. 2021) of one micro-batch; returns its loss dict. 1: each chunk's trunk features
+    without a graph, the RNG state saved before each chunk; 2: every head and the whole objective (gathers across ranks
+    included) on the batch's features as leaves, backward: the heads' gradients and the features'; 3: each chunk
+    encoded again with a graph under its saved RNG state (the same dropout masks), its rows of the feature gradients
+    back-propagated. The same loss and gradients as one pass, but for the trunks' BatchNorm: a batch per chunk."""
+    weak, tokens, strong = inputs
+    rows = [slice(i, i + cfg.chunk) for i in range(0, len(weak), cfg.chunk)]
+    chunks = [(weak[r], tokens[r], [view[r] for view in strong]) for r in rows]
+    states, parts = [], []
+    with torch.no_grad(), autocast:
+        with restore_buffers(model):  # the BN running statistics count each chunk once: in phase 3
+            for chunk in chunks:
+                states.append(rng_state(weak.device))
+                parts.append(model.trunks(*chunk))
+        target = None
+        if momentum_model is not None:  # BYOLIP's targets: its trunks per chunk, its heads on the whole batch
+            target = momentum_model.project(*join_chunks([momentum_model.trunks(*chunk) for chunk in chunks]))
+    after = rng_state(weak.device)
+    f_image, f_text = join_chunks(parts)
+    features = [f.requires_grad_() for f in f_image + f_text]
+    with autocast:
+        losses = compute_loss(model.project(f_image, f_text), cfg, target)
+    scaler.scale(losses['loss'] / cfg.update_freq).backward()  # the feature gradients carry the scale
+    for chunk, state, r in zip(chunks, states, rows):
+        set_rng_state(state)
+        with autocast:
+            images, texts = model.trunks(*chunk)
+        pairs = [(f, cached.grad[r]) for f, cached in zip(images + texts, features) if cached.grad is not None]
+        torch.autograd.backward(*zip(*pairs))
+    set_rng_state(after)  # as after one pass: the next draws follow phase 1's (and the momentum model's)
+    return losses
+
+
+def join_chunks(parts):
+    """[(images, texts) of each chunk] -> (images, texts) of the batch: 1+A x (B, width), chunks concatenated."""
+    return tuple([torch.cat(view) for view in zip(*side)] for side in zip(*parts))
+
+
+def average_gradients(model, world_size):
+    """DDP's gradient all-reduce (the mean over ranks) for gradient caching, whose heads and trunks get their
+    gradients in separate backward passes, which DDP's reducer cannot follow: once per step, one flat buffer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank sends the same layout
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
 # --- Training ---
 @dataclass
 class Sums:
@@ -523,9 +578,8 @@ def restore_epoch_state(loop, state, device):
 
 
 def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
-    """The model (with the --init weights unless resuming), its momentum copy of those weights (a row of
-    config.METHODS with momentum: BYOLIP), AdamW and the GradScaler, initialised identically on every rank (recipe
-    §5.5); the model line is printed by rank 0 only."""
+    """(model with the --init weights unless resuming, its momentum copy for a row with momentum (BYOLIP), AdamW,
+    GradScaler), initialised identically on every rank (recipe §5.5); rank 0 prints the model line."""
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab_size, verbose=rank == 0).to(device)
     maybe_init_weights(model, cfg, resume, rank == 0)
@@ -535,9 +589,7 @@ def build_training(cfg, vocab_size, device, rank, world_size, resume=None):
         model = model.to(memory_format=torch.channels_last)
     if sync_batchnorm(device, world_size):  # recipe §1.2, 1.5: ResNet and MLP-head BN see the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    momentum_model = None
-    if config.METHODS[cfg.method].momentum:
-        momentum_model = copy.deepcopy(model).requires_grad_(False)
+    momentum_model = copy.deepcopy(model).requires_grad_(False) if config.METHODS[cfg.method].momentum else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, fused=device.type == 'cuda')
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
@@ -560,7 +612,6 @@ def compile_parts(model):
 
 def wrap_model(model, cfg, device, world_size, rank=0):
     """The module the step calls: compiled in place when asked (compile_parts), DDP across ranks."""
-    train_model = model
     if cfg.compile:
         parts = compile_parts(model)
         for part in parts:
@@ -569,12 +620,11 @@ def wrap_model(model, cfg, device, world_size, rank=0):
             names = [name for name, m in model.named_children() if any(m is p for p in parts)]
             print(f"train: --compile with SyncBatchNorm compiles {' and '.join(names) or 'nothing'}; the modules "
                   f"holding SyncBatchNorm run eagerly", flush=True)
-    if world_size > 1:
+    if world_size > 1 and not caches_gradients(cfg):  # gradient caching averages the gradients itself
         # every method gives all its parameters a gradient (tested), so plain DDP: not the paper's static_graph,
         # which breaks under no_sync (pytorch/pytorch#143580), nor a per-step search for unused parameters
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None,
-                          bucket_cap_mb=200)
-    return train_model
+        return DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, bucket_cap_mb=200)
+    return model
 
 
 def start_epoch(loader, loop):
@@ -588,9 +638,27 @@ def to_device(batch, cfg, device):
     weak, strong = finish_views(batch, cfg, device)  # --augment_device=cuda: colour, blur, flip run here
     tokens = batch['tokens'].to(device, non_blocking=True)
     if cfg.channels_last:
-        weak, strong = weak.to(memory_format=torch.channels_last), [s.to(memory_format=torch.channels_last)
-                                                                    for s in strong]
+        weak, *strong = (x.to(memory_format=torch.channels_last) for x in (weak, *strong))
     return weak, tokens, strong
+
+
+def forward_backward(cfg, train_model, model, momentum_model, scaler, autocast, inputs, last_micro):
+    """One micro-batch (weak, tokens, strong): its loss dict; its gradients, scaled and / update_freq, added to the
+    parameters'. In chunks when cfg.chunk asks (gradient caching), else in one pass through train_model."""
+    if caches_gradients(cfg):
+        return cached_forward_backward(cfg, model, momentum_model, scaler, autocast, inputs)
+    # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
+    sync = train_model.no_sync() if isinstance(train_model, DDP) and not last_micro else contextlib.nullcontext()
+    with sync:
+        with autocast:
+            out = train_model(*inputs)
+            target = None
+            if momentum_model is not None:
+                with torch.no_grad():
+                    target = momentum_model(*inputs)
+            losses = compute_loss(out, cfg, target)
+        scaler.scale(losses['loss'] / cfg.update_freq).backward()
+    return losses
 
 
 def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autocast, data_iter, lr, loop, world_size):
@@ -607,24 +675,16 @@ def train_step(cfg, train_model, model, momentum_model, optimizer, scaler, autoc
         weak, tokens, strong = to_device(batch, cfg, device)
         skipped = batch['skipped'].to(device, non_blocking=True).sum()  # pinned: no copy that blocks the host
         loop.skipped_files += [f for names in batch['skipped_files'] if names != '[]' for f in json.loads(names)]
-        # deviation from recipe §5.4: gradients are all-reduced on the last micro-step only
-        last_micro = micro == cfg.update_freq - 1
-        sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
-        with sync:
-            with autocast:
-                out = train_model(weak, tokens, strong)
-                target = None
-                if momentum_model is not None:
-                    with torch.no_grad():
-                        target = momentum_model(weak, tokens, strong)
-                losses = compute_loss(out, cfg, target)
-            scaler.scale(losses['loss'] / cfg.update_freq).backward()
+        losses = forward_backward(cfg, train_model, model, momentum_model, scaler, autocast, (weak, tokens, strong),
+                                  last_micro=micro == cfg.update_freq - 1)
         step_loss += losses['loss'].detach()
         for sums in (loop.log, loop.epoch_sums):
             accumulate(sums.losses, losses)
             sums.micro += 1
             sums.skipped += skipped
         loop.t_data = time.perf_counter()
+    if caches_gradients(cfg) and world_size > 1:
+        average_gradients(model, world_size)
 
     # the one host sync per step: agree across ranks on a non-finite loss and on a stop request (torch.full: a fill on
     # the device, where torch.tensor would be a blocking host-to-device copy)
@@ -667,8 +727,7 @@ def log_train(cfg, loop, model, lr, last_step, micro_per_epoch, device, rank, wo
     skipped, skipped_epoch = all_reduce(torch.stack([sums.skipped, loop.epoch_sums.skipped])).tolist()
     files = write_skipped(cfg, loop, rank, world_size)
     record = {'type': 'train', 'step': loop.step, 'epoch': loop.epoch + loop.batch / micro_per_epoch, 'lr': lr,
-              **mean_over_ranks(sums.losses, sums.micro),
-              'logit_scale': model.logit_scale.exp().item(),
+              **mean_over_ranks(sums.losses, sums.micro), 'logit_scale': model.logit_scale.exp().item(),
               'samples_per_s': sums.micro * cfg.batch_size * world_size / elapsed,
               'data_time': loop.data_time / sums.micro, 'peak_mem_gb': peak_memory_gb(device),
               'skipped': skipped, 'nonfinite_steps': loop.nonfinite_total,
@@ -700,9 +759,8 @@ def show_progress(record, loop, last_step, bar):
 
 
 def check_data(cfg, loop, skipped, world_size, epoch_end=False):
-    """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since
-    the last such stop) were unreadable, else None. Checked at every log interval once --bad_sample_min samples are
-    read, and at the epoch's end; skipped: this epoch's unreadable samples so far, all ranks."""
+    """The error that stops training when more than --bad_sample_threshold of the samples read this epoch (since the
+    last stop; mid-epoch once --bad_sample_min are read) were unreadable, else None; skipped: all ranks' so far."""
     read = samples_read(loop.epoch_sums.micro * cfg.batch_size * world_size, skipped, cfg)
     base_skipped, base_read = loop.bad_base
     if read - base_read < (1 if epoch_end else cfg.bad_sample_min):
@@ -767,10 +825,20 @@ def set_up(cfg, rank, world_size, device):
 
 
 def announce(cfg, loop, steps_per_epoch, last_step, amp_dtype, device, world_size):
-    """Rank 0's start line, and a warning when the warmup covers the whole run."""
+    """Rank 0's start line (the global batch, per process, in chunks), and warnings: a paper recipe at another global
+    batch than the paper's, a warmup that covers the whole run."""
+    batch = cfg.batch_size * world_size
+    chunks = f"in chunks of {cfg.chunk} (gradient caching)" if caches_gradients(cfg) else "in one pass"
+    accumulated = f", {cfg.update_freq} accumulated per step" if cfg.update_freq > 1 else ''
     print(f"train: {world_size} process(es) on {device}, {precision_note(cfg, device, amp_dtype)}, {cfg.workers} "
-          f"loader worker(s) + {cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps "
-          f"{loop.step} -> {last_step}, global batch {cfg.batch_size * world_size * cfg.update_freq}", flush=True)
+          f"loader worker(s) + {cfg.threads} thread(s) per process, {steps_per_epoch} steps/epoch, steps {loop.step} "
+          f"-> {last_step}, global batch {batch} = {world_size} x {cfg.batch_size} per process, {chunks}{accumulated}",
+          flush=True)
+    paper = config.RECIPES[cfg.dataset]['global_batch'] if cfg.dataset in config.PAPER_RECIPES else batch
+    if batch != paper:
+        print(f"train: warning: --dataset={cfg.dataset} is the paper's recipe at a global batch of {paper} (the set "
+              f"of negatives; its lr was tuned for it), but this run's is {batch}; drop --batch_size/--global_batch to "
+              f"run {paper} on any number of GPUs (--chunk bounds the memory)", flush=True)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     if warmup >= last_step > loop.step:
         print(f"train: warning: the warmup (--warmup_epochs={cfg.warmup_epochs}, {warmup} steps) covers the whole "

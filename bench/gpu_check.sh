@@ -7,8 +7,9 @@
 #   GPU_CHECK_DIR=DIR bash bench/gpu_check.sh   # keep the runs and each section's log in DIR (default: a temp dir)
 # Sections: the device; NCCL all-reduce bandwidth; a smoke run (torchrun on every GPU, ResNet-50 at 224 px, SyncBN
 # across GPUs, bf16, the generated demo data, 60 steps); the ViT-B/16 rocket step; fp16 with the GradScaler;
-# --augment_device cuda against cpu; the loader alone; evaluate.py on the smoke checkpoint; channels_last. The
-# GPU-marked tests need the test requirements: pip install -r requirements-test.txt && python -m pytest -m gpu
+# --augment_device cuda against cpu; gradient caching (ResNet-50, 512 in chunks of 128 against one pass of 128); the
+# loader alone; evaluate.py on the smoke checkpoint; channels_last. The GPU-marked tests need the test requirements:
+# pip install -r requirements-test.txt && python -m pytest -m gpu
 cd "$(dirname "$0")/.." || exit 1
 DIR=${GPU_CHECK_DIR:-$(mktemp -d)}
 ROWS=()
@@ -61,7 +62,9 @@ main() {
   [ "${1:-}" = --cpu ] && MODE=cpu
   local run="python -m torch.distributed.run --standalone" gpus=1 steps=60 r50 tiny
   [ $MODE = cuda ] && gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
-  r50="--model=resnet50 --image_size=224 --local_crop_size=224 --batch_size=128 --eval_every=0 --epochs=1 --overwrite"
+  r50="--model=resnet50 --image_size=224 --local_crop_size=224 --eval_every=0 --epochs=1 --overwrite"
+  local chunked="python train.py --device=cuda $r50 --precision=bf16 --max_steps=20 --log_every=10"
+  r50+=" --batch_size=128"
   tiny="--device=cpu --vision_layers=1 --text_layers=1 --image_size=32 --local_crop_size=32 --batch_size=8 --workers=1"
   tiny+=" --demo_train_size=96 --demo_val_size=40 --eval_every=0 --epochs=1 --overwrite"
   if [ $MODE = cuda ]; then
@@ -76,6 +79,9 @@ main() {
     section "augment_device cuda/cpu" 180 "$augment --augment_device=cpu --output_dir=$DIR/augment_cpu \
       && $augment --augment_device=cuda --output_dir=$DIR/augment_cuda \
       && python -m bench.gpu_check run $DIR/augment_cuda $DIR/augment_cpu"
+    section "gradient caching 512 in chunks of 128" 240 "$chunked --batch_size=128 --demo_train_size=$((128 * 20)) \
+      --output_dir=$DIR/one_pass && $chunked --batch_size=512 --chunk=128 --demo_train_size=$((512 * 20)) \
+      --output_dir=$DIR/chunked && python -m bench.gpu_check run $DIR/chunked $DIR/one_pass"
     section loader 90 "python -m bench.gpu_check loader"
     section evaluate 90 "python -m bench.gpu_check evaluate $DIR/smoke/checkpoint.pt"
     section channels_last 120 "python -m bench.gpu_check channels_last"
@@ -86,13 +92,15 @@ main() {
     skip "vit_b16 rocket step" "skipped: no CUDA"
     skip "fp16 + GradScaler" "skipped: no CUDA"
     skip "augment_device cuda/cpu" "skipped: no CUDA"
+    section "gradient caching (2 CPU ranks, chunks of 4)" 180 "$run --nproc_per_node=2 train.py $tiny --chunk=4 \
+      --max_steps=6 --log_every=3 --output_dir=$DIR/chunked && python -m bench.gpu_check run $DIR/chunked"
     section loader 90 "python -m bench.gpu_check loader"
     section evaluate 90 "python -m bench.gpu_check evaluate $DIR/smoke/checkpoint.pt"
     skip channels_last "skipped: no CUDA"
   else
     local name
-    for name in nccl smoke "vit_b16 rocket step" "fp16 + GradScaler" "augment_device cuda/cpu" loader evaluate \
-      channels_last; do
+    for name in nccl smoke "vit_b16 rocket step" "fp16 + GradScaler" "augment_device cuda/cpu" \
+      "gradient caching" loader evaluate channels_last; do
       skip "$name" "skipped: no CUDA (bash bench/gpu_check.sh --cpu runs the CPU stand-ins)"
     done
   fi

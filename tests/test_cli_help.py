@@ -41,14 +41,15 @@ def test_every_entry_point_prints_usage(flag, capsys):
 
 
 def test_train_help_shows_the_values_the_presets_resolve_to():
-    """Exit status and output of the real process: --dataset=cc3m brings the paper's recipe and its model."""
+    """Exit status and output of the real process: --dataset=cc3m brings the paper's recipe and its model, and its
+    global batch split over the processes that torchrun would start (WORLD_SIZE)."""
     out = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--dataset=cc3m', '--help'], capture_output=True,
-                         text=True, env=ENV, timeout=300)
+                         text=True, env={**ENV, 'WORLD_SIZE': '32'}, timeout=300)
     assert out.returncode == 0 and out.stderr == ''
     values = {line.split()[0]: line.rsplit('(here: ', 1)[1].rstrip(')') for line in out.stdout.splitlines()
               if line.startswith('  --')}
-    assert (values['--model'], values['--epochs'], values['--batch_size'], values['--lr']) == \
-        ('resnet50', '32', '128', '0.003')
+    assert (values['--model'], values['--epochs'], values['--lr']) == ('resnet50', '32', '0.003')
+    assert (values['--global_batch'], values['--batch_size'], values['--chunk']) == ('4096', '128', '128')
     assert (values['--weight_decay'], values['--text_layers'], values['--text_dropout']) == ('0.5', '6', '0.2')
     demo = subprocess.run([sys.executable, str(ROOT / 'evaluate.py'), '-h'], capture_output=True, text=True, env=ENV,
                           timeout=300)

@@ -88,7 +88,8 @@ def test_presets_print_what_they_set(capsys):
 def test_cc3m_recipe():
     c = parse('--dataset=cc3m')
     assert (c.model, c.weight_decay, c.text_layers, c.text_dropout, c.label_smoothing) == ('resnet50', 0.5, 6, 0.2, 0.1)
-    assert (c.loss_reduction, c.clean_before_augment, c.epochs, c.batch_size, c.lr) == ('avg', False, 32, 128, 3e-3)
+    assert (c.loss_reduction, c.clean_before_augment, c.epochs, c.lr) == ('avg', False, 32, 3e-3)
+    assert (c.global_batch, c.batch_size, c.chunk) == (4096, 4096, 128)  # 128 x 32 GPUs; one process here
     assert (c.num_augs, c.embed_dim, c.text_width, c.mlp_hidden_dim) == (2, 256, 512, 4096)
     assert not c.gather_with_grad  # the paper's detached gather
 

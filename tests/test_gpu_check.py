@@ -8,8 +8,8 @@ import torch
 from test_cli import ENV, ROOT
 
 HANG = 900  # seconds: a guard far above these runs on a busy 2-core machine
-SECTIONS = ['device', 'nccl', 'smoke', 'vit_b16 rocket step', 'fp16 + GradScaler', 'augment_device cuda/cpu', 'loader',
-            'evaluate', 'channels_last']
+SECTIONS = ['device', 'nccl', 'smoke', 'vit_b16 rocket step', 'fp16 + GradScaler', 'augment_device cuda/cpu',
+            'gradient caching', 'loader', 'evaluate', 'channels_last']
 
 
 def rows(stdout):
@@ -57,6 +57,7 @@ def test_the_cpu_stand_ins_fill_their_rows(tmp_path):
     table = rows(r.stdout)
     assert 'GB/s bus bandwidth' in table['nccl (gloo stand-in)'][1]
     assert 'samples/s, peak' in table['smoke (2 CPU ranks, tiny)'][1]
+    assert 'samples/s, peak' in table['gradient caching (2 CPU ranks, chunks of 4)'][1]
     assert 'samples/s at 32 px with 1 workers' in table['loader'][1]
     assert 'z head: demo_shape' in table['evaluate'][1]
-    assert sum(status == 'ok' for status, _ in table.values()) == 4
+    assert sum(status == 'ok' for status, _ in table.values()) == 5

@@ -206,14 +206,15 @@ def test_automatic_workers_per_gpu_are_capped_and_explicit_ones_kept(monkeypatch
 
 
 def test_a_batch_in_shared_memory_is_the_views_in_uint8_and_the_tokens():
-    cfg = config.resolve({'dataset': 'cc3m'}, verbose=False)  # 128 x (224 px weak + 2 x 224 px strong), 77 tokens
+    # 128 per process (the paper's 32 GPUs) x (224 px weak + 2 x 224 px strong), 77 tokens
+    cfg = config.resolve({'dataset': 'cc3m', 'batch_size': '128'}, verbose=False)
     assert data.batch_bytes(cfg) == 128 * (3 * 224 * 224 * 3 + 3 * 77 * 8) == 58_039_296
     cuda = dataclasses.replace(cfg, augment_device='cuda', local_crop_size=192)
     assert data.batch_bytes(cuda) == 128 * (2 * (3 * 224 ** 2 + 2 * 3 * 192 ** 2) + 3 * 77 * 8)  # regions <= 2x
 
 
 def test_dev_shm_too_small_for_the_workers_is_one_line_naming_workers_that_fit(monkeypatch):
-    cfg = dataclasses.replace(config.resolve({'dataset': 'cc3m'}, verbose=False), workers=10)
+    cfg = dataclasses.replace(config.resolve({'dataset': 'cc3m', 'batch_size': '128'}, verbose=False), workers=10)
     per_worker = data.PREFETCH * data.batch_bytes(cfg) * 8
     monkeypatch.setattr(data, 'shm_free', lambda: 3 * per_worker + 1)
     with pytest.raises(config.UserError) as error:

@@ -204,11 +204,12 @@ def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('dropout', [['--text_dropout=0.1'],
-                                     ['--patch_dropout_weak=0.25', '--patch_dropout_strong=0.5']],
-                         ids=['text_dropout', 'patch_dropout'])
+                                     ['--patch_dropout_weak=0.25', '--patch_dropout_strong=0.5'],
+                                     ['--chunk=4', '--text_dropout=0.1', '--patch_dropout_strong=0.5']],
+                         ids=['text_dropout', 'patch_dropout', 'chunks'])
 def test_resume_is_bit_identical(tmp_path, dropout):
     """6 steps straight == 3 steps, a new process, 3 more steps: mid-epoch and across an epoch end; the dropout
-    masks come from the saved RNG state."""
+    masks come from the saved RNG state (gradient caching's too: it leaves the RNG where one pass would)."""
     flags = ['--demo_train_size=32', '--method=rocket', *dropout]  # 4 batches/epoch, random dropout
     run_train(tmp_path / 'straight', *flags, '--max_steps=6')
     run_train(tmp_path / 'resumed', *flags, '--max_steps=3')
