@@ -331,7 +331,10 @@ def run_cli(main_fn, argv=None):
     except UserError as e:
         rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))  # torchrun's, else srun's task
         if rank == 0 or not getattr(e, 'every_rank', False):
-            message = ' '.join(str(e).split())  # always one line
+            text = str(e)
+            if 'Traceback' in text:  # raised in a loader worker: torch re-raises it wrapped in the worker's traceback
+                text = text.rstrip().splitlines()[-1].split(f'{type(e).__name__}: ', 1)[-1]
+            message = ' '.join(text.split())  # always one line
             print(f"error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr, flush=True)
         dist = sys.modules.get('torch.distributed')
         if dist is not None and dist.is_available() and dist.is_initialized():

@@ -928,8 +928,8 @@ class TrainDataset(torch.utils.data.Dataset):
                 return sample
             bad = bad or [bad_sample(self.reader.name(row), error)]
             row = sample_seed(self.seed, epoch, index, attempt) % len(self.reader)
-        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row for index {index} ({error!r}); "
-                           f"check --root and --metadata")
+        raise UserError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row for index {index} ({error!r}): most of the "
+                        f"data cannot be read; check --root and --metadata")
 
 
 def read_shard(path):
@@ -1021,7 +1021,7 @@ class TarShards(torch.utils.data.IterableDataset):
             if sample is None:  # read past: each unreadable member is read and counted once
                 bad.append(bad_sample(where, error))
                 if len(bad) == MAX_BAD_IN_A_ROW:
-                    raise RuntimeError(f"{len(bad)} unreadable tar samples in a row ({error!r}); check the shards")
+                    raise UserError(f"{len(bad)} unreadable tar samples in a row ({error!r}); check the shards")
                 continue
             yield sample
             bad, left = [], left - 1

@@ -314,3 +314,13 @@ def test_huge_images_and_empty_captions_are_counted_as_unreadable(tmp_path):
     epoch = [r for r in map(json.loads, (tmp_path / 'run' / 'log.jsonl').read_text().splitlines())
              if r['type'] == 'epoch']
     assert epoch[0]['skipped'] == 3
+
+
+def test_data_that_is_almost_all_unreadable_ends_in_one_line_from_a_worker(tmp_path):
+    """One readable row of 301: a loader worker gives up on a sample after MAX_BAD_IN_A_ROW failed draws; the error
+    it raises reaches the main process wrapped in the worker's traceback and is printed as its own one line."""
+    flags = [*WORKER, *image_folder(tmp_path, 301, missing=set(range(1, 301))), f'--output_dir={tmp_path / "run"}',
+             '--batch_size=16', '--epochs=1']
+    status, _, err = finish(start(flags), [])
+    assert status == 1
+    assert_one_error_line(err, f'{data.MAX_BAD_IN_A_ROW} unreadable samples in a row for index', 'check --root')
