@@ -16,9 +16,10 @@ features and their gradients, the gradients). Speed rows: one process, the chunk
 (--rounds rounds of one step each, after a warm-up round), so that a busy machine slows them alike: median
 samples/s, and the ratio to one pass (or to the first chunk size when none is one pass).
 
-Demo row: train.py in a subprocess on the demo data (tiny model, 32 px images, --demo_method) at the paper's
---global_batch=4096, in chunks of --demo_chunk, for --demo_steps steps: the loss and the image->text top-1 accuracy
-among the 4,096 (chance 0.02%) every 10 steps, the run's peak RSS (of the training process), its wall time.
+Demo row: train.py in a subprocess on the demo data (the tiny model cut to 2 image and 1 text layers, 32 px images,
+--demo_method, 2 warmup epochs) at the paper's --global_batch=4096, in chunks of --demo_chunk, for --demo_steps
+steps: the loss and the image->text top-1 accuracy among the 4,096 (chance 0.02%) every 10 steps, the run's peak
+RSS (of the training process), its wall time.
 """
 import argparse
 import dataclasses
@@ -131,9 +132,9 @@ def demo_row(args):
     with tempfile.TemporaryDirectory() as out:
         size = 4096 * args.demo_steps // args.demo_epochs
         cmd = [sys.executable, 'train.py', f'--method={args.demo_method}', '--global_batch=4096',
-               f'--chunk={args.demo_chunk}', '--image_size=32', '--local_crop_size=32', f'--demo_train_size={size}',
-               '--demo_val_size=256', f'--epochs={args.demo_epochs}', '--eval_every=0', '--log_every=10',
-               f'--lr={args.demo_lr}', '--warmup_epochs=0.1', f'--output_dir={out}']
+               f'--chunk={args.demo_chunk}', '--image_size=32', '--local_crop_size=32', '--vision_layers=2',
+               '--text_layers=1', f'--demo_train_size={size}', '--demo_val_size=256', f'--epochs={args.demo_epochs}',
+               '--eval_every=0', '--log_every=10', f'--lr={args.demo_lr}', '--warmup_epochs=2', f'--output_dir={out}']
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -163,10 +164,10 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--demo_method', default='clip')
-    p.add_argument('--demo_chunk', type=int, default=512)
-    p.add_argument('--demo_steps', type=int, default=80)
-    p.add_argument('--demo_epochs', type=int, default=8)
-    p.add_argument('--demo_lr', type=float, default=5e-4)
+    p.add_argument('--demo_chunk', type=int, default=1024)
+    p.add_argument('--demo_steps', type=int, default=150)
+    p.add_argument('--demo_epochs', type=int, default=15)
+    p.add_argument('--demo_lr', type=float, default=1e-3)
     p.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--chunk', type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
