@@ -516,8 +516,9 @@ def join_chunks(parts):
 
 
 def average_gradients(model, world_size):
-    """DDP's gradient all-reduce (the mean over ranks) for gradient caching, whose heads and trunks get their
-    gradients in separate backward passes, which DDP's reducer cannot follow: once per step, one flat buffer."""
+    """DDP's work for gradient caching, whose heads and trunks get their gradients in separate backward passes, which
+    DDP's reducer cannot follow: the gradients' mean over ranks (once per step, one flat buffer), and rank 0's buffers
+    (BatchNorm running statistics, per rank on CPU) on every rank, as DDP broadcasts them."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:  # every rank sends the same layout
@@ -527,6 +528,8 @@ def average_gradients(model, world_size):
     flat /= world_size
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad.copy_(g.view_as(p))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
 
 
 # --- Training ---

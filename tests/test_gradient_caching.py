@@ -183,14 +183,15 @@ def _ranks_worker(rank, init_file, results):
         loss = train.forward_backward(cfg, train_model, net, None, scaler, OFF, (weak[mine], tokens[mine], []), True)
         if train.caches_gradients(cfg):
             train.average_gradients(net, 2)
-        out[chunk] = (loss['loss'].detach(), grads_of(net))
+        out[chunk] = (loss['loss'].detach(), grads_of(net), dict(net.named_buffers()))
     torch.save(out, f'{results}.{rank}')
     dist.destroy_process_group()
 
 
 def test_one_rank_in_chunks_equals_ranks_with_a_chunk_each(tmp_path, monkeypatch):
     """ResNet trunk with BatchNorm (per-rank BN on CPU): 1 rank with 16 in 2 chunks of 8 == 2 gloo ranks with 8 each
-    (DDP), and 1 rank in 4 chunks of 4 == 2 ranks each in 2 chunks of 4 (the gradients averaged by one all-reduce)."""
+    (DDP), and 1 rank in 4 chunks of 4 == 2 ranks each in 2 chunks of 4 (the gradients averaged by one all-reduce,
+    rank 0's BN statistics on both)."""
     mp.spawn(_ranks_worker, args=(str(tmp_path / 'init'), str(tmp_path / 'res')), nprocs=2)
     ranks = [torch.load(tmp_path / f'res.{r}', weights_only=True) for r in range(2)]
     for rank_chunk, one_chunk in ((0, 8), (4, 4)):
@@ -200,6 +201,8 @@ def test_one_rank_in_chunks_equals_ranks_with_a_chunk_each(tmp_path, monkeypatch
         torch.testing.assert_close((ranks[0][rank_chunk][0] + ranks[1][rank_chunk][0]) / 2, loss, rtol=1e-6, atol=0)
         for r in range(2):  # DDP's average, or ours, on every rank
             assert_same(ranks[r][rank_chunk][1], grads)
+    for k, buffer in ranks[0][4][2].items():  # each rank's BN saw its own rows: ours, as DDP, keeps rank 0's
+        torch.testing.assert_close(ranks[1][4][2][k], buffer, rtol=0, atol=0, msg=k)
 
 
 # --- Training runs ---
