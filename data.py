@@ -998,7 +998,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     read += 1
                     yield self.starts[s] + position, f'{self.shards[s]}:{key or "(unreadable from here)"}', group
             if read == 0:
-                raise RuntimeError(f"shards {[self.shards[s] for s in shards][:3]} hold no readable samples")
+                raise UserError(f"shards {[self.shards[s] for s in shards][:3]} hold no readable samples; check them")
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
