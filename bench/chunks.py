@@ -18,8 +18,8 @@ samples/s, and the ratio to one pass (or to the first chunk size when none is on
 
 Demo row: train.py in a subprocess on the demo data (the tiny model cut to 2 image and 1 text layers, 32 px images,
 --demo_method, 2 warmup epochs) at the paper's --global_batch=4096, in chunks of --demo_chunk, for --demo_steps
-steps: the loss and the image->text top-1 accuracy among the 4,096 (chance 0.02%) every 10 steps, the run's peak
-RSS (of the training process), its wall time.
+steps: the loss and the image->text top-1 accuracy among the 4,096 (chance 0.02%) every 10 steps, the held-out demo
+tasks at the end, the run's peak RSS (of the training process), its wall time.
 """
 import argparse
 import dataclasses
@@ -128,13 +128,13 @@ def speed_rows(args):
 
 # --- The paper's global batch on the demo ---
 def demo_row(args):
-    """train.py at the paper's global batch on the demo data: it finishes, and the loss falls."""
+    """train.py at the paper's global batch on the demo data: it finishes, the loss falls, the held-out tasks rise."""
     with tempfile.TemporaryDirectory() as out:
         size = 4096 * args.demo_steps // args.demo_epochs
         cmd = [sys.executable, 'train.py', f'--method={args.demo_method}', '--global_batch=4096',
                f'--chunk={args.demo_chunk}', '--image_size=32', '--local_crop_size=32', '--vision_layers=2',
-               '--text_layers=1', f'--demo_train_size={size}', '--demo_val_size=256', f'--epochs={args.demo_epochs}',
-               '--eval_every=0', '--log_every=10', f'--lr={args.demo_lr}', '--warmup_epochs=2', f'--output_dir={out}']
+               '--text_layers=1', f'--demo_train_size={size}', '--demo_val_size=1000', f'--epochs={args.demo_epochs}',
+               f'--eval_every={args.demo_epochs}', '--log_every=10', f'--lr={args.demo_lr}', '--warmup_epochs=2', f'--output_dir={out}']
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -147,6 +147,9 @@ def demo_row(args):
         print('steps:    ' + ' '.join(f"{r['step']:>6}" for r in steps))
         print('loss:     ' + ' '.join(f"{r['loss']:6.3f}" for r in steps) + '  (ln 4096 = 8.318)')
         print('top-1 %:  ' + ' '.join(f"{r[acc]:6.2f}" for r in steps) + '  (chance 0.02)')
+        test = [r for r in records if r['type'] == 'epoch'][-1]['test']  # the held-out demo tasks, at the end
+        print('held-out: ' + ', '.join(f"{task} {metric} {value:.1f}" for task, metrics in test.items()
+                                       for metric, value in metrics.items()))
         print(f"{steps[-1]['step']} steps of 4096 in {seconds:.0f} s ({seconds / steps[-1]['step']:.0f} s a step, "
               f"process start and demo data generation included); peak RSS {steps[-1]['peak_mem_gb']:.2f} GiB",
               flush=True)
