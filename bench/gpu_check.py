@@ -43,9 +43,12 @@ def device_row(_):
     cuda = torch.version.cuda or 'none (a CPU-only build)'
     if not torch.cuda.is_available():
         return say(f"skipped: no CUDA (torch {torch.__version__}, built for CUDA {cuda})")
-    smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'], capture_output=True,
-                         text=True)
-    driver = smi.stdout.split('\n')[0].strip() if smi.returncode == 0 else config.nvidia_driver() or '?'
+    try:  # a container may have CUDA without nvidia-smi: then the kernel module's version
+        smi = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                             capture_output=True, text=True)
+    except OSError:
+        smi = None
+    driver = smi.stdout.split('\n')[0].strip() if smi and smi.returncode == 0 else config.nvidia_driver() or '?'
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     say(f"{len(names)} x {names[0]}, driver {driver}, sm_{''.join(map(str, torch.cuda.get_device_capability(0)))}, "
         f"torch {torch.__version__} (CUDA {cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})")
