@@ -295,16 +295,21 @@ BAD_SAMPLE = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZ
 MAX_BAD_IN_A_ROW = 100
 
 
+QUIET_BOMB = ('ignore', None, Image.DecompressionBombWarning, None, 0)  # the entry warnings.filterwarnings makes
+
+
 def open_image(data, max_pixels=0):
     """PIL image from encoded bytes, upright by its EXIF orientation (phone photos are often stored sideways with
     such a tag); an image over max_pixels (0: no limit) is bounded by fit_pixels before anything is decoded."""
     # decoded here, so that a bad file fails now, except an upright JPEG: the views decode it at the DCT scale their
     # crops allow (augment.draft) and raise UnreadableImage there. Deviation from recipe §4.1 (truncated JPEGs
     # allowed): a truncated image is a bad sample, skipped and counted.
-    with warnings.catch_warnings():
-        if max_pixels:  # the budget decides (fit_pixels): PIL's DecompressionBombWarning at 89M pixels would repeat it
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
+    # the budget decides (fit_pixels): PIL's DecompressionBombWarning at 89M pixels would repeat it. Filtered once per
+    # process, not around each image: leaving a catch_warnings resets which warnings were shown, so every other PIL
+    # warning (corrupt EXIF, ...) would print again for each image
+    if max_pixels and warnings.filters[:1] != [QUIET_BOMB]:
+        warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+    img = Image.open(io.BytesIO(data))
     if max_pixels and img.width * img.height > max_pixels:
         fit_pixels(img, max_pixels)
     if img.getexif().get(0x0112, 1) != 1:  # the EXIF orientation tag

@@ -296,6 +296,19 @@ def test_the_pixel_budget_decides_without_pils_warning(tmp_path, monkeypatch):
         data.open_image(buf.getvalue())
 
 
+def test_the_budgets_filter_leaves_other_warnings_shown_once():
+    """Silencing PIL's bomb warning must not reset which warnings were shown: a warning of one place (as PIL's corrupt
+    EXIF one) prints once in a run of many images, not once per image."""
+    buf = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(buf, 'PNG')
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter('default')
+        for _ in range(3):
+            data.open_image(buf.getvalue(), max_pixels=200 * 200)
+            warnings.warn('possibly corrupt EXIF data', UserWarning)
+    assert len(shown) == 1
+
+
 # --- Per-epoch evaluation of a user's data ---
 def test_a_csv_run_evaluates_its_folder_sets_each_epoch_and_says_once_when_it_has_none(tmp_path, capsys):
     flags = [*TINY, *last_rows_missing(tmp_path, 16, 0), '--workers=0', '--epochs=2', '--log_every=2',
